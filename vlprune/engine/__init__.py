@@ -1,0 +1,6 @@
+"""The execution engine: hooks, gathering, masks, positions, cache and statistics."""
+
+from vlprune.engine.session import POSITION_MODES, PruningSession, attach
+from vlprune.engine.stats import PrefillStats, StageStats
+
+__all__ = ["POSITION_MODES", "PrefillStats", "PruningSession", "StageStats", "attach"]

@@ -1,0 +1,91 @@
+"""Read post-RoPE queries and keys from inside any attention layer, whatever the attention backend.
+
+Every model file of transformers >= 4.48 calls its attention through the shared ``ALL_ATTENTION_FUNCTIONS``
+interface (``get_interface(name, eager_attention_forward)``), with queries and keys already rotated and normalised.
+While at least one session observes a module, vlprune puts a thin wrapper in that interface's *local* mapping for the
+backend names in use; the wrapper hands the tensors of observed modules to their callback and then calls the real
+function unchanged. The last session to leave removes the wrapper and restores the mapping exactly.
+
+The local mapping is process-global, so sessions in several threads at once are not supported.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], None]
+
+_MISSING = object()
+_observers: dict[int, Observer] = {}
+_saved: dict[str, Any] = {}  # backend name -> what the local mapping held before (or _MISSING)
+
+
+def _interface() -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
+
+
+def _module_eager_function(module: nn.Module) -> Callable[..., Any]:
+    # "eager" is not in the shared mapping: each model file passes its own eager function as the default.
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(f"{type(module).__name__} has no module-level eager_attention_forward")
+    return function
+
+
+def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
+    def original(module: nn.Module) -> Callable[..., Any]:
+        if previous is not _MISSING:
+            return previous
+        if name == "eager":
+            return _module_eager_function(module)
+        return type(_interface())._global_mapping[name]
+
+    def vlprune_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        **kwargs: Any,
+    ) -> Any:
+        observer = _observers.get(id(module))
+        if observer is not None:
+            observer(module, query, key, attention_mask, kwargs.get("scaling"))
+        return original(module)(module, query, key, value, attention_mask, **kwargs)
+
+    vlprune_attention.vlprune_backend = name  # type: ignore[attr-defined]
+    return vlprune_attention
+
+
+def observe(modules: dict[nn.Module, Observer], backends: set[str]) -> None:
+    """Start calling ``modules[m](m, query, key, attention_mask, scaling)`` whenever module ``m`` attends."""
+    interface = _interface()
+    for name in backends:
+        if name not in _saved:
+            previous = interface._local_mapping.get(name, _MISSING)
+            _saved[name] = previous
+            interface[name] = _make_wrapper(name, previous)
+    for module, observer in modules.items():
+        _observers[id(module)] = observer
+
+
+def stop_observing(modules: list[nn.Module]) -> None:
+    """Stop observing ``modules``; when nothing is observed any more, restore the attention interface."""
+    for module in modules:
+        _observers.pop(id(module), None)
+    if _observers:
+        return
+    interface = _interface()
+    for name, previous in list(_saved.items()):
+        if previous is _MISSING:
+            interface._local_mapping.pop(name, None)
+        else:
+            interface[name] = previous
+        del _saved[name]

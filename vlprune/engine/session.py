@@ -1,0 +1,571 @@
+"""The execution engine: attach a pruner to an unmodified Hugging Face VLM, prune during prefill, decode correctly.
+
+Mechanism (see ``shared/reference/hf-internals.md`` §0 for why this design):
+
+* a forward pre-hook on the base model reads ``input_ids`` and the 2-D attention mask of every call and decides the
+  phase: *prefill* (image tokens and no cache yet), *decode* (the cache this session pruned) or *idle* (anything else);
+* an attention-interface wrapper (:mod:`vlprune.engine.observer`) hands the post-RoPE queries and keys of the layer
+  before each stage, and of the vision feature layer, to the engine, which computes only the attention rows a pruner
+  asks for; the model keeps its SDPA or eager attention;
+* a forward pre-hook on every decoder layer runs a stage at its layer (gathers hidden states, positions, cos/sin) and
+  hands every later layer the pruned positions and mask; during decode it hands each layer the mask of its own,
+  shorter, KV cache (``DynamicCache`` holds a different length per layer).
+
+Detaching removes every hook and restores the attention interface, so the model computes exactly what it computed
+before. Nothing in the model, its config or its weights is changed at any point.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlprune.adapters import ModelAdapter, adapter_for
+from vlprune.engine import observer
+from vlprune.engine.layout import (
+    Layout,
+    apply_order,
+    decode_mask,
+    initial_layout,
+    order_after_stage,
+    prefill_mask,
+    reindexed,
+)
+from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
+from vlprune.errors import VlpruneError
+from vlprune.kernels import attention_rows, gather_tokens
+from vlprune.pruners.base import Pruner, QueryRows, Selection, StageContext, StagePlan
+
+POSITION_MODES = ("original", "reindex")
+_attached: set[int] = set()
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Segment:
+    """Decoder layers ``first_layer`` .. next segment's first layer - 1, which all hold the same pruned prefill.
+
+    Attributes:
+        real: (B, L_s) False at padding slots of the segment's prefill sequence.
+        position_shift: (B,) how far this segment's positions lag the original ones (only with re-indexing).
+    """
+
+    first_layer: int
+    real: torch.Tensor
+    position_shift: torch.Tensor
+
+
+@dataclass
+class _Prefill:
+    """The state of the prefill in progress."""
+
+    plan: list[StagePlan]
+    layout: Layout
+    original_real: torch.Tensor
+    num_visual: int
+    started: float
+    segments: list[Segment]
+    stage_stats: list[StageStats]
+    query_attention: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    mask: Any = None
+
+
+@dataclass
+class _Decode:
+    """What decoding after a pruned prefill needs."""
+
+    cache: Any
+    prompt_length: int
+    segments: list[Segment]
+    generated: int = 0
+    step_masks: dict[int, Any] | None = None
+    step_positions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    step_attention_mask: torch.Tensor | None = None
+    step_length: int = 0
+
+
+class PruningSession:
+    """A pruner attached to a model. Use it as a context manager, or call :meth:`detach` yourself.
+
+    Args:
+        model: a supported Hugging Face VLM (``LlavaForConditionalGeneration``), left unmodified.
+        pruner: the pruner to run, from :func:`vlprune.pruners.create`.
+        positions: "original" keeps each kept token's RoPE position (the default, exact with respect to masking);
+            "reindex" renumbers the pruned sequence contiguously, as some references do.
+        num_visual: visual tokens per sample, when the caller knows it: the budget is then checked at attach time.
+
+    Attributes:
+        stats: statistics of the most recent prefill, or None before the first one.
+        history: statistics of every prefill since attaching.
+    """
+
+    def __init__(
+        self, model: nn.Module, pruner: Pruner, *, positions: str = "original", num_visual: int | None = None
+    ) -> None:
+        if positions not in POSITION_MODES:
+            raise VlpruneError(f"positions={positions!r} is not valid; choose one of {POSITION_MODES}")
+        if not isinstance(pruner, Pruner):
+            raise VlpruneError(f"pruner must be a vlprune Pruner (see vlprune.pruners.create), got {type(pruner)}")
+        self.adapter: ModelAdapter = adapter_for(model)
+        self.model = model
+        self.pruner = pruner
+        self.positions = positions
+        self.shape = self.adapter.language_model_shape()
+        # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
+        probe = pruner.plan(num_visual if num_visual is not None else 1 << 30, self.shape.num_layers)
+        self._check_plan(probe, num_visual if num_visual is not None else 1 << 30)
+        if any(stage.vision_cls_attention for stage in probe) and not self.adapter.vision_has_cls:
+            raise VlpruneError(
+                f"method {pruner.name!r} needs the vision tower's [CLS] token, and "
+                f"{self.adapter.config.vision_config.model_type} has none"
+            )
+        self._score_layers = sorted({stage.layer - 1 for stage in probe if stage.query_rows is not None})
+        self._needs_vision = any(stage.vision_cls_attention for stage in probe)
+        self._mask_style = self.adapter.config.text_config._attn_implementation
+        self.stats: PrefillStats | None = None
+        self.history: list[PrefillStats] = []
+        self._phase = Phase.IDLE
+        self._prefill: _Prefill | None = None
+        self._decode: _Decode | None = None
+        self._vision_cls: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._observed: list[nn.Module] = []
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def _attach(self) -> None:
+        if id(self.model) in _attached:
+            raise VlpruneError("this model already has a vlprune session attached; detach it first")
+        _attached.add(id(self.model))
+        try:
+            base = self.adapter.base_model
+            self._handles.append(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            self._handles.append(base.register_forward_hook(self._on_model_return, with_kwargs=True))
+            for index, layer in enumerate(self.adapter.decoder_layers):
+                hook = self._layer_hook(index)
+                self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            watched: dict[nn.Module, observer.Observer] = {}
+            for index in self._score_layers:
+                watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
+            if self._needs_vision:
+                watched[self.adapter.vision_feature_attention()] = self._on_vision_attention
+            if watched:
+                observer.observe(watched, self.adapter.attention_implementations())
+                self._observed = list(watched)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook and restore the attention interface. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._observed:
+            observer.stop_observing(self._observed)
+            self._observed = []
+        _attached.discard(id(self.model))
+        self._prefill = self._decode = None
+        self._vision_cls = None
+        self._phase = Phase.IDLE
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> PruningSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ phase detection
+
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = _cache_argument(kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        has_images = kwargs.get("pixel_values") is not None or bool(kwargs.get("mm_encoder_outputs"))
+        visual = None if input_ids is None else self.adapter.visual_token_mask(input_ids)
+        if has_images and (visual is None or not bool(visual.any())):
+            raise VlpruneError(
+                "the prompt has no image token: put the processor's image token (for LLaVA '<image>') in the text "
+                "so the processor expands it into visual tokens"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise VlpruneError(f"vlprune needs a 2-D attention mask, got shape {tuple(attention_mask.shape)}")
+        self._phase = Phase.IDLE
+        if visual is not None and visual.shape[1] > 1 and bool(visual.any()) and not _has_past(cache):
+            self._start_prefill(visual, attention_mask)
+        elif self._decode is not None and cache is not None and cache is self._decode.cache:
+            self._start_decode_step(attention_mask, input_ids.shape[1] if input_ids is not None else 1)
+
+    def _on_model_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._phase is Phase.PREFILL and self._prefill is not None:
+            self._finish_prefill(
+                _cache_argument(kwargs) or getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            )
+        elif self._phase is Phase.DECODE and self._decode is not None:
+            self._decode.generated += self._decode.step_length
+        self._phase = Phase.IDLE
+
+    # ------------------------------------------------------------------ prefill
+
+    def _start_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        counts = visual.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise VlpruneError(f"samples of a batch must have the same number of visual tokens, got {counts.tolist()}")
+        num_visual = int(counts[0])
+        plan = self.pruner.plan(num_visual, self.shape.num_layers)
+        self._check_plan(plan, num_visual)
+        layout = initial_layout(visual, attention_mask)
+        self._prefill = _Prefill(
+            plan=plan,
+            layout=layout,
+            original_real=layout.real,
+            num_visual=num_visual,
+            started=_now(visual.device),
+            segments=[],
+            stage_stats=[],
+            query_attention={},
+        )
+        self._decode = None
+        self._phase = Phase.PREFILL
+
+    def _check_plan(self, plan: list[StagePlan], num_visual: int) -> None:
+        previous_layer, previous_keep = -1, num_visual
+        for stage in plan:
+            if not 0 <= stage.layer < self.shape.num_layers or stage.layer <= previous_layer:
+                raise VlpruneError(
+                    f"{self.pruner.name}: stage layers must increase within 0..{self.shape.num_layers - 1}, "
+                    f"got {[s.layer for s in plan]}"
+                )
+            if stage.query_rows is not None and stage.layer == 0:
+                raise VlpruneError(f"{self.pruner.name}: a stage at layer 0 has no earlier attention to score with")
+            if not 1 <= stage.keep <= previous_keep:
+                raise VlpruneError(
+                    f"{self.pruner.name}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]"
+                )
+            previous_layer, previous_keep = stage.layer, stage.keep
+
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._phase is Phase.PREFILL and self._prefill is not None:
+                return self._prefill_layer(index, args, kwargs)
+            if self._phase is Phase.DECODE and self._decode is not None:
+                return self._decode_layer(index, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prefill = self._prefill
+        stage = next((s for s in prefill.plan if s.layer == index), None)
+        if stage is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not prefill.segments:
+                self._adopt_model_positions(kwargs, hidden.shape[0])
+            hidden = self._run_stage(stage, hidden)
+            args, kwargs = _with_hidden(args, kwargs, hidden)
+        if not prefill.segments:
+            return None
+        layout = prefill.layout
+        kwargs["attention_mask"] = prefill.mask
+        kwargs["position_embeddings"] = layout.position_embeddings
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = layout.positions
+        return args, kwargs
+
+    def _adopt_model_positions(self, kwargs: dict, batch: int) -> None:
+        """Take the positions and cos/sin the model computed for the full prompt as the starting layout's."""
+        prefill = self._prefill
+        cos, sin = kwargs["position_embeddings"]
+        positions = kwargs.get("position_ids")
+        layout = prefill.layout
+        if positions is not None:
+            positions = positions.expand(batch, -1) if positions.dim() == 2 else positions
+        else:
+            positions = layout.positions
+        prefill.layout = replace(
+            layout,
+            positions=positions.to(layout.positions.device),
+            position_embeddings=(cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)),
+        )
+
+    def _run_stage(self, stage: StagePlan, hidden: torch.Tensor) -> torch.Tensor:
+        prefill = self._prefill
+        layout = prefill.layout
+        device = hidden.device
+        slots = layout.visual_slots.to(device)  # (B, N)
+        query = prefill.query_attention.pop(stage.layer, None)
+        context = StageContext(
+            layer=stage.layer,
+            keep=stage.keep,
+            visual_hidden=gather_tokens(hidden, slots),
+            visual_positions=gather_tokens(layout.positions.to(device), slots),
+            visual_origin=gather_tokens(layout.origin.to(device), slots),
+            query_attention=None if query is None else query[0],
+            query_mask=None if query is None else query[1],
+            vision_cls_attention=self._vision_scores(layout, slots) if stage.vision_cls_attention else None,
+            stage_index=len(prefill.stage_stats),
+            num_layers=self.shape.num_layers,
+        )
+        if stage.query_rows is not None and query is None:
+            raise RuntimeError(f"no attention rows were captured at layer {stage.layer - 1}")
+        selection = self.pruner.select(context)
+        keep_index = _checked_keep_index(selection, context)
+        kept_slots = gather_tokens(slots, keep_index)
+        recycled = selection.recycled
+        num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
+        order = order_after_stage(layout, kept_slots, num_recycled)
+        new_layout = apply_order(layout, order, None if recycled is None else recycled.positions.to(device))
+        source = hidden if recycled is None else torch.cat([hidden, recycled.hidden.to(hidden.dtype)], dim=1)
+        new_hidden = gather_tokens(source, order)
+        new_layout = self._position_embeddings(layout, new_layout, order, recycled, new_hidden)
+        prefill.layout = new_layout
+        prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype)
+        shift = (prefill.original_real.sum(1) - new_layout.real.sum(1)).to(device)
+        prefill.segments.append(
+            Segment(
+                first_layer=stage.layer,
+                real=new_layout.real,
+                position_shift=shift if self.positions == "reindex" else torch.zeros_like(shift),
+            )
+        )
+        kept_origin = gather_tokens(context.visual_origin, keep_index)
+        prefill.stage_stats.append(
+            StageStats(
+                layer=stage.layer,
+                visual_in=context.num_visual,
+                visual_out=stage.keep + num_recycled,
+                recycled=num_recycled,
+                kept_indices=[[i for i in row if i >= 0] for row in kept_origin.tolist()],
+            )
+        )
+        return new_hidden
+
+    def _position_embeddings(
+        self, old: Layout, new: Layout, order: torch.Tensor, recycled: Any, hidden: torch.Tensor
+    ) -> Layout:
+        if self.positions == "reindex":
+            new = reindexed(new)
+            return replace(new, position_embeddings=self._rotary(hidden, new.positions))
+        cos, sin = old.position_embeddings
+        if recycled is not None:
+            extra_cos, extra_sin = self._rotary(hidden, recycled.positions.to(hidden.device))
+            cos, sin = torch.cat([cos, extra_cos], dim=1), torch.cat([sin, extra_sin], dim=1)
+        return replace(new, position_embeddings=(gather_tokens(cos, order), gather_tokens(sin, order)))
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapter.rotary_embedding(hidden, positions)
+
+    def _vision_scores(self, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N) [CLS] attention of the current visual tokens (0 for recycled ones)."""
+        if self._vision_cls is None:
+            raise RuntimeError("the vision tower's [CLS] attention was not captured for this prefill")
+        scores = self._vision_cls
+        if self.adapter.vision_drops_cls:
+            scores = scores[:, 1:]
+        batch = slots.shape[0]
+        per_sample = scores.reshape(batch, -1) if scores.numel() % batch == 0 else None
+        if per_sample is None or per_sample.shape[1] != self._prefill.num_visual:
+            raise VlpruneError(
+                f"the vision tower produced {scores.numel()} token scores for {batch} samples of "
+                f"{self._prefill.num_visual} visual tokens"
+            )
+        origin = gather_tokens(layout.origin.to(slots.device), slots)
+        picked = torch.gather(per_sample.to(slots.device), 1, origin.clamp(min=0))
+        return picked.masked_fill(origin < 0, 0.0)
+
+    def _finish_prefill(self, cache: Any) -> None:
+        prefill = self._prefill
+        seconds = _now(prefill.original_real.device) - prefill.started
+        batch = prefill.original_real.shape[0]
+        real_per_layer, visual_per_layer = [], []
+        segment_index, real, visual = -1, prefill.original_real, prefill.num_visual
+        for layer in range(self.shape.num_layers):
+            while (
+                segment_index + 1 < len(prefill.segments) and prefill.segments[segment_index + 1].first_layer == layer
+            ):
+                segment_index += 1
+                real = prefill.segments[segment_index].real
+                visual = prefill.stage_stats[segment_index].visual_out
+            real_per_layer.append(real.sum(1).tolist())
+            visual_per_layer.append(visual)
+        unpruned = [prefill.original_real.sum(1).tolist()] * self.shape.num_layers
+        flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)
+        lengths, size = _cache_size(cache)
+        stats = PrefillStats(
+            batch_size=batch,
+            visual_tokens=prefill.num_visual,
+            stages=prefill.stage_stats,
+            visual_tokens_per_layer=visual_per_layer,
+            equivalent_visual_tokens=sum(visual_per_layer) / len(visual_per_layer),
+            prefill_flops=flops,
+            unpruned_prefill_flops=base_flops,
+            flops_ratio=flops / base_flops,
+            prefill_seconds=seconds,
+            kv_cache_lengths=lengths,
+            kv_cache_bytes=size,
+        )
+        self.stats = stats
+        self.history.append(stats)
+        self._decode = None
+        if cache is not None and prefill.segments:
+            self._decode = _Decode(cache=cache, prompt_length=prefill.original_real.shape[1], segments=prefill.segments)
+        self._prefill = None
+        self._vision_cls = None
+
+    # ------------------------------------------------------------------ attention rows
+
+    def _on_language_attention(
+        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float | None
+    ) -> None:
+        if self._phase is not Phase.PREFILL or self._prefill is None:
+            return
+        prefill = self._prefill
+        for stage in prefill.plan:
+            if stage.query_rows is None or stage.layer - 1 != module.layer_idx:
+                continue
+            rows, row_mask = _query_rows(stage.query_rows, prefill.layout, query.device)
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            probabilities = attention_rows(query, key, rows, scale, mask, causal=True)  # (B, R, L)
+            slots = prefill.layout.visual_slots.to(query.device)
+            visual = torch.gather(probabilities, 2, slots[:, None, :].expand(-1, rows.shape[1], -1))
+            prefill.query_attention[stage.layer] = (visual, row_mask)
+
+    def _on_vision_attention(
+        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float | None
+    ) -> None:
+        rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)  # row 0 is [CLS]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        self._vision_cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
+
+    # ------------------------------------------------------------------ decode
+
+    def _start_decode_step(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
+        decode = self._decode
+        decode.step_masks, decode.step_positions = {}, {}
+        decode.step_attention_mask = attention_mask
+        decode.step_length = query_length
+        self._phase = Phase.DECODE
+
+    def _decode_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        decode = self._decode
+        segment_index = max((i for i, s in enumerate(decode.segments) if s.first_layer <= index), default=None)
+        if segment_index is None:
+            return None
+        segment = decode.segments[segment_index]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if segment_index not in decode.step_masks:
+            decode.step_masks[segment_index] = self._segment_decode_mask(segment, hidden)
+        kwargs["attention_mask"] = decode.step_masks[segment_index]
+        if self.positions == "reindex":
+            if segment_index not in decode.step_positions:
+                positions = kwargs.get("position_ids")
+                if positions is None:
+                    raise VlpruneError("positions='reindex' needs position_ids during decoding (generate passes them)")
+                shifted = positions.expand(hidden.shape[0], -1) - segment.position_shift[:, None].to(positions.device)
+                decode.step_positions[segment_index] = (shifted, self._rotary(hidden, shifted))
+            shifted, embeddings = decode.step_positions[segment_index]
+            kwargs["position_ids"] = shifted
+            kwargs["position_embeddings"] = embeddings
+        return args, kwargs
+
+    def _segment_decode_mask(self, segment: Segment, hidden: torch.Tensor) -> torch.Tensor | None:
+        decode = self._decode
+        batch, device = hidden.shape[0], hidden.device
+        new_tokens = decode.generated + decode.step_length
+        if decode.step_attention_mask is not None:
+            tail = decode.step_attention_mask[:, decode.prompt_length :].bool().to(device)
+        else:
+            tail = torch.ones(batch, new_tokens, dtype=torch.bool, device=device)
+        key_real = torch.cat([segment.real.to(device), tail], dim=1)
+        return decode_mask(key_real, decode.step_length, self._mask_style, hidden.dtype)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _cache_argument(kwargs: dict) -> Any:
+    # transformers 5.24 renamed `past_key_values` to `cache`; both spellings reach the hooks depending on the version.
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _has_past(cache: Any) -> bool:
+    return cache is not None and int(cache.get_seq_length()) > 0
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) query slot indices and (B, R) validity; samples with fewer rows repeat their last row."""
+    batch, length = layout.is_visual.shape
+    if kind is QueryRows.LAST:
+        rows = torch.full((batch, 1), length - 1, dtype=torch.long, device=device)
+        return rows, torch.ones_like(rows, dtype=torch.bool)
+    first_visual = layout.visual_slots[:, :1]
+    columns = torch.arange(length, device=layout.is_visual.device)[None, :]
+    text = layout.real & ~layout.is_visual & (columns > first_visual)
+    per_sample = [row.nonzero()[:, 0] for row in text]
+    width = max(len(r) for r in per_sample)
+    rows = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in per_sample]).to(device)
+    valid = torch.stack([torch.arange(width) < len(r) for r in per_sample]).to(device)
+    return rows, valid
+
+
+def _checked_keep_index(selection: Selection, context: StageContext) -> torch.Tensor:
+    keep_index = selection.keep_index.to(context.visual_hidden.device).long()
+    expected = (context.batch_size, context.keep)
+    if tuple(keep_index.shape) != expected:
+        raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
+    if bool(((keep_index < 0) | (keep_index >= context.num_visual)).any()):
+        raise RuntimeError(f"pruner returned indices outside [0, {context.num_visual})")
+    keep_index = keep_index.sort(dim=1).values
+    if context.keep > 1 and bool((keep_index[:, 1:] == keep_index[:, :-1]).any()):
+        raise RuntimeError("pruner returned the same visual token twice")
+    return keep_index
+
+
+def _cache_size(cache: Any) -> tuple[list[int], int]:
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return [], 0
+    lengths, size = [], 0
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor):
+            lengths.append(0)
+            continue
+        lengths.append(int(keys.shape[-2]))
+        size += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return lengths, size
+
+
+def attach(
+    model: nn.Module, pruner: Pruner, *, positions: str = "original", num_visual: int | None = None
+) -> PruningSession:
+    """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit)."""
+    return PruningSession(model, pruner, positions=positions, num_visual=num_visual)

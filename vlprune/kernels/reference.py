@@ -1,0 +1,67 @@
+"""Exact PyTorch references of the engine's hot operations (the CPU path, and the oracle for GPU kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_tokens(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather rows of a batch along the token axis.
+
+    Args:
+        source: (B, L, ...) per-token values; a leading batch of 1 is broadcast to B.
+        index: (B, L') long, token indices into ``source`` for each sample.
+
+    Returns:
+        (B, L', ...) with ``out[b, j] = source[b, index[b, j]]``.
+    """
+    if source.shape[0] == 1 and index.shape[0] > 1:
+        source = source.expand(index.shape[0], *source.shape[1:])
+    trailing = source.shape[2:]
+    expanded = index.reshape(*index.shape, *([1] * len(trailing))).expand(*index.shape, *trailing)
+    return torch.gather(source, 1, expanded)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Head-averaged softmax attention of selected query rows over all keys, without forming the (L, L) matrix.
+
+    Args:
+        query: (B, H, Lq, d) post-RoPE queries.
+        key: (B, Hkv, Lk, d) post-RoPE keys; H must be a multiple of Hkv (grouped-query attention).
+        rows: (B, R) long, query indices per sample.
+        scaling: the attention's logit scale (usually d ** -0.5).
+        attention_mask: what the model's attention function received: None, a boolean (B|1, 1, Lq, Lk) mask with
+            True = attend, or an additive float (B|1, 1, Lq, Lk) mask.
+        causal: with ``attention_mask=None``, whether query i sees only keys <= i + (Lk - Lq) (decoder) or every key
+            (vision encoder).
+
+    Returns:
+        (B, R, Lk) float32 attention probabilities, averaged over the H heads. Each row sums to 1.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    picked = torch.gather(query, 2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], head_dim))
+    # (B, Hkv, groups * R, d) against (B, Hkv, Lk, d): the grouped heads share one key head, never repeated in memory.
+    picked = picked.reshape(batch, kv_heads, groups * rows.shape[1], head_dim).float()
+    logits = torch.matmul(picked, key.float().transpose(-1, -2)) * scaling
+    logits = logits.reshape(batch, heads, rows.shape[1], k_len)
+    if attention_mask is not None:
+        mask = attention_mask.expand(batch, -1, -1, -1)
+        mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(batch, mask.shape[1], rows.shape[1], k_len))
+        if mask_rows.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_rows, float("-inf"))
+        else:
+            logits = logits + mask_rows.float()
+    elif causal:
+        last_visible = rows + (k_len - q_len)  # (B, R)
+        columns = torch.arange(k_len, device=key.device)
+        logits = logits.masked_fill(columns[None, None, None, :] > last_visible[:, None, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)

@@ -1,0 +1,194 @@
+"""The pruner protocol: what a pruner declares, what it receives and what it returns.
+
+A pruner owns scoring and selection only. The engine (``vlprune.engine``) owns hooks, gathering, masks, positions,
+cache and statistics, and calls :meth:`Pruner.select` once per stage with a :class:`StageContext`.
+
+Stages are numbered by the decoder layer whose *input* they prune::
+
+    vision tower ─▶ projector ─▶ [stage at layer 0] ─▶ layer 0 ─▶ ... ─▶ [stage at layer K] ─▶ layer K ─▶ ...
+                                  "pre-LLM"                               "in-LLM"
+
+so a stage at layer 0 is pre-LLM pruning, and a stage at layer K >= 1 drops tokens after layer K - 1 has run (FastV's
+"K = 2" is a stage at layer 2, scored with the attention of layer 1).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vlprune.errors import VlpruneError
+
+
+class Stage(enum.StrEnum):
+    """Where a pruner acts, as listed by ``vlprune methods``."""
+
+    NONE = "none"
+    VISION = "vision-encoder"
+    PRE_LLM = "pre-LLM"
+    IN_LLM = "in-LLM"
+    ATTENTION = "attention-modifier"
+
+
+class QueryRows(enum.StrEnum):
+    """Which query tokens' attention rows a stage needs from the layer before it."""
+
+    LAST = "last"  # the last token of each sample (FastV)
+    TEXT = "text"  # every non-visual, non-padding token after the first visual token
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pruning step: before decoder layer ``layer``, keep ``keep`` visual tokens per sample.
+
+    Attributes:
+        layer: decoder layer whose input is pruned; 0 means pre-LLM.
+        keep: visual tokens per sample that continue (recycled tokens come on top of these).
+        query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
+        vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
+    """
+
+    layer: int
+    keep: int
+    query_rows: QueryRows | None = None
+    vision_cls_attention: bool = False
+
+
+@dataclass
+class StageContext:
+    """What the engine hands to :meth:`Pruner.select` at one stage. B = batch, N = visual tokens now, D = hidden.
+
+    Attributes:
+        layer: decoder layer whose input is being pruned (0 = pre-LLM).
+        keep: how many of the N visual tokens to keep per sample.
+        visual_hidden: (B, N, D) hidden states of the visual tokens at this point.
+        visual_positions: (B, N) RoPE positions of those tokens.
+        visual_origin: (B, N) index of each token among the original visual tokens of its sample (0..N0-1), -1 for a
+            recycled token.
+        query_attention: (B, R, N) softmax attention of the requested query rows to the visual tokens at layer
+            ``layer - 1`` (normalised over all keys, averaged over heads), or None.
+        query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
+        vision_cls_attention: (B, N) attention of the vision tower's [CLS] query to each visual token at the feature
+            layer (averaged over heads), or None.
+        stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
+        num_layers: decoder layers in the language model.
+    """
+
+    layer: int
+    keep: int
+    visual_hidden: torch.Tensor
+    visual_positions: torch.Tensor
+    visual_origin: torch.Tensor
+    query_attention: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
+    vision_cls_attention: torch.Tensor | None = None
+    stage_index: int = 0
+    num_layers: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.visual_hidden.shape[0]
+
+    @property
+    def num_visual(self) -> int:
+        return self.visual_hidden.shape[1]
+
+
+@dataclass
+class RecycledTokens:
+    """New tokens a pruner builds from pruned ones (merging), entered after the kept visual tokens of each sample.
+
+    Attributes:
+        hidden: (B, M, D) hidden states of the new tokens.
+        positions: (B, M) RoPE position of each new token, in the original numbering.
+    """
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class Selection:
+    """A pruner's answer at one stage.
+
+    Attributes:
+        keep_index: (B, keep) indices into the stage's N visual tokens; the engine sorts them to keep causal order.
+        recycled: merged tokens to add after the kept ones, or None.
+        scores: (B, N) the scores the selection was made from, for statistics and debugging, or None.
+    """
+
+    keep_index: torch.Tensor
+    recycled: RecycledTokens | None = None
+    scores: torch.Tensor | None = None
+
+
+def resolve_keep(keep: int | float, num_visual: int) -> int:
+    """Turn a budget into a token count: an int is a count, a float in (0, 1) a fraction of ``num_visual``.
+
+    Raises:
+        VlpruneError: a count outside [1, num_visual], a fraction outside (0, 1), or another type.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise VlpruneError(f"keep={keep!r} must be an int count or a float fraction in (0, 1)")
+    if isinstance(keep, float) and not keep.is_integer():
+        if not 0.0 < keep < 1.0:
+            raise VlpruneError(f"keep={keep} is a fraction outside (0, 1); pass a fraction in (0, 1) or a count")
+        return max(1, round(keep * num_visual))
+    count = int(keep)
+    if not 1 <= count <= num_visual:
+        raise VlpruneError(
+            f"keep={keep} is outside [1, {num_visual}]: the model has {num_visual} visual tokens per sample"
+        )
+    return count
+
+
+def check_layer(layer: int, num_layers: int, *, minimum: int = 0, method: str) -> int:
+    """Validate a decoder layer index for a pruner; negative indices count from the end."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise VlpruneError(f"layer={layer!r} for {method} must be an int")
+    resolved = layer + num_layers if layer < 0 else layer
+    if not minimum <= resolved < num_layers:
+        raise VlpruneError(
+            f"layer={layer} for {method} is out of range: the language model has {num_layers} layers, "
+            f"valid layers are {minimum}..{num_layers - 1}"
+        )
+    return resolved
+
+
+@dataclass
+class Pruner:
+    """Base class of every pruner. Subclasses are dataclasses whose fields are the method's options; they set the
+    class attributes ``name``, ``stage`` and ``reference`` and implement :meth:`plan` and :meth:`select`.
+
+    Attributes:
+        keep: visual tokens that reach the language model (an int), or the fraction kept (a float in (0, 1)).
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[Stage] = Stage.NONE
+    reference: ClassVar[str] = ""
+
+    keep: int | float | None = None
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers."""
+        raise NotImplementedError
+
+    def select(self, ctx: StageContext) -> Selection:
+        """Choose the visual tokens to keep at one stage."""
+        raise NotImplementedError
+
+    def _required_keep(self, num_visual: int) -> int:
+        if self.keep is None:
+            raise VlpruneError(f"method {self.name!r} needs a budget: pass keep=<count> or keep=<fraction in (0, 1)>")
+        return resolve_keep(self.keep, num_visual)
+
+
+def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores per row, in ascending index order. scores: (B, N) -> (B, k)."""
+    if k >= scores.shape[-1]:
+        return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values

@@ -1,0 +1,31 @@
+"""``none``: keep every visual token. The unpruned reference every method is compared against.
+
+The plan is empty, so the engine attaches no stage and the model computes exactly what it computes unwrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlprune.errors import VlpruneError
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
+
+
+@register
+@dataclass
+class KeepAll(Pruner):
+    name = "none"
+    stage = Stage.NONE
+    reference = "unpruned model"
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        if self.keep is not None and self.keep not in (num_visual, 1.0):
+            # A budget with `none` is almost certainly a mistake on the command line: say so instead of ignoring it.
+            raise VlpruneError(
+                f"method 'none' keeps all {num_visual} visual tokens; keep={self.keep} is not valid with it"
+            )
+        return []
+
+    def select(self, ctx: StageContext) -> Selection:
+        raise AssertionError("the 'none' pruner has no stage, so the engine never calls select")

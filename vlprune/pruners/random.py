@@ -1,0 +1,38 @@
+"""``random``: keep a uniformly random subset of the visual tokens (seeded).
+
+Random pruning is a strong baseline in pruning benchmarks (UniPruneBench, arXiv 2511.02650), so every comparison
+should include it. It acts pre-LLM by default (``layer=0``) and inside the language model with ``layer=K``.
+The selection depends only on ``seed`` and the number of visual tokens, never on the tokens or on the other samples
+of the batch: every sample of a call draws the same subset, so a batch gives what each sample gives alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, check_layer
+
+
+@register
+@dataclass
+class RandomPruner(Pruner):
+    name = "random"
+    stage = Stage.PRE_LLM
+    reference = "uniform random subset (baseline)"
+
+    layer: int = 0
+    seed: int = 0
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        layer = check_layer(self.layer, num_layers, method=self.name)
+        return [StagePlan(layer=layer, keep=self._required_keep(num_visual))]
+
+    def select(self, ctx: StageContext) -> Selection:
+        generator = torch.Generator().manual_seed(self.seed)
+        draw = torch.rand(ctx.num_visual, generator=generator).to(ctx.visual_hidden.device)
+        scores = draw.expand(ctx.batch_size, -1)
+        keep_index = torch.topk(scores, ctx.keep, dim=-1).indices.sort(dim=-1).values
+        return Selection(keep_index=keep_index, scores=scores)
