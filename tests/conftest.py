@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random LLaVA models built offline (vlprune.testing), images and batched inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlprune.testing import build_tiny_inputs, build_tiny_llava, make_test_image
+
+QUESTIONS = ("What color is the square?", "How many red objects are there on the left?")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_model(vision: str = "clip", kv_heads: int = 4, attn: str = "sdpa", layers: int = 4):
+    """CLIP+Llama (multi-head) by default; DINOv2+Llama with grouped-query attention with vision="dinov2", kv_heads=2."""
+    return build_tiny_llava(vision=vision, text="llama", num_key_value_heads=kv_heads, attn_implementation=attn,
+                            num_hidden_layers=layers)
+
+
+def tiny_inputs(processor, batch: int):
+    """A batch of 1 or 2 prompts; with 2 the questions differ in length, so the first sample is left-padded."""
+    images = [make_test_image(seed) for seed in range(batch)]
+    return build_tiny_inputs(processor, images, list(QUESTIONS[:batch]))
+
+
+MODEL_KINDS = [("clip", 4), ("dinov2", 2)]

@@ -1,0 +1,104 @@
+"""Each baseline selects what its definition says, checked against references computed from eager attention weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_KINDS, tiny_inputs, tiny_model
+
+import vlprune
+from vlprune.pruners import StageContext
+
+
+def kept_with(model, inputs, method: str, **options) -> list[list[int]]:
+    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+        model(**inputs)
+    return session.stats.stages[0].kept_indices
+
+
+def top_sorted(scores: torch.Tensor, k: int) -> list[list[int]]:
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values.tolist()
+
+
+@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_fastv_keeps_what_the_last_token_attends_to_most(vision: str, kv_heads: int, layer: int) -> None:
+    """Reference: FastV's definition on eager attention weights of layer K - 1 (last row, head mean, visual columns)."""
+    model, processor = tiny_model(vision, kv_heads, attn="eager")
+    inputs = tiny_inputs(processor, 2)
+    weights = model(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, L, L)
+    last_row = weights[:, :, -1, :].mean(dim=1)  # (B, L)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    scores = torch.stack([last_row[b, visual[b]] for b in range(2)])
+    expected = top_sorted(scores, 10)
+    assert kept_with(model, inputs, "fastv", keep=10, layer=layer) == expected
+    # SDPA computes the same rows without attention weights.
+    sdpa_model, _ = tiny_model(vision, kv_heads, attn="sdpa")
+    assert kept_with(sdpa_model, inputs, "fastv", keep=10, layer=layer) == expected
+
+
+@pytest.mark.parametrize("vision", ["clip", "dinov2"])
+def test_fastervlm_keeps_what_the_cls_token_attends_to_most(vision: str) -> None:
+    """Reference: [CLS] row of the eager attention at the vision feature layer (-2), head mean, patches only."""
+    model, processor = tiny_model(vision, 2, attn="eager")
+    inputs = tiny_inputs(processor, 2)
+    tower = model.model.vision_tower
+    attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
+    feature_layer = model.config.vision_feature_layer  # -2: the output of the second-to-last layer
+    cls_row = attentions[feature_layer][:, :, 0, :].mean(dim=1)  # attentions[i] is layer i, hidden_states[i + 1]
+    expected = top_sorted(cls_row[:, 1:], 12)  # LLaVA drops [CLS] before the projector
+    assert kept_with(model, inputs, "fastervlm", keep=12) == expected
+
+
+def test_fastervlm_reads_the_feature_layer_not_the_last() -> None:
+    model, processor = tiny_model("clip", 2, attn="eager")
+    inputs = tiny_inputs(processor, 1)
+    attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    last_layer = top_sorted(attentions[-1][:, :, 0, 1:].mean(dim=1), 12)
+    feature = top_sorted(attentions[-2][:, :, 0, 1:].mean(dim=1), 12)
+    assert last_layer != feature  # otherwise this test could not tell the layers apart
+    assert kept_with(model, inputs, "fastervlm", keep=12) == feature
+
+
+def test_random_is_seeded_and_batch_invariant() -> None:
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 2)
+    first = kept_with(model, inputs, "random", keep=16, seed=1)
+    assert first == kept_with(model, inputs, "random", keep=16, seed=1)
+    assert first != kept_with(model, inputs, "random", keep=16, seed=2)
+    assert first[0] == first[1] and len(first[0]) == 16 and len(set(first[0])) == 16
+    assert all(0 <= i < 64 for i in first[0])
+
+
+def test_keep_fraction_and_count_agree() -> None:
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 1)
+    assert kept_with(model, inputs, "fastv", keep=0.25) == kept_with(model, inputs, "fastv", keep=16)
+
+
+def test_fastv_select_on_a_hand_built_context() -> None:
+    attention = torch.tensor([[[0.1, 0.5, 0.05, 0.3, 0.05]]])  # (B=1, R=1, N=5)
+    ctx = StageContext(
+        layer=2,
+        keep=2,
+        visual_hidden=torch.zeros(1, 5, 8),
+        visual_positions=torch.arange(5)[None],
+        visual_origin=torch.arange(5)[None],
+        query_attention=attention,
+    )
+    selection = vlprune.pruners.create("fastv", keep=2).select(ctx)
+    assert selection.keep_index.tolist() == [[1, 3]]
+
+
+def test_fastervlm_select_on_a_hand_built_context() -> None:
+    ctx = StageContext(
+        layer=0,
+        keep=3,
+        visual_hidden=torch.zeros(2, 4, 8),
+        visual_positions=torch.arange(4).expand(2, -1),
+        visual_origin=torch.arange(4).expand(2, -1),
+        vision_cls_attention=torch.tensor([[0.4, 0.1, 0.2, 0.3], [0.0, 0.9, 0.05, 0.05]]),
+    )
+    selection = vlprune.pruners.create("fastervlm", keep=3).select(ctx)
+    assert selection.keep_index.tolist()[0] == [0, 2, 3]
+    assert selection.keep_index.tolist()[1][:2] == [1, 2] or selection.keep_index.tolist()[1][:2] == [1, 3]
