@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, tiny_inputs, tiny_model
+from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import vlprune
@@ -57,7 +57,7 @@ class MaskOracle:
         self.pruned = torch.zeros_like(visual)
         for b, keep in enumerate(kept):
             slots = visual[b].nonzero()[:, 0]
-            drop = torch.ones(len(slots), dtype=torch.bool)
+            drop = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
             drop[keep] = False
             self.pruned[b, slots[drop]] = True
         layers = model.model.language_model.layers
@@ -72,7 +72,7 @@ class MaskOracle:
         mask = kwargs.get("attention_mask")
         if mask is None:  # SDPA without padding: causal over the cache plus the new tokens
             k_len = kwargs["cache"].get_seq_length(index) + q_len
-            causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=hidden.device).tril(k_len - q_len)
             mask = causal[None, None].expand(batch, 1, q_len, k_len)
         pruned_keys = self.pruned[:, None, None, :]
         pruned_keys = torch.nn.functional.pad(pruned_keys, (0, mask.shape[-1] - pruned_keys.shape[-1]))
@@ -110,7 +110,7 @@ def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, op
         oracle_tokens, oracle_logits = greedy(model, inputs)
     finally:
         oracle.remove()
-    vanilla_tokens, vanilla_logits = greedy(model, inputs)
+    _, vanilla_logits = greedy(model, inputs)
     assert torch.equal(tokens, oracle_tokens)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
     # The invariant is only meaningful if pruning changed something.
@@ -216,7 +216,7 @@ def test_an_exception_inside_a_hook_leaves_no_trace() -> None:
 
 def test_a_text_only_call_inside_a_session_is_untouched() -> None:
     model, processor = tiny_model("clip", 4)
-    ids = processor.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt")
+    ids = processor.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt").to(DEVICE)
     vanilla = model(**ids).logits
     with vlprune.attach(model, vlprune.pruners.create("fastv", keep=8)) as session:
         pruned = model(**ids).logits

@@ -1,0 +1,162 @@
+"""Prefill time of each pruning method against the unpruned model, next to the theoretical FLOPs ratio.
+
+The model is a LLaVA with random weights at the shapes of a real checkpoint (``--preset llava-1.5-7b``: CLIP ViT-L/14
+at 336 px = 576 visual tokens, Vicuna-7B = 32 layers of 4096) or a small CPU-sized one (``--preset small``). Random
+weights change nothing about the time of a forward pass, and need no download.
+
+    python benchmarks/prefill.py --preset small                          # CPU, a minute
+    python benchmarks/prefill.py --preset llava-1.5-7b --device cuda --dtype bfloat16
+
+Each row: the median prefill time over ``--repeats`` runs after ``--warmup`` runs (CUDA synchronised), the speed-up
+over ``none`` measured in the same run (interleaved, so both see the same machine state), and the speed-up the
+theoretical language-model FLOPs predict. The vision tower and projector run in every row, so the measured
+speed-up stays below the FLOPs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import vlprune
+
+
+@dataclass(frozen=True)
+class Preset:
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_ffn: int
+    prompt_before: int  # text tokens before the image (LLaVA-1.5's system prompt is about 35)
+    prompt_after: int
+
+
+PRESETS = {
+    "llava-1.5-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40),
+    "small": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40),
+}
+
+
+def build_model(preset: Preset, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden,
+        intermediate_size=4 * preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=preset.vision_heads,
+        image_size=preset.image_size,
+        patch_size=preset.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=preset.text_hidden,
+        intermediate_size=preset.text_ffn,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def build_inputs(preset: Preset, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    visual = (preset.image_size // preset.patch_size) ** 2
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(1, 32000, (batch, preset.prompt_before), generator=generator)
+    after = torch.randint(1, 32000, (batch, preset.prompt_after), generator=generator)
+    image = torch.full((batch, visual), 32000)
+    input_ids = torch.cat([before, image, after], dim=1).to(device)
+    pixels = torch.randn(batch, 3, preset.image_size, preset.image_size, generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_prefill(model, inputs, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    model(**inputs, use_cache=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--methods", default="fastv,fastervlm,random")
+    parser.add_argument(
+        "--keep",
+        default="0.111,0.222,0.333",
+        help="counts or fractions; the default is LLaVA-1.5's 64, 128 and 192 of 576",
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    preset, dtype = PRESETS[args.preset], getattr(torch, args.dtype)
+    model = build_model(preset, args.device, dtype)
+    inputs = build_inputs(preset, args.batch, args.device, dtype)
+    budgets = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
+    cases = [(m, k) for m in args.methods.split(",") for k in budgets]
+    pruners = {case: vlprune.pruners.create(case[0], keep=case[1]) for case in cases}
+
+    times: dict[tuple[str, int | float] | None, list[float]] = {case: [] for case in [None, *cases]}
+    flops_ratio: dict[tuple[str, int | float], float] = {}
+    kept: dict[tuple[str, int | float], int] = {}
+    for round_index in range(args.warmup + args.repeats):
+        for case in [None, *cases]:
+            if case is None:
+                seconds = time_prefill(model, inputs, args.device)
+            else:
+                with vlprune.attach(model, pruners[case]) as session:
+                    seconds = time_prefill(model, inputs, args.device)
+                flops_ratio[case] = session.stats.flops_ratio
+                kept[case] = session.stats.stages[-1].visual_out
+            if round_index >= args.warmup:
+                times[case].append(seconds)
+
+    base = statistics.median(times[None])
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"preset {args.preset}, {device_name}, {args.dtype}, batch {args.batch}, "
+        f"{inputs['input_ids'].shape[1]} prompt tokens, median of {args.repeats}"
+    )
+    print("| method | keep | prefill ms | speed-up | FLOPs speed-up |")
+    print("|---|---|---|---|---|")
+    print(f"| none | all | {base * 1e3:.1f} | 1.00x | 1.00x |")
+    for case in cases:
+        median = statistics.median(times[case])
+        speedups = f"{base / median:.2f}x | {1 / flops_ratio[case]:.2f}x"
+        print(f"| {case[0]} | {kept[case]} | {median * 1e3:.1f} | {speedups} |")
+
+
+if __name__ == "__main__":
+    main()
