@@ -14,7 +14,7 @@ re-indexing is asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,11 +38,14 @@ class Layout:
     real: torch.Tensor
     positions: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    _visual_slots: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def visual_slots(self) -> torch.Tensor:
-        """(B, N) slot indices of the visual tokens, ascending."""
-        return self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
+        """(B, N) slot indices of the visual tokens, ascending (computed once: ``nonzero`` synchronises a GPU)."""
+        if self._visual_slots is None:
+            self._visual_slots = self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
+        return self._visual_slots
 
     @property
     def length(self) -> int:
@@ -112,27 +115,28 @@ def reindexed(layout: Layout) -> Layout:
     return replace(layout, positions=positions, position_embeddings=None)
 
 
-def prefill_mask(real: torch.Tensor, style: str, dtype: torch.dtype) -> torch.Tensor | None:
+def prefill_mask(real: torch.Tensor, style: str, dtype: torch.dtype, padded: bool) -> torch.Tensor | None:
     """The causal mask of a prefill over ``real`` (B, L) in the attention backend's format.
 
-    ``style`` "sdpa": boolean (B, 1, L, L), True = attend, or None when nothing is padded (SDPA then runs causal);
+    ``style`` "sdpa": boolean (B, 1, L, L), True = attend, or None when nothing is ``padded`` (SDPA then runs causal);
     "eager": additive float (B, 1, L, L) with the dtype's minimum at masked places, as transformers builds it.
     """
+    if style == "sdpa" and not padded:
+        return None
     length = real.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
-    return _format(causal[None, None] & real[:, None, None, :], style, dtype, no_padding=bool(real.all()))
+    return _format(causal[None, None] & real[:, None, None, :], style, dtype)
 
 
-def decode_mask(key_real: torch.Tensor, query_length: int, style: str, dtype: torch.dtype) -> torch.Tensor | None:
+def decode_mask(key_real: torch.Tensor, query_length: int, style: str, dtype: torch.dtype) -> torch.Tensor:
     """The mask for ``query_length`` new tokens attending to ``key_real`` (B, Lk) keys, the new ones last."""
     key_length = key_real.shape[1]
     rows = torch.arange(query_length, device=key_real.device)[:, None] + (key_length - query_length)
     causal = torch.arange(key_length, device=key_real.device)[None, :] <= rows  # (T, Lk)
-    allowed = causal[None, None] & key_real[:, None, None, :]
-    return _format(allowed, style, dtype, no_padding=bool(key_real.all()) and query_length == 1)
+    return _format(causal[None, None] & key_real[:, None, None, :], style, dtype)
 
 
-def _format(allowed: torch.Tensor, style: str, dtype: torch.dtype, no_padding: bool) -> torch.Tensor | None:
+def _format(allowed: torch.Tensor, style: str, dtype: torch.dtype) -> torch.Tensor:
     if style == "sdpa":
-        return None if no_padding else allowed
+        return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,7 @@ class Segment:
     first_layer: int
     real: torch.Tensor
     position_shift: torch.Tensor
+    real_counts: list[int]
 
 
 @dataclass
@@ -72,12 +73,15 @@ class _Prefill:
     plan: list[StagePlan]
     layout: Layout
     original_real: torch.Tensor
+    original_counts: list[int]
+    padded: bool
     num_visual: int
     started: float
     segments: list[Segment]
     stage_stats: list[StageStats]
     query_attention: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: Any = None
+    stage_at: dict[int, StagePlan] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class _Decode:
     cache: Any
     prompt_length: int
     segments: list[Segment]
+    segment_of_layer: list[int | None]
     generated: int = 0
     step_masks: dict[int, Any] | None = None
     step_positions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -206,7 +211,7 @@ class PruningSession:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise VlpruneError(f"vlprune needs a 2-D attention mask, got shape {tuple(attention_mask.shape)}")
         self._phase = Phase.IDLE
-        if visual is not None and visual.shape[1] > 1 and bool(visual.any()) and not _has_past(cache):
+        if visual is not None and visual.shape[1] > 1 and not _has_past(cache) and bool(visual.any()):
             self._start_prefill(visual, attention_mask)
         elif self._decode is not None and cache is not None and cache is self._decode.cache:
             self._start_decode_step(attention_mask, input_ids.shape[1] if input_ids is not None else 1)
@@ -223,18 +228,22 @@ class PruningSession:
     # ------------------------------------------------------------------ prefill
 
     def _start_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        counts = visual.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise VlpruneError(f"samples of a batch must have the same number of visual tokens, got {counts.tolist()}")
-        num_visual = int(counts[0])
+        layout = initial_layout(visual, attention_mask)
+        # One transfer for every count the prefill needs on the host (each .tolist() on a GPU is a synchronisation).
+        counts, real_counts = torch.stack([visual.sum(1), layout.real.sum(1)]).tolist()
+        if any(count != counts[0] for count in counts):
+            raise VlpruneError(f"samples of a batch must have the same number of visual tokens, got {counts}")
+        num_visual = counts[0]
         plan = self.pruner.plan(num_visual, self.shape.num_layers)
         self._check_plan(plan, num_visual)
-        layout = initial_layout(visual, attention_mask)
         self._prefill = _Prefill(
             plan=plan,
             layout=layout,
             original_real=layout.real,
+            original_counts=real_counts,
+            padded=any(count != visual.shape[1] for count in real_counts),
             num_visual=num_visual,
+            stage_at={stage.layer: stage for stage in plan},
             started=_now(visual.device),
             segments=[],
             stage_stats=[],
@@ -271,7 +280,7 @@ class PruningSession:
 
     def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         prefill = self._prefill
-        stage = next((s for s in prefill.plan if s.layer == index), None)
+        stage = prefill.stage_at.get(index)
         if stage is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             if not prefill.segments:
@@ -334,13 +343,18 @@ class PruningSession:
         new_hidden = gather_tokens(source, order)
         new_layout = self._position_embeddings(layout, new_layout, order, recycled, new_hidden)
         prefill.layout = new_layout
-        prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype)
-        shift = (prefill.original_real.sum(1) - new_layout.real.sum(1)).to(device)
+        prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
+        # Pruning removes only real tokens and recycling adds real ones, so the counts follow without a device read.
+        removed = context.num_visual - stage.keep - num_recycled
+        previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
+        real_counts = [count - removed for count in previous_counts]
+        shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
         prefill.segments.append(
             Segment(
                 first_layer=stage.layer,
                 real=new_layout.real,
-                position_shift=shift if self.positions == "reindex" else torch.zeros_like(shift),
+                position_shift=torch.tensor(shift if self.positions == "reindex" else [0] * len(shift), device=device),
+                real_counts=real_counts,
             )
         )
         kept_origin = gather_tokens(context.visual_origin, keep_index)
@@ -393,17 +407,15 @@ class PruningSession:
         seconds = _now(prefill.original_real.device) - prefill.started
         batch = prefill.original_real.shape[0]
         real_per_layer, visual_per_layer = [], []
-        segment_index, real, visual = -1, prefill.original_real, prefill.num_visual
-        for layer in range(self.shape.num_layers):
-            while (
-                segment_index + 1 < len(prefill.segments) and prefill.segments[segment_index + 1].first_layer == layer
-            ):
-                segment_index += 1
-                real = prefill.segments[segment_index].real
-                visual = prefill.stage_stats[segment_index].visual_out
-            real_per_layer.append(real.sum(1).tolist())
-            visual_per_layer.append(visual)
-        unpruned = [prefill.original_real.sum(1).tolist()] * self.shape.num_layers
+        segment_of_layer = _segment_of_layer(prefill.segments, self.shape.num_layers)
+        for segment_index in segment_of_layer:
+            if segment_index is None:
+                real_per_layer.append(prefill.original_counts)
+                visual_per_layer.append(prefill.num_visual)
+            else:
+                real_per_layer.append(prefill.segments[segment_index].real_counts)
+                visual_per_layer.append(prefill.stage_stats[segment_index].visual_out)
+        unpruned = [prefill.original_counts] * self.shape.num_layers
         flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)
         lengths, size = _cache_size(cache)
         stats = PrefillStats(
@@ -423,7 +435,12 @@ class PruningSession:
         self.history.append(stats)
         self._decode = None
         if cache is not None and prefill.segments:
-            self._decode = _Decode(cache=cache, prompt_length=prefill.original_real.shape[1], segments=prefill.segments)
+            self._decode = _Decode(
+                cache=cache,
+                prompt_length=prefill.original_real.shape[1],
+                segments=prefill.segments,
+                segment_of_layer=segment_of_layer,
+            )
         self._prefill = None
         self._vision_cls = None
 
@@ -463,7 +480,7 @@ class PruningSession:
 
     def _decode_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         decode = self._decode
-        segment_index = max((i for i, s in enumerate(decode.segments) if s.first_layer <= index), default=None)
+        segment_index = decode.segment_of_layer[index]
         if segment_index is None:
             return None
         segment = decode.segments[segment_index]
@@ -483,7 +500,7 @@ class PruningSession:
             kwargs["position_embeddings"] = embeddings
         return args, kwargs
 
-    def _segment_decode_mask(self, segment: Segment, hidden: torch.Tensor) -> torch.Tensor | None:
+    def _segment_decode_mask(self, segment: Segment, hidden: torch.Tensor) -> torch.Tensor:
         decode = self._decode
         batch, device = hidden.shape[0], hidden.device
         new_tokens = decode.generated + decode.step_length
@@ -536,16 +553,23 @@ def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[
     return rows, valid
 
 
+def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:
+    """For each decoder layer, the index of the segment it belongs to (None before the first stage)."""
+    return [
+        max((i for i, s in enumerate(segments) if s.first_layer <= layer), default=None) for layer in range(num_layers)
+    ]
+
+
 def _checked_keep_index(selection: Selection, context: StageContext) -> torch.Tensor:
     keep_index = selection.keep_index.to(context.visual_hidden.device).long()
     expected = (context.batch_size, context.keep)
     if tuple(keep_index.shape) != expected:
         raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
-    if bool(((keep_index < 0) | (keep_index >= context.num_visual)).any()):
-        raise RuntimeError(f"pruner returned indices outside [0, {context.num_visual})")
     keep_index = keep_index.sort(dim=1).values
-    if context.keep > 1 and bool((keep_index[:, 1:] == keep_index[:, :-1]).any()):
-        raise RuntimeError("pruner returned the same visual token twice")
+    out_of_range = (keep_index[:, 0] < 0) | (keep_index[:, -1] >= context.num_visual)
+    repeated = (keep_index[:, 1:] == keep_index[:, :-1]).any(dim=1)
+    if bool((out_of_range | repeated).any()):  # one device read for both checks
+        raise RuntimeError(f"the pruner returned indices outside [0, {context.num_visual}) or the same index twice")
     return keep_index
 
 
