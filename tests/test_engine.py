@@ -11,7 +11,7 @@ from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import vlprune
-from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+from vlprune.pruners import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan
 
 NEW_TOKENS = 5
 
@@ -221,3 +221,61 @@ def test_a_text_only_call_inside_a_session_is_untouched() -> None:
     with vlprune.attach(model, vlprune.pruners.create("fastv", keep=8)) as session:
         pruned = model(**ids).logits
     assert torch.equal(vanilla, pruned) and session.stats is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,options,layer", [("fastv", {"keep": 16}, 2), ("random", {"keep": 24}, 0)])
+def test_drop_equals_mask_on_siglip_and_qwen2(attn: str, method: str, options: dict, layer: int) -> None:
+    model, processor = tiny_model("siglip", 2, attn, text="qwen2")
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+        tokens, logits = greedy(model, inputs)
+    oracle = MaskOracle(
+        model, inputs["input_ids"], session.stats.stages[0].kept_indices, layer, model.config.image_token_id
+    )
+    try:
+        oracle_tokens, oracle_logits = greedy(model, inputs)
+    finally:
+        oracle.remove()
+    assert torch.equal(tokens, oracle_tokens)
+    torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
+
+
+class RecordingPruner(Pruner):
+    """Keeps the first ``keep`` tokens and records what the engine handed it."""
+
+    name = "recording"
+    stage = Stage.IN_LLM
+
+    def __init__(self, keep: int, layer: int) -> None:
+        self.keep, self.layer, self.contexts = keep, layer, []
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        return [StagePlan(layer=self.layer, keep=self.keep, query_rows=QueryRows.TEXT, text_tokens=True)]
+
+    def select(self, ctx: StageContext) -> Selection:
+        self.contexts.append(ctx)
+        return Selection(keep_index=torch.arange(ctx.keep, device=ctx.visual_hidden.device).expand(ctx.batch_size, -1))
+
+
+def test_text_rows_and_text_tokens_reach_the_pruner() -> None:
+    """The attention of every instruction token to the visual tokens, against eager attention weights."""
+    model, processor = tiny_model("dinov2", 2, attn="eager")
+    inputs = tiny_inputs(processor, 2)
+    outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
+    weights = outputs.attentions[1].mean(dim=1)  # (B, L, L), layer 1 feeds a stage at layer 2
+    pruner = RecordingPruner(keep=8, layer=2)
+    with vlprune.attach(model, pruner):
+        model(**inputs)
+    (ctx,) = pruner.contexts
+    visual = inputs["input_ids"] == model.config.image_token_id
+    real = inputs["attention_mask"].bool()
+    for b in range(2):
+        after_image = torch.arange(visual.shape[1], device=visual.device) > visual[b].nonzero()[0, 0]
+        text = (real[b] & ~visual[b] & after_image).nonzero()[:, 0]
+        count = len(text)
+        assert int(ctx.text_mask[b].sum()) == count and bool(ctx.text_mask[b, :count].all())
+        expected_rows = weights[b][text][:, visual[b]]  # (T, N)
+        torch.testing.assert_close(ctx.query_attention[b, :count], expected_rows, atol=1e-5, rtol=0)
+        # Layer-2 input hidden states are the output of layer 1 (hidden_states[2]).
+        torch.testing.assert_close(ctx.text_hidden[b, :count], outputs.hidden_states[2][b, text], atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from vlprune import pruners
+from vlprune.adapters import adapter_for
 from vlprune.engine import PrefillStats, attach
 from vlprune.errors import VlpruneError
 
@@ -51,6 +52,7 @@ class Pipeline:
     """A VLM, its processor and a pruner. Call it with an image and a question."""
 
     def __init__(self, model: nn.Module, processor: Any, pruner: pruners.Pruner, *, positions: str = "original"):
+        adapter_for(model)  # refuse an unsupported model now, before any call reads its config
         self.model = model
         self.processor = processor
         self.pruner = pruner

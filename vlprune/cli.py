@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAG_OPTIONS = ("keep", "layer", "positions", "device", "dtype")
+
+
 def _run(args: argparse.Namespace) -> int:
+    options = dict(args.option)
+    repeated = sorted(set(options) & set(_FLAG_OPTIONS))
+    if repeated:
+        raise VlpruneError(f"--option {repeated[0]}=... repeats a flag: use --{repeated[0]} instead")
     pipeline = load(
         args.model,
         method=args.method,
@@ -74,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         positions=args.positions,
-        **dict(args.option),
+        **options,
     )
     result = pipeline(args.image, args.question, max_new_tokens=args.max_new_tokens)
     if args.json:

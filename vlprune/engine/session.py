@@ -327,6 +327,7 @@ class PruningSession:
             query_attention=None if query is None else query[0],
             query_mask=None if query is None else query[1],
             vision_cls_attention=self._vision_scores(layout, slots) if stage.vision_cls_attention else None,
+            **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
         )
@@ -383,6 +384,12 @@ class PruningSession:
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
+
+    def _text_tokens(self, layout: Layout, hidden: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
+        if not wanted:
+            return {"text_hidden": None, "text_mask": None}
+        rows, valid = _query_rows(QueryRows.TEXT, layout, hidden.device)
+        return {"text_hidden": gather_tokens(hidden, rows), "text_mask": valid}
 
     def _vision_scores(self, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N) [CLS] attention of the current visual tokens (0 for recycled ones)."""

@@ -37,7 +37,8 @@ def register(cls: type[Pruner]) -> type[Pruner]:
     """Class decorator: make ``cls`` available under ``cls.name``. Re-registering a name replaces it."""
     if not (isinstance(cls, type) and issubclass(cls, Pruner)):
         raise TypeError(f"register expects a Pruner subclass, got {cls!r}")
-    if not cls.name or not dataclasses.is_dataclass(cls):
+    # `is_dataclass` is true for any Pruner subclass (it inherits the fields); the class itself must be decorated.
+    if not cls.name or "__dataclass_fields__" not in cls.__dict__:
         raise TypeError(f"{cls.__name__} must be a dataclass with a non-empty class attribute `name`")
     _REGISTRY[cls.name] = cls
     return cls

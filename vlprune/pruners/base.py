@@ -49,12 +49,14 @@ class StagePlan:
         keep: visual tokens per sample that continue (recycled tokens come on top of these).
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
         vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
+        text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
     """
 
     layer: int
     keep: int
     query_rows: QueryRows | None = None
     vision_cls_attention: bool = False
+    text_tokens: bool = False
 
 
 @dataclass
@@ -73,6 +75,9 @@ class StageContext:
         query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
         vision_cls_attention: (B, N) attention of the vision tower's [CLS] query to each visual token at the feature
             layer (averaged over heads), or None.
+        text_hidden: (B, T, D) hidden states of the real text tokens after the first visual token (the instruction),
+            when the plan asked for them; samples with fewer tokens repeat their last one.
+        text_mask: (B, T) which of the T text tokens are real.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
         num_layers: decoder layers in the language model.
     """
@@ -85,6 +90,8 @@ class StageContext:
     query_attention: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     vision_cls_attention: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
 

@@ -20,7 +20,8 @@ class KeepAll(Pruner):
     reference = "unpruned model"
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        if self.keep is not None and self.keep not in (num_visual, 1.0):
+        keeps_all = type(self.keep) is int and self.keep == num_visual
+        if self.keep is not None and not keeps_all:
             # A budget with `none` is almost certainly a mistake on the command line: say so instead of ignoring it.
             raise VlpruneError(
                 f"method 'none' keeps all {num_visual} visual tokens; keep={self.keep} is not valid with it"
