@@ -11,6 +11,7 @@ The local mapping is process-global, so sessions in several threads at once are 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ _observers: dict[int, Observer] = {}
 _saved: dict[str, Any] = {}  # backend name -> what the local mapping held before (or _MISSING)
 
 
+@functools.cache
 def _interface() -> Any:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -134,6 +134,7 @@ class PruningSession:
                 f"method {pruner.name!r} needs the vision tower's [CLS] token, and "
                 f"{self.adapter.config.vision_config.model_type} has none"
             )
+        self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
         self._score_layers = sorted({stage.layer - 1 for stage in probe if stage.query_rows is not None})
         self._needs_vision = any(stage.vision_cls_attention for stage in probe)
         self._mask_style = self.adapter.config.text_config._attn_implementation
@@ -157,8 +158,10 @@ class PruningSession:
             base = self.adapter.base_model
             self._handles.append(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._handles.append(base.register_forward_hook(self._on_model_return, with_kwargs=True))
-            for index, layer in enumerate(self.adapter.decoder_layers):
+            # Layers before the first stage never need their inputs changed, in prefill or in decode.
+            for index in range(self._first_stage_layer, self.shape.num_layers):
                 hook = self._layer_hook(index)
+                layer = self.adapter.decoder_layers[index]
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
             watched: dict[nn.Module, observer.Observer] = {}
             for index in self._score_layers:
@@ -236,6 +239,8 @@ class PruningSession:
         num_visual = counts[0]
         plan = self.pruner.plan(num_visual, self.shape.num_layers)
         self._check_plan(plan, num_visual)
+        if plan and plan[0].layer < self._first_stage_layer:
+            raise RuntimeError(f"{self.pruner.name}: the plan's layers changed with the number of visual tokens")
         self._prefill = _Prefill(
             plan=plan,
             layout=layout,

@@ -181,7 +181,11 @@ class Pruner:
     keep: int | float | None = None
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers."""
+        """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers.
+
+        The stage layers and what each stage asks for may depend on ``num_layers`` but not on ``num_visual``: the
+        engine installs its hooks before it knows how many visual tokens a call brings.
+        """
         raise NotImplementedError
 
     def select(self, ctx: StageContext) -> Selection:
