@@ -144,10 +144,11 @@ def main() -> None:
                 times[case].append(seconds)
 
     base = statistics.median(times[None])
+    visual = int((inputs["input_ids"] == 32000).sum(1)[0])
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"preset {args.preset}, {device_name}, {args.dtype}, batch {args.batch}, "
-        f"{inputs['input_ids'].shape[1]} prompt tokens, median of {args.repeats}"
+        f"{inputs['input_ids'].shape[1]} prompt tokens of which {visual} visual, median of {args.repeats}"
     )
     print("| method | keep | prefill ms | speed-up | FLOPs speed-up |")
     print("|---|---|---|---|---|")
