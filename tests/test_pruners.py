@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, tiny_inputs, tiny_model
+from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
 
 import vlprune
 from vlprune.pruners import StageContext
+from vlprune.testing import make_test_image
 
 
 def kept_with(model, inputs, method: str, **options) -> list[list[int]]:
@@ -102,3 +103,15 @@ def test_fastervlm_select_on_a_hand_built_context() -> None:
     selection = vlprune.pruners.create("fastervlm", keep=3).select(ctx)
     assert selection.keep_index.tolist()[0] == [0, 2, 3]
     assert selection.keep_index.tolist()[1][:2] == [1, 2] or selection.keep_index.tolist()[1][:2] == [1, 3]
+
+
+def test_fastervlm_with_two_images_per_sample() -> None:
+    """Each sample's visual tokens are its images' patches in prompt order; scores must follow the same order."""
+    model, processor = tiny_model("clip", 2, attn="eager")
+    prompts = ["USER: <image>\n<image>\nWhich is red? ASSISTANT:", "USER: <image>\nAnd <image>\nHow many? ASSISTANT:"]
+    images = [make_test_image(seed) for seed in range(4)]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(DEVICE)
+    attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    cls_rows = attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(dim=1)  # (4 images, 64)
+    expected = top_sorted(cls_rows.reshape(2, 128), 40)
+    assert kept_with(model, inputs, "fastervlm", keep=40) == expected

@@ -51,6 +51,19 @@ class Layout:
     def length(self) -> int:
         return self.is_visual.shape[1]
 
+    def to(self, device: torch.device) -> Layout:
+        """The layout on ``device`` (layers of a model split over GPUs live on different devices)."""
+        if self.is_visual.device == device:
+            return self
+        embeddings = self.position_embeddings
+        return Layout(
+            is_visual=self.is_visual.to(device),
+            origin=self.origin.to(device),
+            real=self.real.to(device),
+            positions=self.positions.to(device),
+            position_embeddings=None if embeddings is None else (embeddings[0].to(device), embeddings[1].to(device)),
+        )
+
 
 def initial_layout(visual_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> Layout:
     """The layout of the prompt as the processor built it. visual_mask: (B, L) bool; attention_mask: (B, L) or None."""

@@ -319,16 +319,16 @@ class PruningSession:
 
     def _run_stage(self, stage: StagePlan, hidden: torch.Tensor) -> torch.Tensor:
         prefill = self._prefill
-        layout = prefill.layout
         device = hidden.device
-        slots = layout.visual_slots.to(device)  # (B, N)
+        layout = prefill.layout = prefill.layout.to(device)
+        slots = layout.visual_slots  # (B, N)
         query = prefill.query_attention.pop(stage.layer, None)
         context = StageContext(
             layer=stage.layer,
             keep=stage.keep,
             visual_hidden=gather_tokens(hidden, slots),
-            visual_positions=gather_tokens(layout.positions.to(device), slots),
-            visual_origin=gather_tokens(layout.origin.to(device), slots),
+            visual_positions=gather_tokens(layout.positions, slots),
+            visual_origin=gather_tokens(layout.origin, slots),
             query_attention=None if query is None else query[0],
             query_mask=None if query is None else query[1],
             vision_cls_attention=self._vision_scores(layout, slots) if stage.vision_cls_attention else None,
