@@ -29,7 +29,12 @@ class StageStats:
 
 @dataclass
 class PrefillStats:
-    """Everything measured about one prefill (one call of the model with image tokens)."""
+    """Everything measured about one prefill (one call of the model with image tokens).
+
+    Token counts are per sample; FLOPs are summed over the batch's real (non-padding) tokens. ``prefill_seconds`` is
+    the wall time of the base model's forward call (CUDA-synchronised): it includes the vision tower when the call runs
+    it, which ``generate`` of transformers >= 5.18 does not (it encodes images before the first forward).
+    """
 
     batch_size: int
     visual_tokens: int
