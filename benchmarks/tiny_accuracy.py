@@ -28,27 +28,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vlprune-tiny")
     parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--restricted-limit", type=int, default=None, help="questions for tables 2-3 (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--skip-greedy", action="store_true")
     args = parser.parse_args()
 
     samples = load_dataset("shapes", split="test", limit=args.limit)
     pipeline = vlprune.load(args.model)
-    greedy = evaluate(pipeline, samples, batch_size=args.batch_size)
-    print(f"## {args.model}: greedy exact match on {len(samples)} Shapes VQA test questions\n")
-    print(greedy.table())
+    if not args.skip_greedy:
+        greedy = evaluate(pipeline, samples, batch_size=args.batch_size)
+        print(f"## {args.model}: greedy exact match on {len(samples)} Shapes VQA test questions\n")
+        print(greedy.table(), flush=True)
 
+    restricted = samples[: args.restricted_limit]
     real, blank, total = defaultdict(int), defaultdict(int), Counter()
     answers: dict[str, Counter] = defaultdict(Counter)
-    for index, sample in enumerate(tqdm(samples, desc="restricted")):
-        vocabulary = ANSWER_VOCABULARY[sample.kind]
-        scene = generate_scene(SPLITS["test"] + index)
-        empty = Image.new("RGB", (224, 224), scene.background)
-        total[sample.kind] += 1
-        answers[sample.kind][sample.answer] += 1
-        real[sample.kind] += choose_from_vocabulary(pipeline, sample, vocabulary) == sample.answer
-        blank_sample = type(sample)(image=empty, question=sample.question, answer=sample.answer, kind=sample.kind)
-        blank[sample.kind] += choose_from_vocabulary(pipeline, blank_sample, vocabulary) == sample.answer
-    print("\n## Answer restricted to the kind's vocabulary: real image, blank image, answer prior\n")
+    for start in tqdm(range(0, len(restricted), args.batch_size), desc="restricted"):
+        chunk = restricted[start : start + args.batch_size]
+        vocabularies = [ANSWER_VOCABULARY[s.kind] for s in chunk]
+        blanks = [
+            type(s)(
+                image=Image.new("RGB", (224, 224), generate_scene(SPLITS["test"] + start + i).background),
+                question=s.question,
+                answer=s.answer,
+                kind=s.kind,
+            )
+            for i, s in enumerate(chunk)
+        ]
+        with_image = choose_from_vocabulary(pipeline, chunk, vocabularies)
+        without_image = choose_from_vocabulary(pipeline, blanks, vocabularies)
+        for sample, guess, blank_guess in zip(chunk, with_image, without_image, strict=True):
+            total[sample.kind] += 1
+            answers[sample.kind][sample.answer] += 1
+            real[sample.kind] += guess == sample.answer
+            blank[sample.kind] += blank_guess == sample.answer
+    print(
+        f"\n## Answer restricted to the kind's vocabulary ({len(restricted)} questions): real image, blank image, "
+        "answer prior\n"
+    )
     print("| kind | questions | real image | blank image | prior (most frequent answer) |")
     print("|---|---|---|---|---|")
     for kind in sorted(total):

@@ -70,19 +70,28 @@ def evaluate(
 
 
 @torch.inference_mode()
-def choose_from_vocabulary(pipeline: Pipeline, sample: VQASample, vocabulary: Sequence[str]) -> str:
-    """The answer of ``vocabulary`` whose first token the model scores highest as the first answer token.
+def choose_from_vocabulary(
+    pipeline: Pipeline, samples: Sequence[VQASample], vocabularies: Sequence[Sequence[str]]
+) -> list[str]:
+    """For each sample, the answer of its vocabulary whose first token the model scores highest as the first answer
+    token, with the model alone (no pruner).
 
     Restricting the answer to a question type's vocabulary measures what the model knows apart from its output format;
     with a blank image it measures the answer prior the model learned.
     """
     tokenizer = pipeline.processor.tokenizer
-    first_tokens = [tokenizer(answer, add_special_tokens=False)["input_ids"][0] for answer in vocabulary]
-    if len(set(first_tokens)) != len(first_tokens):
-        raise ValueError(f"answers {list(vocabulary)} do not start with distinct tokens")
     inputs = pipeline.processor(
-        images=[load_image(sample.image)], text=[pipeline._chat_prompt(sample.question)], return_tensors="pt"
+        images=[load_image(s.image) for s in samples],
+        text=[pipeline._chat_prompt(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
     ).to(pipeline.model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(pipeline.model.dtype)
-    logits = pipeline.model(**inputs).logits[0, -1]
-    return vocabulary[int(torch.argmax(logits[first_tokens]))]
+    last_logits = pipeline.model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, V); prompts are left-padded
+    choices = []
+    for logits, vocabulary in zip(last_logits, vocabularies, strict=True):
+        first_tokens = [tokenizer(answer, add_special_tokens=False)["input_ids"][0] for answer in vocabulary]
+        if len(set(first_tokens)) != len(first_tokens):
+            raise ValueError(f"answers {list(vocabulary)} do not start with distinct tokens")
+        choices.append(vocabulary[int(torch.argmax(logits[first_tokens]))])
+    return choices
