@@ -57,7 +57,7 @@ def test_choose_from_vocabulary_takes_the_best_first_token() -> None:
     first = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in vocabulary]
     for sample, choice in zip(samples, choices, strict=True):
         inputs = pipeline.processor(
-            images=[sample.image], text=[pipeline._chat_prompt(sample.question)], return_tensors="pt"
+            images=[sample.image], text=[pipeline.chat_prompt(sample.question)], return_tensors="pt"
         )
         with torch.no_grad():
             logits = pipeline.model(**inputs).logits[0, -1]

@@ -127,9 +127,10 @@ class Pipeline:
                 if self.image_token not in text:
                     raise VlpruneError(f"the prompt {text!r} has no image token {self.image_token!r}")
             return texts
-        return [self._chat_prompt(text) for text in texts]
+        return [self.chat_prompt(text) for text in texts]
 
-    def _chat_prompt(self, question: str) -> str:
+    def chat_prompt(self, question: str) -> str:
+        """The prompt text for ``question`` with one image: the processor's chat template, or LLaVA-1.5's format."""
         if getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -39,6 +39,7 @@ class Layout:
     positions: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     _visual_slots: torch.Tensor | None = field(default=None, repr=False)
+    _text_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def visual_slots(self) -> torch.Tensor:
@@ -46,6 +47,20 @@ class Layout:
         if self._visual_slots is None:
             self._visual_slots = self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
         return self._visual_slots
+
+    @property
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) slot indices of the real text tokens after the first visual token (the instruction), and (B, T)
+        validity: samples with fewer tokens repeat their last one. Computed once per layout."""
+        if self._text_rows is None:
+            columns = torch.arange(self.length, device=self.is_visual.device)[None, :]
+            text = self.real & ~self.is_visual & (columns > self.visual_slots[:, :1])
+            per_sample = [row.nonzero()[:, 0] for row in text]
+            width = max(len(r) for r in per_sample)
+            rows = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in per_sample])
+            valid = torch.stack([torch.arange(width, device=rows.device) < len(r) for r in per_sample])
+            self._text_rows = (rows, valid)
+        return self._text_rows
 
     @property
     def length(self) -> int:

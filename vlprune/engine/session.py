@@ -555,14 +555,8 @@ def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[
     if kind is QueryRows.LAST:
         rows = torch.full((batch, 1), length - 1, dtype=torch.long, device=device)
         return rows, torch.ones_like(rows, dtype=torch.bool)
-    first_visual = layout.visual_slots[:, :1]
-    columns = torch.arange(length, device=layout.is_visual.device)[None, :]
-    text = layout.real & ~layout.is_visual & (columns > first_visual)
-    per_sample = [row.nonzero()[:, 0] for row in text]
-    width = max(len(r) for r in per_sample)
-    rows = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in per_sample]).to(device)
-    valid = torch.stack([torch.arange(width) < len(r) for r in per_sample]).to(device)
-    return rows, valid
+    rows, valid = layout.text_rows
+    return rows.to(device), valid.to(device)
 
 
 def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:

@@ -56,8 +56,7 @@ def evaluate(
     bar = tqdm(total=len(samples), desc="eval", disable=not progress, file=None)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        images = [load_image(s.image) for s in chunk]
-        answers = pipeline(images, [s.question for s in chunk], max_new_tokens=max_new_tokens).text
+        answers = pipeline([s.image for s in chunk], [s.question for s in chunk], max_new_tokens=max_new_tokens).text
         for sample, predicted in zip(chunk, answers, strict=True):
             hit = normalize_answer(predicted) == normalize_answer(sample.answer)
             result.correct[sample.kind] += int(hit)
@@ -82,7 +81,7 @@ def choose_from_vocabulary(
     tokenizer = pipeline.processor.tokenizer
     inputs = pipeline.processor(
         images=[load_image(s.image) for s in samples],
-        text=[pipeline._chat_prompt(s.question) for s in samples],
+        text=[pipeline.chat_prompt(s.question) for s in samples],
         return_tensors="pt",
         padding=True,
     ).to(pipeline.model.device)
