@@ -40,6 +40,7 @@ class ModelAdapter:
     language_model: nn.Module
     decoder_layers: nn.ModuleList
     rotary_embedding: nn.Module
+    projector: nn.Module  # vision features -> language-model embeddings
     image_token_id: int
     vision_has_cls: bool
     vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
@@ -72,6 +73,7 @@ class LlavaAdapter(ModelAdapter):
         self.language_model = self.base_model.language_model
         self.decoder_layers = self.language_model.layers
         self.rotary_embedding = self.language_model.rotary_emb
+        self.projector = self.base_model.multi_modal_projector
         self.image_token_id = int(self.config.image_token_id)
         vision_type = self.config.vision_config.model_type
         if vision_type not in _TOWERS_WITH_CLS:

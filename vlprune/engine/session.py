@@ -136,7 +136,9 @@ class PruningSession:
             )
         self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
         self._score_layers = sorted({stage.layer - 1 for stage in probe if stage.query_rows is not None})
-        self._needs_vision = any(stage.vision_cls_attention for stage in probe)
+        self._needs_cls = any(stage.vision_cls_attention for stage in probe)
+        self._needs_keys = any(stage.vision_keys for stage in probe)
+        self._needs_features = any(stage.vision_features for stage in probe)
         self._mask_style = self.adapter.config.text_config._attn_implementation
         self.stats: PrefillStats | None = None
         self.history: list[PrefillStats] = []
@@ -144,6 +146,8 @@ class PruningSession:
         self._prefill: _Prefill | None = None
         self._decode: _Decode | None = None
         self._vision_cls: torch.Tensor | None = None
+        self._vision_keys: torch.Tensor | None = None
+        self._vision_features: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[nn.Module] = []
         self._attach()
@@ -166,8 +170,10 @@ class PruningSession:
             watched: dict[nn.Module, observer.Observer] = {}
             for index in self._score_layers:
                 watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
-            if self._needs_vision:
+            if self._needs_cls or self._needs_keys:
                 watched[self.adapter.vision_feature_attention()] = self._on_vision_attention
+            if self._needs_features:
+                self._handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
             if watched:
                 observer.observe(watched, self.adapter.attention_implementations())
                 self._observed = list(watched)
@@ -185,7 +191,7 @@ class PruningSession:
             self._observed = []
         _attached.discard(id(self.model))
         self._prefill = self._decode = None
-        self._vision_cls = None
+        self._forget_vision()
         self._phase = Phase.IDLE
 
     @property
@@ -331,7 +337,14 @@ class PruningSession:
             visual_origin=gather_tokens(layout.origin, slots),
             query_attention=None if query is None else query[0],
             query_mask=None if query is None else query[1],
-            vision_cls_attention=self._vision_scores(layout, slots) if stage.vision_cls_attention else None,
+            vision_cls_attention=self._cls_scores(layout, slots) if stage.vision_cls_attention else None,
+            vision_features=self._vision_tokens(self._vision_features, layout, slots, "projector input")
+            if stage.vision_features
+            else None,
+            projector=self.adapter.projector if stage.vision_features else None,
+            vision_keys=self._vision_tokens(self._vision_keys, layout, slots, "vision keys", with_cls=True)
+            if stage.vision_keys
+            else None,
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -396,23 +409,37 @@ class PruningSession:
         rows, valid = _query_rows(QueryRows.TEXT, layout, hidden.device)
         return {"text_hidden": gather_tokens(hidden, rows), "text_mask": valid}
 
-    def _vision_scores(self, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+    def _cls_scores(self, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N) [CLS] attention of the current visual tokens (0 for recycled ones)."""
-        if self._vision_cls is None:
-            raise RuntimeError("the vision tower's [CLS] attention was not captured for this prefill")
-        scores = self._vision_cls
-        if self.adapter.vision_drops_cls:
-            scores = scores[:, 1:]
+        scores = None if self._vision_cls is None else self._vision_cls[..., None]
+        return self._vision_tokens(scores, layout, slots, "[CLS] attention", with_cls=True)[..., 0]
+
+    def _vision_tokens(
+        self, values: torch.Tensor | None, layout: Layout, slots: torch.Tensor, what: str, with_cls: bool = False
+    ) -> torch.Tensor:
+        """(B, N, F) per-token values the vision side produced, for the current visual tokens (0 for recycled ones).
+
+        ``values`` is (images, tokens, F) as the vision tower or the projector saw them; ``with_cls`` says the tokens
+        include the [CLS] token, which LLaVA drops before the projector when the strategy is "default".
+        """
+        if values is None:
+            raise RuntimeError(f"the {what} of the vision side was not captured for this prefill")
+        if with_cls and self.adapter.vision_drops_cls:
+            values = values[:, 1:]
         batch = slots.shape[0]
-        per_sample = scores.reshape(batch, -1) if scores.numel() % batch == 0 else None
-        if per_sample is None or per_sample.shape[1] != self._prefill.num_visual:
+        expected = self._prefill.num_visual
+        if values.shape[0] * values.shape[1] != batch * expected:
             raise VlpruneError(
-                f"the vision tower produced {scores.numel()} token scores for {batch} samples of "
-                f"{self._prefill.num_visual} visual tokens"
+                f"the vision side produced {values.shape[0]} x {values.shape[1]} token {what} values for {batch} "
+                f"samples of {expected} visual tokens"
             )
+        per_sample = values.reshape(batch, expected, values.shape[-1]).to(slots.device)
         origin = gather_tokens(layout.origin.to(slots.device), slots)
-        picked = torch.gather(per_sample.to(slots.device), 1, origin.clamp(min=0))
-        return picked.masked_fill(origin < 0, 0.0)
+        picked = gather_tokens(per_sample, origin.clamp(min=0))
+        return picked.masked_fill((origin < 0)[..., None], 0.0)
+
+    def _forget_vision(self) -> None:
+        self._vision_cls = self._vision_keys = self._vision_features = None
 
     def _finish_prefill(self, cache: Any) -> None:
         prefill = self._prefill
@@ -454,7 +481,7 @@ class PruningSession:
                 segment_of_layer=segment_of_layer,
             )
         self._prefill = None
-        self._vision_cls = None
+        self._forget_vision()
 
     # ------------------------------------------------------------------ attention rows
 
@@ -477,9 +504,17 @@ class PruningSession:
     def _on_vision_attention(
         self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float | None
     ) -> None:
-        rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)  # row 0 is [CLS]
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self._vision_cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
+        # The vision tower may run before the language model's call (generate encodes images first), so what it
+        # produces is kept until the next prefill uses it, whatever the phase.
+        if self._needs_cls:
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)  # row 0 is [CLS]
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            self._vision_cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
+        if self._needs_keys:
+            self._vision_keys = key.float().mean(dim=1)  # (images, tokens, d)
+
+    def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
+        self._vision_features = args[0]
 
     # ------------------------------------------------------------------ decode
 

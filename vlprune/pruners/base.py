@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from vlprune.errors import VlpruneError
 
@@ -50,6 +51,9 @@ class StagePlan:
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
         vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
         text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
+        vision_features: whether the stage needs the projector's input features of the visual tokens and the
+            projector itself (methods that score through the projector or merge before it).
+        vision_keys: whether the stage needs the head-averaged keys of the visual tokens at the vision feature layer.
     """
 
     layer: int
@@ -57,6 +61,8 @@ class StagePlan:
     query_rows: QueryRows | None = None
     vision_cls_attention: bool = False
     text_tokens: bool = False
+    vision_features: bool = False
+    vision_keys: bool = False
 
 
 @dataclass
@@ -78,6 +84,11 @@ class StageContext:
         text_hidden: (B, T, D) hidden states of the real text tokens after the first visual token (the instruction),
             when the plan asked for them; samples with fewer tokens repeat their last one.
         text_mask: (B, T) which of the T text tokens are real.
+        vision_features: (B, N, F) what the projector received for each visual token (zeros for recycled tokens), or
+            None. ``projector(vision_features)`` gives the tokens' embeddings at the input of the language model.
+        projector: the model's projector module (vision features -> language-model embeddings), or None.
+        vision_keys: (B, N, d) keys of the visual tokens at the vision feature layer, averaged over heads (zeros for
+            recycled tokens), or None.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
         num_layers: decoder layers in the language model.
     """
@@ -92,6 +103,9 @@ class StageContext:
     vision_cls_attention: torch.Tensor | None = None
     text_hidden: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
+    projector: nn.Module | None = None
+    vision_keys: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
 

@@ -1,0 +1,273 @@
+"""Pre-LLM pruners on hand-built inputs whose right selection is known, and end to end on the tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+from torch import nn
+
+import vlprune
+from vlprune.errors import VlpruneError
+from vlprune.pruners import StageContext
+from vlprune.pruners.divprune import cosine_distance, greedy_max_min, nearest_neighbour_distance
+from vlprune.pruners.holov import crop_quotas, reference_crop_count, strip_crops, tile_crops
+from vlprune.pruners.visionzip import contextual_centres, merge_contextual
+from vlprune.pruners.zoo_prune import random_directions, zeroth_order_sensitivity
+
+
+def context(hidden: torch.Tensor, keep: int, **fields) -> StageContext:
+    batch, count = hidden.shape[:2]
+    positions = torch.arange(count).expand(batch, -1)
+    return StageContext(
+        layer=0, keep=keep, visual_hidden=hidden, visual_positions=positions, visual_origin=positions, **fields
+    )
+
+
+def on_circle(degrees: list[float]) -> torch.Tensor:
+    """(1, N, 2) unit vectors at the given angles: cosine distances are known in closed form."""
+    angles = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)[None].float()
+
+
+# ---------------------------------------------------------------------------------------------- DivPrune
+
+
+def test_divprune_starts_from_the_most_isolated_token_and_spreads_out() -> None:
+    # 90 degrees is furthest from its nearest neighbour (70 degrees away); then 185 (95 degrees from 90), then 0
+    # (1 - cos 90 = 1 from both chosen ones beats 10 degrees: min(1 - cos 80, 1 - cos 175)).
+    features = on_circle([0, 10, 20, 90, 180, 185])
+    selection = vlprune.pruners.create("divprune", keep=3).select(context(features, 3))
+    assert selection.keep_index.tolist() == [[0, 3, 5]]
+    assert int(selection.scores.argmax()) == 3
+
+
+def test_divprune_never_keeps_a_duplicate_while_distinct_tokens_remain() -> None:
+    basis = torch.eye(4)
+    features = torch.cat([basis, basis[:1].expand(3, -1), basis[1:2].expand(2, -1)])[None]  # e1 x4, e2 x3, e3, e4
+    selection = vlprune.pruners.create("divprune", keep=4).select(context(features, 4))
+    chosen = features[0, selection.keep_index[0]]
+    assert torch.equal(chosen.sum(dim=0), torch.ones(4))  # one of each direction
+
+
+def test_greedy_max_min_follows_weights_and_distances() -> None:
+    distance = cosine_distance(on_circle([0, 1, 2, 180]))
+    # Unweighted from token 0: token 3 (opposite), then token 1 or 2 (1 - cos 1 < 1 - cos 2: token 2 is further).
+    assert greedy_max_min(distance, torch.tensor([0]), 3).tolist() == [[0, 3, 2]]
+    # A zero weight on the opposite token hides it.
+    weights = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert greedy_max_min(distance, torch.tensor([0]), 3, weights).tolist()[0][:2] == [0, 2]
+
+
+def test_nearest_neighbour_distance_ignores_the_token_itself() -> None:
+    distance = cosine_distance(on_circle([0, 60, 180]))
+    torch.testing.assert_close(nearest_neighbour_distance(distance), torch.tensor([[0.5, 0.5, 1.5]]))
+
+
+# ---------------------------------------------------------------------------------------------- ZOO-Prune
+
+
+def test_zeroth_order_sensitivity_of_a_linear_projector_is_the_exact_directional_norm() -> None:
+    torch.manual_seed(0)
+    projector = nn.Linear(6, 5)
+    features = torch.randn(2, 7, 6)
+    directions = random_directions(16, 6, seed=3)
+    expected = (directions @ projector.weight.T).norm(dim=-1).mean()  # ||J u|| with J = W for every token
+    sensitivity = zeroth_order_sensitivity(projector, features, directions, step=0.01)
+    torch.testing.assert_close(sensitivity, expected.expand(2, 7), rtol=1e-4, atol=1e-5)
+
+
+def test_zeroth_order_sensitivity_matches_exact_jacobian_vector_products() -> None:
+    torch.manual_seed(1)
+    projector = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 5))
+    features = torch.randn(1, 9, 6) * 2
+    directions = random_directions(32, 6, seed=0)
+    exact = torch.stack(
+        [torch.stack([torch.func.jvp(projector, (x,), (u,))[1].norm() for u in directions]).mean() for x in features[0]]
+    )
+    sensitivity = zeroth_order_sensitivity(projector, features, directions, step=0.01)[0]
+    torch.testing.assert_close(sensitivity, exact, rtol=1e-3, atol=1e-4)
+    assert sensitivity.std() > 0.05 * sensitivity.mean()  # the tokens differ, so the comparison means something
+
+
+def test_zeroth_order_sensitivity_runs_in_float32_for_a_bfloat16_projector() -> None:
+    torch.manual_seed(2)
+    projector = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    features = torch.randn(1, 5, 8)
+    directions = random_directions(8, 8, seed=0)
+    full = zeroth_order_sensitivity(projector, features, directions, 0.01)
+    half = zeroth_order_sensitivity(projector.to(torch.bfloat16), features.bfloat16(), directions, 0.01)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=2e-2)  # only the weights' rounding differs
+
+
+def test_zoo_prune_starts_from_the_most_sensitive_token() -> None:
+    # Projector x -> x * x (elementwise): J = 2 diag(x), so the token with the largest entries is the most sensitive.
+    class Square(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    features = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [2.0, 2.0], [0.5, 0.5]]])
+    hidden = on_circle([0, 90, 45, 180])  # token 1 sensitive, token 3 far from it in the projected space
+    pruner = vlprune.pruners.create("zoo-prune", keep=2, directions=16)
+    selection = pruner.select(context(hidden, 2, vision_features=features, projector=Square()))
+    assert int(selection.scores.argmax()) == 1
+    # Ŝ: token 3 has the lowest sensitivity (weight 0), so the second pick is token 0 (weight 0.2, distance 1).
+    assert selection.keep_index.tolist() == [[0, 1]]
+
+
+def test_zoo_prune_is_deterministic_under_its_seed() -> None:
+    projector = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    features, hidden = torch.randn(1, 20, 4), torch.randn(1, 20, 4)
+    runs = [
+        vlprune.pruners.create("zoo-prune", keep=5, seed=seed).select(
+            context(hidden, 5, vision_features=features, projector=projector)
+        )
+        for seed in (7, 7, 8)
+    ]
+    assert torch.equal(runs[0].scores, runs[1].scores) and torch.equal(runs[0].keep_index, runs[1].keep_index)
+    assert not torch.equal(runs[0].scores, runs[2].scores)
+
+
+@pytest.mark.parametrize("options", [{"directions": 0}, {"directions": 2.5}, {"step": 0}, {"step": -1e-3}])
+def test_zoo_prune_rejects_bad_options(options: dict) -> None:
+    with pytest.raises(VlpruneError, match=next(iter(options))):
+        vlprune.pruners.create("zoo-prune", keep=4, **options)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", ["divprune", "zoo-prune"])
+@pytest.mark.parametrize("vision,text", [("clip", "llama"), ("dinov2", "llama"), ("siglip", "qwen2")])
+def test_exactly_keep_tokens_reach_the_language_model(method: str, vision: str, text: str) -> None:
+    model, processor = tiny_model(vision, 2, text=text)
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, vlprune.pruners.create(method, keep=9)) as session:
+        model(**inputs)
+    stage = session.stats.stages[0]
+    assert stage.layer == 0 and stage.visual_out == 9
+    assert [len(row) for row in stage.kept_indices] == [9, 9]
+    assert session.stats.visual_tokens_per_layer == [9] * len(model.model.language_model.layers)
+
+
+# ---------------------------------------------------------------------------------------------- HoloV
+
+
+def test_holov_crop_count_follows_the_reference_rule() -> None:
+    assert [reference_crop_count(576, keep) for keep in (64, 128, 192)] == [16, 8, 5]
+
+
+def test_holov_strips_put_the_remainder_in_the_first_crops() -> None:
+    assert strip_crops(10, 4).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+
+
+def test_holov_tiles_cut_the_grid_into_rectangles() -> None:
+    expected = [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert tile_crops(16, 4).view(4, 4).tolist() == expected
+    with pytest.raises(VlpruneError, match="square"):
+        tile_crops(15, 4)
+
+
+def test_holov_budgets_crops_by_attention_and_keeps_their_most_attended_tokens() -> None:
+    # Crop means 0.5 / 0.25 / 0.15 / 0.1: quotas floor(w * 4) = 2, 1, 0, 0 and the remainder to crop 0.
+    attention = torch.tensor([[0.1, 0.9, 0.6, 0.4, 0.25, 0.2, 0.3, 0.25] + [0.15] * 4 + [0.1] * 4])
+    features = torch.randn(1, 16, 8)
+    pruner = vlprune.pruners.create("holov", keep=4, crops=4)
+    selection = pruner.select(context(features, 4, vision_cls_attention=attention))
+    assert selection.keep_index.tolist() == [[1, 2, 3, 6]]
+
+
+def test_holov_hands_a_full_crops_excess_to_the_others_instead_of_padding() -> None:
+    weights = torch.tensor([[0.94, 0.03, 0.02, 0.01]])
+    quota = crop_quotas(weights, torch.tensor([4, 4, 4, 4]), keep=8)
+    # Crop 0 would take 8 > 4; its extra 4 go to the others by weight: floor(4 * (.03, .02, .01) / .06) = 2, 1, 0,
+    # and the one left over to the heaviest of them.
+    assert quota.tolist() == [[4, 3, 1, 0]]
+    attention = torch.rand(2, 16)
+    attention[:, :4] += 10.0
+    selection = vlprune.pruners.create("holov", keep=8, crops=4).select(
+        context(torch.randn(2, 16, 8), 8, vision_cls_attention=attention)
+    )
+    assert selection.keep_index.shape == (2, 8)
+    assert all(set(range(4)) <= set(row) for row in selection.keep_index.tolist())
+
+
+def test_holov_rejects_a_bad_crop_count() -> None:
+    pruner = vlprune.pruners.create("holov", keep=4, crops=0)
+    with pytest.raises(VlpruneError, match="crops=0"):
+        pruner.select(context(torch.randn(1, 16, 4), 4, vision_cls_attention=torch.rand(1, 16)))
+
+
+# ---------------------------------------------------------------------------------------------- VisionZip
+
+
+def test_visionzip_centres_are_evenly_strided_over_the_remaining_tokens() -> None:
+    assert contextual_centres(523, 10).tolist() == list(range(0, 469, 52))  # LLaVA-1.5 at 64: 576 - 53 remaining
+    assert contextual_centres(5, 10).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_visionzip_contextual_token_is_centre_plus_mean_of_members() -> None:
+    keys = on_circle([0, 5, 100, 95, 180])  # centres 0 and 2 (every 2nd of 5): 1 -> 0, 3 -> 2, 4 -> 2 (closer to 100)
+    features = torch.arange(5, dtype=torch.float32).view(1, 5, 1) * 10
+    merged, assignment = merge_contextual(features, keys, torch.tensor([0, 2]))
+    assert assignment.tolist() == [[0, 0, 1, 1, 1]]
+    assert merged[0, :, 0].tolist() == [0 + 10, 20 + (30 + 40) / 2]
+
+
+def test_visionzip_splits_the_budget_like_the_reference() -> None:
+    assert [vlprune.pruners.create("visionzip", keep=k).split(k, 576) for k in (64, 128, 192)] == [
+        (54, 10),
+        (108, 20),
+        (162, 30),
+    ]
+    with pytest.raises(VlpruneError, match="contextual=64"):
+        vlprune.pruners.create("visionzip", keep=64, contextual=64).split(64, 576)
+
+
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_visionzip_feeds_the_language_model_exactly_the_reference_sequence(positions: str) -> None:
+    """Oracle: dominant tokens by eager [CLS] attention, contextual tokens merged by hand from the feature layer's
+    keys and features, projected, and placed after the dominant ones; the language model run on that sequence."""
+    model, processor = tiny_model("clip", 4, attn="eager")
+    inputs = tiny_inputs(processor, 1)
+    keep, contextual = 12, 3
+    with vlprune.attach(
+        model, vlprune.pruners.create("visionzip", keep=keep, contextual=contextual), positions=positions
+    ) as session:
+        pruned_logits = model(**inputs).logits
+    assert session.stats.stages[0].visual_out == keep and session.stats.stages[0].recycled == contextual
+
+    tower = model.model.vision_tower
+    out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    cls_row = out.attentions[-2][0, :, 0, 1:].mean(dim=0)
+    dominant = sorted(torch.topk(cls_row, keep - contextual).indices.tolist())
+    assert session.stats.stages[0].kept_indices == [dominant]
+    layer = tower.encoder.layers[-2]
+    heads = model.config.vision_config.num_attention_heads
+    keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))[0, 1:]
+    keys = keys.view(keys.shape[0], heads, -1).mean(dim=1)
+    features = out.hidden_states[-2][0, 1:]
+    rest = [i for i in range(features.shape[0]) if i not in dominant]
+    step = max(1, len(rest) // contextual)
+    centres = rest[::step][:contextual]
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    groups = {c: [] for c in centres}
+    for i in rest:
+        if i not in groups:
+            groups[max(centres, key=lambda c: (float(unit[i] @ unit[c]), -centres.index(c)))].append(i)
+    merged = torch.stack([features[c] + (features[m].mean(0) if m else 0) for c, m in groups.items()])
+
+    projector = model.model.multi_modal_projector
+    embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    first, last = int(visual[0]), int(visual[-1])
+    image = projector(features)
+    sequence = torch.cat([embeds[:first], image[dominant], projector(merged), embeds[last + 1 :]])
+    original = list(range(first)) + [first + i for i in dominant] + [first + c for c in centres]
+    original += list(range(last + 1, embeds.shape[0]))
+    position_ids = torch.tensor([original if positions == "original" else list(range(len(original)))])
+    expected = model(inputs_embeds=sequence[None], position_ids=position_ids).logits
+    torch.testing.assert_close(pruned_logits, expected, atol=1e-4, rtol=1e-4)

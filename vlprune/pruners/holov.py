@@ -1,0 +1,178 @@
+"""HoloV: holistic visual token pruning: crop budgets from attention and within-crop diversity, before the LLM.
+
+Reference: Zou et al., "Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic Context Retention",
+NeurIPS 2025 (arXiv 2510.02912); official code github.com/obananas/HoloV (``HoloV()`` in ``llava/model/utils.py``,
+called from ``llava/model/llava_arch.py``).
+
+What the reference does and vlprune reproduces, on the projected visual tokens ``z`` (the language model's input) and
+the vision [CLS] attention ``a`` at the feature layer (head mean):
+
+1. Split the N tokens, in raster order, into C contiguous chunks ("crops") of N // C tokens, the first N % C crops one
+   longer. C follows the reference's rule ``C = max(1, int(1024 / 576 · N / keep))``: 16, 8 and 5 crops for 64, 128
+   and 192 of LLaVA-1.5's 576 tokens.
+2. In each crop (n tokens): ``S = (1 - I) ⊙ ẑ ẑᵀ`` on unit vectors, ``μ_i = Σ_j S_ij / (n - 1)``,
+   ``V_i = Σ_j (S_ij - μ_i)² / (n - 1)`` (the zeroed diagonal counted, as in the code); holistic token score
+   ``H = 1000 a + α · V · mean|1000 a| / mean|V|`` with ``α = 0.09``; crop score = mean of H over the crop.
+3. Crop weights ``w_c = score_c / Σ score``; quotas ``floor(w_c · keep)``, the remainder one each to the crops of
+   highest weight.
+4. In each crop keep its quota of tokens with the highest [CLS] attention.
+
+Note: because V is rescaled per crop to the attention's mean magnitude, a crop's score is ``1.09 · mean(1000 a)`` in
+the reference's code as in vlprune: the variance term changes no budget. vlprune keeps the formula as the code has it.
+
+Deviations, each for a reason:
+- When a crop's quota exceeds its size, the reference keeps the whole crop and pads the result with zero vectors,
+  which then enter the language model as tokens. vlprune never pads: it hands the excess to the other crops in
+  proportion to their weights (the iterative redistribution the paper describes), so exactly ``keep`` real tokens
+  remain.
+- A crop of one token gets the score ``1000 a`` (its variance is 0); the reference uses the unscaled ``a`` there, an
+  inconsistency that only crops of one token meet.
+- Kept tokens enter the language model in their original order at their original positions (the reference
+  concatenates them crop by crop, by descending attention inside a crop, at new contiguous positions);
+  ``positions="reindex"`` renumbers them.
+- ``crops`` sets C directly; ``tiles=True`` cuts the token grid into rectangular tiles (r x C/r with r the largest
+  divisor of C not above its square root) instead of the reference's raster chunks; it needs a square grid.
+- Towers without a [CLS] token (SigLIP) are refused: the method's saliency is that token's attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
+
+ALPHA = 0.09
+ATTENTION_SCALE = 1000.0
+_EPS = 1e-6
+
+
+def reference_crop_count(num_visual: int, keep: int) -> int:
+    """The reference's number of crops for ``keep`` of ``num_visual`` tokens (16/8/5 for 64/128/192 of 576)."""
+    return max(1, int(1024 / 576 * num_visual / keep))
+
+
+def strip_crops(num_visual: int, crops: int) -> torch.Tensor:
+    """(N,) crop index of each token: contiguous raster chunks, the first ``N % crops`` one token longer."""
+    size, extra = divmod(num_visual, crops)
+    lengths = torch.tensor([size + (1 if c < extra else 0) for c in range(crops)])
+    return torch.repeat_interleave(torch.arange(crops), lengths)
+
+
+def tile_crops(num_visual: int, crops: int) -> torch.Tensor:
+    """(N,) crop index of each token of a square grid cut into ``r x (crops / r)`` rectangular tiles."""
+    side = math.isqrt(num_visual)
+    if side * side != num_visual:
+        raise VlpruneError(f"tiles=True needs a square token grid, got {num_visual} visual tokens")
+    rows = max(d for d in range(1, math.isqrt(crops) + 1) if crops % d == 0)
+    columns = crops // rows
+    if rows > side or columns > side:
+        raise VlpruneError(f"crops={crops} does not fit a {side} x {side} token grid")
+    row_of = strip_crops(side, rows)  # which tile row each grid row belongs to, remainder as in strips
+    column_of = strip_crops(side, columns)
+    return (row_of[:, None] * columns + column_of[None, :]).reshape(-1)
+
+
+def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, crop_of: torch.Tensor) -> torch.Tensor:
+    """(B, C) mean holistic score of each crop. features: (B, N, D); attention: (B, N); crop_of: (N,)."""
+    unit = features.float() / (features.float().norm(dim=-1, keepdim=True) + _EPS)
+    scaled = attention.float() * ATTENTION_SCALE
+    scores = []
+    for crop in range(int(crop_of.max()) + 1):
+        members = (crop_of == crop).nonzero()[:, 0].to(features.device)
+        count = len(members)
+        attention_c = scaled[:, members]
+        if count <= 1:
+            scores.append(attention_c.mean(dim=-1))
+            continue
+        z = unit[:, members]
+        similarity = z @ z.transpose(1, 2)
+        similarity = similarity - torch.diag_embed(similarity.diagonal(dim1=1, dim2=2))
+        mean = similarity.sum(dim=-1) / (count - 1)
+        variance = ((similarity - mean[..., None]) ** 2).sum(dim=-1) / (count - 1)
+        rescale = attention_c.abs().mean(dim=-1, keepdim=True) / (variance.abs().mean(dim=-1, keepdim=True) + _EPS)
+        scores.append((attention_c + ALPHA * variance * rescale).mean(dim=-1))
+    return torch.stack(scores, dim=-1)
+
+
+def crop_quotas(weights: torch.Tensor, capacity: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, C) tokens to keep per crop: ``floor(w · keep)``, the remainder to the heaviest crops, and any quota above
+    a crop's capacity handed on to the crops with room, in proportion to their weights.
+
+    weights: (B, C) non-negative, summing to 1 per sample; capacity: (C,) tokens per crop.
+    """
+    capacity = capacity.to(weights.device).expand_as(weights)
+    quota = torch.zeros_like(weights, dtype=torch.long)
+    remaining = torch.full((weights.shape[0],), keep, dtype=torch.long, device=weights.device)
+    for _ in range(weights.shape[1] + 1):  # each pass fills at least one crop or places everything
+        room = capacity - quota
+        open_weights = torch.where(room > 0, weights, 0.0)
+        share = open_weights / open_weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        # Crops with room but zero weight (all-zero attention) still take tokens once weighted crops are full.
+        share = torch.where(
+            open_weights.sum(dim=-1, keepdim=True) > 0,
+            share,
+            (room > 0).float() / (room > 0).sum(-1, keepdim=True).clamp(min=1),
+        )
+        grant = torch.floor(share * remaining[:, None]).long()
+        leftover = remaining - grant.sum(dim=-1)
+        order = torch.argsort(share, dim=-1, descending=True, stable=True)
+        rank = torch.argsort(order, dim=-1)
+        grant = grant + (rank < leftover[:, None]).long()
+        grant = torch.minimum(grant, room)
+        quota = quota + grant
+        remaining = remaining - grant.sum(dim=-1)
+        if not bool((remaining > 0).any()):
+            break
+    return quota
+
+
+def keep_by_quota(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """(B, keep) indices, ascending: in each crop the ``quota`` tokens with the highest attention."""
+    batch, count = attention.shape
+    crop_of = crop_of.to(attention.device)
+    # Sort by crop, then by descending attention inside the crop; a token's rank in its crop decides.
+    order = torch.argsort(attention.float(), dim=-1, descending=True, stable=True)
+    order = torch.gather(order, 1, torch.argsort(crop_of[order], dim=-1, stable=True))
+    sorted_crops = crop_of[order]
+    starts = torch.searchsorted(sorted_crops.contiguous(), sorted_crops.contiguous(), right=False)
+    rank = torch.arange(count, device=attention.device).expand(batch, -1) - starts
+    chosen = rank < torch.gather(quota, 1, sorted_crops)
+    kept = torch.where(chosen, order, count).sort(dim=-1).values
+    return kept[:, : int(quota.sum(dim=-1)[0])]
+
+
+@register
+@dataclass
+class HoloV(Pruner):
+    """Options: ``crops`` (C; default the reference's rule), ``tiles`` (2-D tiles instead of raster chunks)."""
+
+    name = "holov"
+    stage = Stage.PRE_LLM
+    reference = "HoloV, NeurIPS 2025 (obananas/HoloV)"
+
+    crops: int | None = None
+    tiles: bool = False
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
+
+    def crop_layout(self, num_visual: int, keep: int) -> torch.Tensor:
+        crops = reference_crop_count(num_visual, keep) if self.crops is None else self.crops
+        if isinstance(crops, bool) or not isinstance(crops, int) or not 1 <= crops <= num_visual:
+            raise VlpruneError(f"crops={crops!r} must be an int in [1, {num_visual}] (the number of visual tokens)")
+        return tile_crops(num_visual, crops) if self.tiles else strip_crops(num_visual, crops)
+
+    def select(self, ctx: StageContext) -> Selection:
+        assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for holov"
+        crop_of = self.crop_layout(ctx.num_visual, ctx.keep)
+        scores = holistic_crop_scores(ctx.visual_hidden, ctx.vision_cls_attention, crop_of)
+        weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
+        capacity = torch.bincount(crop_of, minlength=scores.shape[1])
+        quota = crop_quotas(weights, capacity, ctx.keep)
+        keep_index = keep_by_quota(ctx.vision_cls_attention, crop_of, quota)
+        return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention)

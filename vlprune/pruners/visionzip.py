@@ -1,0 +1,123 @@
+"""VisionZip: dominant tokens by [CLS] attention, the rest merged into contextual tokens, before the LLM.
+
+Reference: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025
+(arXiv 2412.04467); official code github.com/dvlab-research/VisionZip (``visionzip/utils.py``,
+``visionzip/clip_encoder.py``).
+
+What the reference does and vlprune reproduces, all at the vision feature layer (LLaVA-1.5: the output of CLIP's
+second-to-last layer):
+
+1. **Dominant tokens**: the ``dominant`` patches with the highest [CLS] attention (head sum, equivalently mean).
+2. **Contextual tokens** from the M remaining patches, in their original order: every ``max(1, M // contextual)``-th
+   one (the first ``contextual`` of them) is a centre; every other remaining patch joins the centre whose key (head
+   mean of the layer's keys, unit-normalised) is most similar; a contextual token is the centre's feature **plus** the
+   mean of its members' features (a centre without members stays as it is). Merging happens on the vision features,
+   before the projector, which then maps the contextual tokens like any other.
+3. The language model sees the dominant patches in their original order, then the contextual tokens.
+
+Defaults: the reference's LLaVA-1.5 splits (dominant, contextual) = (54, 10), (108, 20), (162, 30) for 64, 128, 192
+tokens, i.e. ``contextual = round(keep · 10 / 64)`` for any budget; ``contextual=`` sets it.
+
+Deviations, each for a reason:
+- The reference keeps the [CLS] token as one of the ``dominant`` tokens and sends it through the projector; LLaVA in
+  transformers drops [CLS] before the projector (``vision_feature_select_strategy="default"``), so vlprune fills that
+  slot with one more dominant patch (54 = 54 patches here, 53 patches + [CLS] in the reference).
+- The [CLS] row and the keys are computed by the engine from the feature layer's queries and keys, so the tower keeps
+  SDPA instead of running with ``output_attentions=True``.
+- Contextual tokens (token recycling) enter right after the dominant ones. With the default ``positions="original"``
+  each takes the RoPE position of its centre, dominant tokens keep theirs; ``positions="reindex"`` gives the
+  reference's contiguous numbering.
+- Towers without a [CLS] token (SigLIP) are refused: dominant tokens are defined by that token's attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.kernels import gather_tokens
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, RecycledTokens, Selection, Stage, StageContext, StagePlan, top_k_sorted
+
+CONTEXTUAL_SHARE = 10 / 64  # the reference's 54 + 10, 108 + 20, 162 + 30
+
+
+def contextual_centres(remaining: int, contextual: int) -> torch.Tensor:
+    """Indices among the remaining patches of the contextual centres: every ``max(1, M // contextual)``-th one."""
+    step = max(1, remaining // contextual)
+    return torch.arange(0, remaining, step)[:contextual]
+
+
+def merge_contextual(
+    features: torch.Tensor, keys: torch.Tensor, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens into centres by key similarity.
+
+    Args:
+        features: (B, M, F) features of the remaining tokens.
+        keys: (B, M, d) their keys.
+        centres: (C,) indices of the centres among the M tokens.
+
+    Returns:
+        (B, C, F) centre feature + mean of its members' features, and (B, M) the centre (0..C-1) each token joined.
+    """
+    count = keys.shape[1]
+    is_centre = torch.zeros(count, dtype=torch.bool, device=keys.device)
+    is_centre[centres.to(keys.device)] = True
+    unit = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    similarity = unit @ unit[:, centres].transpose(1, 2)  # (B, M, C)
+    assignment = similarity.argmax(dim=-1)  # first centre wins ties, as the reference's argmax
+    assignment[:, centres] = torch.arange(len(centres), device=keys.device)
+    member = torch.nn.functional.one_hot(assignment, len(centres)).float() * (~is_centre)[None, :, None]
+    counts = member.sum(dim=1).clamp(min=1)  # (B, C)
+    member_mean = member.transpose(1, 2) @ features.float() / counts[..., None]
+    return features[:, centres].float() + member_mean, assignment
+
+
+@register
+@dataclass
+class VisionZip(Pruner):
+    """Options: ``contextual`` (merged tokens, part of ``keep``; default ``round(keep · 10 / 64)``)."""
+
+    name = "visionzip"
+    stage = Stage.PRE_LLM
+    reference = "VisionZip, CVPR 2025 (dvlab-research/VisionZip)"
+
+    contextual: int | None = None
+
+    def split(self, keep: int, num_visual: int) -> tuple[int, int]:
+        """(dominant, contextual) for a budget of ``keep`` tokens."""
+        contextual = round(keep * CONTEXTUAL_SHARE) if self.contextual is None else self.contextual
+        if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < keep:
+            raise VlpruneError(f"contextual={contextual!r} must be an int in [0, keep={keep})")
+        if contextual > num_visual - (keep - contextual):
+            raise VlpruneError(f"contextual={contextual} exceeds the {num_visual - keep + contextual} tokens left")
+        return keep - contextual, contextual
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        dominant, _ = self.split(self._required_keep(num_visual), num_visual)
+        # The stage keeps the dominant tokens; the contextual ones come on top as recycled tokens.
+        return [StagePlan(layer=0, keep=dominant, vision_cls_attention=True, vision_keys=True, vision_features=True)]
+
+    @torch.no_grad()
+    def select(self, ctx: StageContext) -> Selection:
+        assert ctx.vision_cls_attention is not None and ctx.vision_keys is not None and ctx.projector is not None
+        dominant, contextual = self.split(self._required_keep(ctx.num_visual), ctx.num_visual)
+        scores = ctx.vision_cls_attention
+        keep_index = top_k_sorted(scores, dominant)
+        if contextual == 0:
+            return Selection(keep_index=keep_index, scores=scores)
+        is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, keep_index, False)
+        rest = is_rest.nonzero()[:, 1].view(ctx.batch_size, -1)  # (B, M), ascending
+        centres = contextual_centres(rest.shape[1], contextual)
+        merged, _ = merge_contextual(
+            gather_tokens(ctx.vision_features, rest), gather_tokens(ctx.vision_keys, rest), centres
+        )
+        parameter = next(ctx.projector.parameters())
+        hidden = ctx.projector(merged.to(parameter.dtype))
+        positions = gather_tokens(ctx.visual_positions, rest[:, centres.to(rest.device)])
+        return Selection(
+            keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
+        )
