@@ -20,10 +20,22 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
-def tiny_model(vision: str = "clip", kv_heads: int = 4, attn: str = "sdpa", layers: int = 4, text: str = "llama"):
+def tiny_model(
+    vision: str = "clip",
+    kv_heads: int = 4,
+    attn: str = "sdpa",
+    layers: int = 4,
+    text: str = "llama",
+    vision_layers: int = 3,
+):
     """CLIP+Llama, multi-head by default; DINOv2+Llama with grouped-query attention: vision="dinov2", kv_heads=2."""
     model, processor = build_tiny_llava(
-        vision=vision, text=text, num_key_value_heads=kv_heads, attn_implementation=attn, num_hidden_layers=layers
+        vision=vision,
+        text=text,
+        num_key_value_heads=kv_heads,
+        attn_implementation=attn,
+        num_hidden_layers=layers,
+        vision_layers=vision_layers,
     )
     return model.to(DEVICE), processor
 

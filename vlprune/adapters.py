@@ -53,6 +53,9 @@ class ModelAdapter:
         """The vision attention module whose layer produces the features that reach the projector."""
         raise NotImplementedError
 
+    def vision_feature_layer_index(self) -> int:
+        raise NotImplementedError
+
     def language_model_shape(self) -> LanguageModelShape:
         raise NotImplementedError
 
@@ -96,18 +99,35 @@ class LlavaAdapter(ModelAdapter):
             if getattr(layer.self_attn, "layer_idx", index) != index:
                 raise VlpruneError(f"decoder layer {index} reports layer_idx={layer.self_attn.layer_idx}")
 
-    def vision_feature_attention(self) -> nn.Module:
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return _vision_encoder_layers(self.base_model.vision_tower)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base_model.vision_tower
+
+    def vision_feature_layer_index(self) -> int:
+        """Index of the encoder layer whose output the projector reads (the deepest one when several are read)."""
         feature_layer = self.config.vision_feature_layer
         if isinstance(feature_layer, list | tuple):
             # Several feature layers are concatenated; the deepest one carries the [CLS] attention FasterVLM reads.
             feature_layer = max(feature_layer, key=lambda v: v if v >= 0 else v + 10_000)
-        layers = _vision_encoder_layers(self.base_model.vision_tower)
-        hidden_index = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
-        if not 1 <= hidden_index <= len(layers):
+        count = len(self.vision_layers)
+        hidden_index = feature_layer if feature_layer >= 0 else count + 1 + feature_layer
+        if not 1 <= hidden_index <= count:
             raise VlpruneError(
                 f"vision_feature_layer={feature_layer} selects the patch embeddings, which have no attention"
             )
-        return _innermost_attention(layers[hidden_index - 1])
+        return hidden_index - 1
+
+    def vision_attention(self, index: int) -> nn.Module:
+        """The module of vision encoder layer ``index`` that calls the attention function."""
+        return _innermost_attention(self.vision_layers[index])
+
+    def vision_feature_attention(self) -> nn.Module:
+        """The vision attention module whose layer produces the features that reach the projector."""
+        return self.vision_attention(self.vision_feature_layer_index())
 
     def language_model_shape(self) -> LanguageModelShape:
         text = self.config.text_config

@@ -235,14 +235,14 @@ def build_tiny_processor(image_size: int = 32, patch_size: int = 4, vision: str 
     )
 
 
-def _vision_config(vision: str, image_size: int, patch_size: int) -> PreTrainedConfig:
-    """Build the tiny vision-tower config (hidden 32, 3 layers, 4 heads, MLP 64)."""
+def _vision_config(vision: str, image_size: int, patch_size: int, layers: int = 3) -> PreTrainedConfig:
+    """Build the tiny vision-tower config (hidden 32, ``layers`` layers, 4 heads, MLP 64)."""
     if vision == "clip":
         return CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=64,
             projection_dim=32,
-            num_hidden_layers=3,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             image_size=image_size,
             patch_size=patch_size,
@@ -251,7 +251,7 @@ def _vision_config(vision: str, image_size: int, patch_size: int) -> PreTrainedC
         return SiglipVisionConfig(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=3,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             image_size=image_size,
             patch_size=patch_size,
@@ -259,7 +259,7 @@ def _vision_config(vision: str, image_size: int, patch_size: int) -> PreTrainedC
     return Dinov2Config(
         hidden_size=32,
         mlp_ratio=2,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
@@ -298,6 +298,7 @@ def build_tiny_llava(
     image_size: int = 32,
     patch_size: int = 4,
     weight_scale: float = 8.0,
+    vision_layers: int = 3,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build a tiny random-weight LLaVA model and its matching processor, offline and deterministically.
 
@@ -339,7 +340,7 @@ def build_tiny_llava(
     tokenizer = processor.tokenizer
     strategy, _ = _select_strategy(vision)
     config = LlavaConfig(
-        vision_config=_vision_config(vision, image_size, patch_size),
+        vision_config=_vision_config(vision, image_size, patch_size, vision_layers),
         text_config=_text_config(text, tokenizer, num_key_value_heads, num_hidden_layers),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(image_size // patch_size) ** 2,

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], None]
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None], Any]
+"""``observer(module, query, key, value, attention_mask, scaling)``; a non-None return value replaces the mask."""
 
 _MISSING = object()
 _observers: dict[int, Observer] = {}
@@ -59,7 +60,9 @@ def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
     ) -> Any:
         observer = _observers.get(id(module))
         if observer is not None:
-            observer(module, query, key, attention_mask, kwargs.get("scaling"))
+            replacement = observer(module, query, key, value, attention_mask, kwargs.get("scaling"))
+            if replacement is not None:
+                attention_mask = replacement
         return original(module)(module, query, key, value, attention_mask, **kwargs)
 
     vlprune_attention.vlprune_backend = name  # type: ignore[attr-defined]
@@ -67,7 +70,8 @@ def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
 
 
 def observe(modules: dict[nn.Module, Observer], backends: set[str]) -> None:
-    """Start calling ``modules[m](m, query, key, attention_mask, scaling)`` whenever module ``m`` attends."""
+    """Start calling ``modules[m](m, query, key, value, attention_mask, scaling)`` whenever module ``m`` attends; what
+    it returns, unless None, is the mask the attention then uses."""
     interface = _interface()
     for name in backends:
         if name not in _saved:

@@ -37,6 +37,7 @@ from vlprune.engine.layout import (
     reindexed,
 )
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
+from vlprune.engine.vision import VisionStages
 from vlprune.errors import VlpruneError
 from vlprune.kernels import attention_rows, gather_tokens
 from vlprune.pruners.base import Pruner, QueryRows, Selection, StageContext, StagePlan
@@ -139,6 +140,7 @@ class PruningSession:
         self._needs_cls = any(stage.vision_cls_attention for stage in probe)
         self._needs_keys = any(stage.vision_keys for stage in probe)
         self._needs_features = any(stage.vision_features for stage in probe)
+        self._vision_stages = VisionStages(self.adapter, pruner)
         self._mask_style = self.adapter.config.text_config._attn_implementation
         self.stats: PrefillStats | None = None
         self.history: list[PrefillStats] = []
@@ -174,6 +176,12 @@ class PruningSession:
                 watched[self.adapter.vision_feature_attention()] = self._on_vision_attention
             if self._needs_features:
                 self._handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
+            if self._vision_stages.active:
+                handles, vision_watched = self._vision_stages.install()
+                self._handles.extend(handles)
+                if set(vision_watched) & set(watched):
+                    raise VlpruneError(f"{self.pruner.name}: a vision layer is both pruned and read as features")
+                watched.update(vision_watched)
             if watched:
                 observer.observe(watched, self.adapter.attention_implementations())
                 self._observed = list(watched)
@@ -345,6 +353,7 @@ class PruningSession:
             vision_keys=self._vision_tokens(self._vision_keys, layout, slots, "vision keys", with_cls=True)
             if stage.vision_keys
             else None,
+            vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -440,6 +449,21 @@ class PruningSession:
 
     def _forget_vision(self) -> None:
         self._vision_cls = self._vision_keys = self._vision_features = None
+        self._vision_stages.forget()
+
+    def _vision_kept(self, batch: int) -> torch.Tensor | None:
+        """(B, K) visual tokens that survived the vision-encoder stages of this prefill, or None without such stages."""
+        if not self._vision_stages.active:
+            return None
+        kept = self._vision_stages.kept
+        if kept is None:
+            raise RuntimeError("the vision tower did not run its pruning stages for this prefill")
+        if kept.shape[0] != batch:
+            raise VlpruneError(
+                f"{self.pruner.name} prunes inside the vision tower and needs one image per sample, got "
+                f"{kept.shape[0]} images for {batch} samples"
+            )
+        return kept
 
     def _finish_prefill(self, cache: Any) -> None:
         prefill = self._prefill
@@ -486,7 +510,13 @@ class PruningSession:
     # ------------------------------------------------------------------ attention rows
 
     def _on_language_attention(
-        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float | None
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        scaling: float | None,
     ) -> None:
         if self._phase is not Phase.PREFILL or self._prefill is None:
             return
@@ -502,7 +532,13 @@ class PruningSession:
             prefill.query_attention[stage.layer] = (visual, row_mask)
 
     def _on_vision_attention(
-        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float | None
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        scaling: float | None,
     ) -> None:
         # The vision tower may run before the language model's call (generate encodes images first), so what it
         # produces is kept until the next prefill uses it, whatever the phase.

@@ -26,6 +26,7 @@ from vlprune.pruners.base import (
     Stage,
     StageContext,
     StagePlan,
+    VisionLayerContext,
     resolve_keep,
     top_k_sorted,
 )
@@ -74,7 +75,7 @@ def create(name: str, **options: object) -> Pruner:
 
 
 # Importing the built-in pruners registers them.
-from vlprune.pruners import divprune, fastervlm, fastv, holov, none, random, visionzip, zoo_prune  # noqa: E402, F401
+from vlprune.pruners import divprune, fastervlm, fastv, flowcut, holov, none, random, visionzip, zoo_prune  # noqa: E402, F401
 
 __all__ = [
     "Pruner",
@@ -84,6 +85,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StagePlan",
+    "VisionLayerContext",
     "available",
     "create",
     "get",

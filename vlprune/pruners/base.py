@@ -89,6 +89,8 @@ class StageContext:
         projector: the model's projector module (vision features -> language-model embeddings), or None.
         vision_keys: (B, N, d) keys of the visual tokens at the vision feature layer, averaged over heads (zeros for
             recycled tokens), or None.
+        vision_kept: (B, K) ascending indices of the visual tokens that survived pruning inside the vision tower,
+            for pruners with vision-encoder stages (:meth:`Pruner.vision_layers`), or None.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
         num_layers: decoder layers in the language model.
     """
@@ -106,6 +108,7 @@ class StageContext:
     vision_features: torch.Tensor | None = None
     projector: nn.Module | None = None
     vision_keys: torch.Tensor | None = None
+    vision_kept: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
 
@@ -116,6 +119,39 @@ class StageContext:
     @property
     def num_visual(self) -> int:
         return self.visual_hidden.shape[1]
+
+
+@dataclass
+class VisionLayerContext:
+    """What the engine hands to :meth:`Pruner.select_in_vision` at one layer of the vision encoder.
+
+    B = images, T = tokens the layer attends over (the [CLS] token first when the tower has one), H heads, d = head
+    dimension. Tokens the pruner dropped for one image while another image of the batch kept more stay in the batch as
+    fillers: ``real`` is False for them, no later layer attends to them, and the pruner must not keep them.
+
+    Attributes:
+        layer: encoder layer index (0-based) whose attention this is; a pruning decision applies to its output.
+        feature_layer: index of the encoder layer whose output the projector reads (the deepest one when several).
+        query, key, value: (B, H, T, d) the layer's attention inputs.
+        scaling: the attention's logit scale.
+        real: (B, T) False at filler tokens.
+        origin: (B, T) index of each token in the tower's original sequence ([CLS] = 0 when present).
+        has_cls: whether token 0 is a [CLS] token that must stay.
+        keep: patch tokens that must reach the projector.
+        state: a dictionary that lives for one pass of the vision tower, for scores a pruner carries across layers.
+    """
+
+    layer: int
+    feature_layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    real: torch.Tensor
+    origin: torch.Tensor
+    has_cls: bool
+    keep: int
+    state: dict
 
 
 @dataclass
@@ -204,6 +240,21 @@ class Pruner:
 
     def select(self, ctx: StageContext) -> Selection:
         """Choose the visual tokens to keep at one stage."""
+        raise NotImplementedError
+
+    def vision_layers(self, num_layers: int, feature_layer: int) -> list[int]:
+        """Vision encoder layers at which :meth:`select_in_vision` runs (none by default).
+
+        Args:
+            num_layers: layers of the vision encoder.
+            feature_layer: index of the layer whose output the projector reads.
+        """
+        return []
+
+    def select_in_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
+        """At a vision layer listed by :meth:`vision_layers`: None to keep every token, or a (B, T) bool tensor of the
+        tokens that continue after this layer ([CLS] included). Each image keeps as many as it likes, but on the last
+        pruning layer before the feature layer every image must keep exactly ``ctx.keep`` patches."""
         raise NotImplementedError
 
     def _required_keep(self, num_visual: int) -> int:

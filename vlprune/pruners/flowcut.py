@@ -1,0 +1,151 @@
+"""FlowCut: progressive pruning inside the vision encoder, guided by the information flow to the [CLS] token.
+
+Reference: Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models",
+NeurIPS 2025 (arXiv 2505.19536); official code github.com/TungChintao/FlowCut (``flowcut/modeling_clip_flowcut.py``,
+``flowcut/utils_flowcut.py``; PyPI ``flowcut``), and ``FlowCut_Qwen`` for towers without [CLS].
+
+What the reference does and vlprune reproduces (LLaVA-1.5: CLIP's 24 layers, features from layer 22):
+
+1. At every encoder layer before the feature layer F, per image, from the layer's attention (heads averaged):
+   attention strength ``a = softmax(q_cls kᵀ / √d)`` over the patches; semantic flow
+   ``s = softmax(v_cls vᵀ)`` per head, no 1/√d, as in the code; information ``i = ||mean_h v_j||₁``;
+   score ``S = (a / Σa + s / Σs) · i``, accumulated as ``C ← 0.5 C + 0.5 S`` (``C = S`` at the first layer).
+2. After layers ``F - 1 - 2k`` (LLaVA-1.5: 1, 3, ..., 21) it prunes. With ``r = F - 1 - layer`` layers of pruning
+   left and ``Ĥ`` the [CLS] attention's entropy divided by ``log N``, it drops
+   ``round((N - keep) / √r · (1 - Ĥ²))`` patches, keeping at least ``keep``, those with the highest ``C``, in their
+   original order; after layer ``F - 1`` it cuts to exactly ``keep``. [CLS] is kept throughout.
+3. The feature layer then runs on ``keep`` patches, and exactly ``keep`` tokens reach the language model.
+
+For towers without [CLS] (SigLIP) the reference's Qwen2-VL port is followed: the global query is the mean of the
+layer's queries, ``S = a · i`` with no semantic term.
+
+Deviations, each for a reason:
+- Scores come from the layer's queries, keys and values, which the engine hands over, so the tower keeps SDPA
+  instead of the reference's eager attention with full attention maps.
+- In a batch, the number pruned at a stage is each image's own; the reference takes the maximum over the batch, so
+  its selection for an image depends on the other images. vlprune keeps the batch rectangular with masked filler
+  tokens (see ``vlprune.engine.vision``), so each image gets exactly what it gets alone.
+- The entropy treats ``0 · log 0`` as 0 (the reference produces NaN when an attention value underflows to 0).
+- ``every`` (2) and ``ema`` (0.5) expose the reference's pruning interval and moving-average weight, its ablations.
+- The budget counts tokens per image; a sample with several images is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, VisionLayerContext
+
+
+def head_mean_attention(query: torch.Tensor, key: torch.Tensor, real: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(B, T) softmax attention of one query per image (query: (B, H, 1, d)) over the real keys, heads averaged."""
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scaling  # (B, H, 1, T)
+    logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]
+
+
+def normalised_entropy(probabilities: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(B,) entropy of each row over its real entries, renormalised to sum 1, divided by log(number of entries)."""
+    p = probabilities.masked_fill(~real, 0.0)
+    p = p / p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    count = real.sum(dim=-1).clamp(min=2).float()
+    return entropy / count.log()
+
+
+def flow_scores(ctx: VisionLayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowCut's (B, N) score of each patch at one layer and the (B, N) global-token attention it used."""
+    value = ctx.value.float()
+    patch = slice(1, None) if ctx.has_cls else slice(None)
+    real_patch = ctx.real[:, patch]
+    information = value.mean(dim=1)[:, patch].abs().sum(dim=-1)  # L1 norm of the head-averaged value
+    if ctx.has_cls:
+        attention = head_mean_attention(ctx.query[:, :, :1], ctx.key, ctx.real, ctx.scaling)[:, patch]
+        semantic = head_mean_attention(value[:, :, :1], value, ctx.real, 1.0)[:, patch]
+        score = (_share(attention, real_patch) + _share(semantic, real_patch)) * information
+    else:
+        weights = ctx.real[:, None, :, None].float()
+        global_query = (ctx.query.float() * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True)
+        attention = head_mean_attention(global_query, ctx.key, ctx.real, ctx.scaling)
+        score = attention * information
+    return score.masked_fill(~real_patch, float("-inf")), attention
+
+
+def _share(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    values = values.masked_fill(~real, 0.0)
+    return values / values.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def adaptive_keep(attention: torch.Tensor, real: torch.Tensor, keep: int, layers_left: int) -> torch.Tensor:
+    """(B,) patches each image keeps after a stage with ``layers_left`` (> 0) layers of pruning after it."""
+    count = real.sum(dim=-1)
+    flatness = normalised_entropy(attention, real)
+    dropped = torch.round((count - keep).float() / math.sqrt(layers_left) * (1 - flatness**2)).long()
+    return torch.maximum(count - dropped, torch.full_like(count, keep))
+
+
+@register
+@dataclass
+class FlowCut(Pruner):
+    """Options: ``every`` (prune every k-th layer before the feature layer, default 2), ``ema`` (weight of the
+    accumulated score, default 0.5)."""
+
+    name = "flowcut"
+    stage = Stage.VISION
+    reference = "FlowCut, NeurIPS 2025 (TungChintao/FlowCut)"
+
+    every: int = 2
+    ema: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise VlpruneError(f"every={self.every!r} must be a positive int (the reference prunes every 2 layers)")
+        if not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
+            raise VlpruneError(f"ema={self.ema!r} must be in [0, 1) (the reference uses 0.5)")
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        # The tokens are chosen inside the vision tower; the stage at layer 0 only drops the others' placeholders.
+        return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
+
+    def select(self, ctx: StageContext) -> Selection:
+        assert ctx.vision_kept is not None, "the engine supplies the tokens kept inside the vision tower"
+        if ctx.vision_kept.shape[1] != ctx.keep:
+            raise VlpruneError(f"flowcut kept {ctx.vision_kept.shape[1]} tokens per image for keep={ctx.keep}")
+        return Selection(keep_index=ctx.vision_kept)
+
+    def vision_layers(self, num_layers: int, feature_layer: int) -> list[int]:
+        if feature_layer < 1:
+            raise VlpruneError("flowcut needs at least one vision layer before the feature layer")
+        return list(range(feature_layer))
+
+    @torch.no_grad()
+    def select_in_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
+        patch = slice(1, None) if ctx.has_cls else slice(None)
+        real_patch = ctx.real[:, patch]
+        score, attention = flow_scores(ctx)
+        origin = ctx.origin[:, patch]
+        accumulated = ctx.state.get("accumulated")
+        if accumulated is None:
+            accumulated = torch.zeros(ctx.origin.shape[0], int(ctx.origin.max()) + 1, device=score.device)
+            current = score
+        else:
+            current = self.ema * torch.gather(accumulated, 1, origin) + (1 - self.ema) * score
+        ctx.state["accumulated"] = accumulated.scatter(1, origin, current.masked_fill(~real_patch, 0.0))
+        layers_left = ctx.feature_layer - 1 - ctx.layer
+        if layers_left % self.every != 0:
+            return None
+        if layers_left == 0:
+            kept_count = torch.full((current.shape[0],), ctx.keep, device=current.device)
+        else:
+            kept_count = adaptive_keep(attention, real_patch, ctx.keep, layers_left)
+        rank = current.masked_fill(~real_patch, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        position = rank.argsort(dim=-1)  # each patch's place in the ranking
+        keep_patch = (position < kept_count[:, None]) & real_patch
+        if not ctx.has_cls:
+            return keep_patch
+        return torch.cat([torch.ones_like(keep_patch[:, :1]), keep_patch], dim=1)
