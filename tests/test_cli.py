@@ -174,6 +174,20 @@ def test_run_json_fastv(capsys: pytest.CaptureFixture[str], image: Path) -> None
     assert 0 < stats["flops_ratio"] < 1
 
 
+@pytest.mark.parametrize(
+    "method,recycled", [("divprune", 0), ("zoo-prune", 0), ("holov", 0), ("visionzip", 2), ("flowcut", 0)]
+)
+def test_run_json_vision_side_methods(
+    capsys: pytest.CaptureFixture[str], image: Path, method: str, recycled: int
+) -> None:
+    payload = run_json(capsys, image, "--method", method, "--keep", "16")
+    [stage] = payload["stats"]["stages"]
+    assert (stage["layer"], stage["visual_in"], stage["visual_out"], stage["recycled"]) == (0, 64, 16, recycled)
+    assert len(stage["kept_indices"][0]) == 16 - recycled
+    expected = vlprune.load("tiny-random", method=method, keep=16)(image, QUESTION, max_new_tokens=2)
+    assert payload["answer"] == expected.text
+
+
 def test_run_json_without_pruning(capsys: pytest.CaptureFixture[str], image: Path) -> None:
     payload = run_json(capsys, image)
     assert payload["method"] == "none" and payload["keep"] is None

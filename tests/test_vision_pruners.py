@@ -271,3 +271,18 @@ def test_visionzip_feeds_the_language_model_exactly_the_reference_sequence(posit
     position_ids = torch.tensor([original if positions == "original" else list(range(len(original)))])
     expected = model(inputs_embeds=sequence[None], position_ids=position_ids).logits
     torch.testing.assert_close(pruned_logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_zeroth_order_sensitivity_of_llavas_projector_takes_a_shortcut_to_the_same_numbers() -> None:
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    model, _ = tiny_model("clip")
+    projector = model.model.multi_modal_projector
+    assert isinstance(projector, LlavaMultiModalProjector)
+    generic = nn.Sequential(projector.linear_1, projector.act, projector.linear_2)  # forces the generic path
+    features = torch.randn(2, 6, projector.linear_1.in_features)
+    directions = random_directions(16, features.shape[-1], seed=0)
+    fast = zeroth_order_sensitivity(projector, features, directions, 0.01)
+    torch.testing.assert_close(
+        fast, zeroth_order_sensitivity(generic, features, directions, 0.01), rtol=1e-3, atol=1e-5
+    )

@@ -45,8 +45,9 @@ def test_answers_the_shipped_samples(pipeline: vlprune.api.Pipeline, scene: str,
     assert pipeline(SAMPLES / scene, question, max_new_tokens=4).text == answer
 
 
-def test_pruned_answers_stay_right_at_a_quarter_of_the_tokens(pipeline: vlprune.api.Pipeline) -> None:
-    pruned = vlprune.load((pipeline.model, pipeline.processor), method="fastervlm", keep=64)
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "divprune", "zoo-prune", "holov", "visionzip", "flowcut"])
+def test_pruned_answers_stay_right_at_a_quarter_of_the_tokens(pipeline: vlprune.api.Pipeline, method: str) -> None:
+    pruned = vlprune.load((pipeline.model, pipeline.processor), method=method, keep=64)
     result = pruned(SAMPLES / "scene1.png", "What color is the circle?", max_new_tokens=4)
     assert result.text == "orange" and result.stats.stages[0].visual_out == 64
 

@@ -21,7 +21,10 @@ Choices the paper leaves open, and deviations, each with its reason:
 - The same ``m`` directions serve every token of every sample, drawn from ``seed`` on the CPU, so a selection is
   deterministic and independent of the batch and the device.
 - All ``2 · m · N`` perturbed inputs go through the projector in as few calls as memory allows (one call for LLaVA-1.5
-  shapes: 73,728 rows), never one call per token.
+  shapes: 73,728 rows), never one call per token. For LLaVA's own projector (linear, activation, linear) the same
+  differences are computed with less work, exactly: the first layer's image of ``x ± h u`` is ``W1 x + b1 ± h W1 u``
+  and the second layer's bias cancels, so one product per direction replaces two projector passes (2.5x fewer
+  FLOPs at LLaVA-1.5's shapes). Other projectors take the generic path.
 - When every token has the same sensitivity (a linear projector), ``Ŝ`` is 1 for all and the selection is DivPrune's
   max-min order started from the first token.
 """
@@ -60,19 +63,52 @@ def zeroth_order_sensitivity(
         directions: (m, F) unit directions.
         step: ``h``.
     """
+    directions = directions.to(features.device)
+    if _is_linear_act_linear(projector):
+        return _mlp_sensitivity(projector, features, directions, step)
     weights = {name: value.float() for name, value in projector.named_parameters()}
     weights.update({name: value.float() for name, value in projector.named_buffers()})
     batch, count, dim = features.shape
     tokens = features.float().reshape(batch * count, 1, dim)
-    directions = directions.to(features.device)
-    per_token = 2 * len(directions)
+    per_call = max(1, _MAX_ROWS_PER_CALL // (2 * len(directions)))
     sensitivity = []
-    for start in range(0, batch * count, max(1, _MAX_ROWS_PER_CALL // per_token)):
-        chunk = tokens[start : start + max(1, _MAX_ROWS_PER_CALL // per_token)]
+    for start in range(0, batch * count, per_call):
+        chunk = tokens[start : start + per_call]
         perturbed = torch.cat([chunk + step * directions, chunk - step * directions], dim=1)  # (n, 2m, F)
         projected = functional_call(projector, weights, (perturbed,))
         plus, minus = projected.split(len(directions), dim=1)
         sensitivity.append(((plus - minus).norm(dim=-1) / (2 * step)).mean(dim=-1))
+    return torch.cat(sensitivity).reshape(batch, count)
+
+
+def _is_linear_act_linear(projector: nn.Module) -> bool:
+    """LLaVA's own projector, ``linear_2(act(linear_1(x)))``, with its forward unchanged."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    return (
+        isinstance(projector, LlavaMultiModalProjector) and type(projector).forward is LlavaMultiModalProjector.forward
+    )
+
+
+def _mlp_sensitivity(
+    projector: nn.Module, features: torch.Tensor, directions: torch.Tensor, step: float
+) -> torch.Tensor:
+    """The same estimate for ``W2 σ(W1 x + b1) + b2``, computed with less work: the first layer is linear, so
+    ``W1 (x ± h u) + b1 = a ± h W1 u`` with ``a`` computed once per token, and ``b2`` cancels in the difference, so
+    one product ``W2 (σ(a + c) - σ(a - c))`` replaces two projector passes per direction."""
+    first, second = projector.linear_1, projector.linear_2
+    w1 = first.weight.float()
+    pre = torch.nn.functional.linear(features.float(), w1, None if first.bias is None else first.bias.float())
+    shift = step * directions @ w1.T  # (m, H)
+    batch, count, hidden = pre.shape
+    rows = pre.reshape(batch * count, 1, hidden)
+    per_call = max(1, _MAX_ROWS_PER_CALL // len(directions))
+    w2 = second.weight.float()
+    sensitivity = []
+    for start in range(0, batch * count, per_call):
+        chunk = rows[start : start + per_call]
+        difference = projector.act(chunk + shift) - projector.act(chunk - shift)  # (n, m, H)
+        sensitivity.append((difference @ w2.T).norm(dim=-1).mean(dim=-1) / (2 * step))
     return torch.cat(sensitivity).reshape(batch, count)
 
 
