@@ -83,6 +83,8 @@ class _Prefill:
     query_attention: dict[int, tuple[torch.Tensor, torch.Tensor]]
     mask: Any = None
     stage_at: dict[int, StagePlan] = field(default_factory=dict)
+    initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
+    initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
 
 
 @dataclass
@@ -140,6 +142,7 @@ class PruningSession:
         self._needs_cls = any(stage.vision_cls_attention for stage in probe)
         self._needs_keys = any(stage.vision_keys for stage in probe)
         self._needs_features = any(stage.vision_features for stage in probe)
+        self._needs_initial = any(stage.initial_embeddings for stage in probe)
         self._vision_stages = VisionStages(self.adapter, pruner)
         self._mask_style = self.adapter.config.text_config._attn_implementation
         self.stats: PrefillStats | None = None
@@ -164,6 +167,9 @@ class PruningSession:
             base = self.adapter.base_model
             self._handles.append(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._handles.append(base.register_forward_hook(self._on_model_return, with_kwargs=True))
+            if self._needs_initial and self._first_stage_layer > 0:
+                first = self.adapter.decoder_layers[0]
+                self._handles.append(first.register_forward_pre_hook(self._on_first_layer, with_kwargs=True))
             # Layers before the first stage never need their inputs changed, in prefill or in decode.
             for index in range(self._first_stage_layer, self.shape.num_layers):
                 hook = self._layer_hook(index)
@@ -297,9 +303,22 @@ class PruningSession:
 
         return hook
 
+    def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._phase is Phase.PREFILL and self._prefill is not None:
+            self._keep_initial_embeddings(args[0] if args else kwargs["hidden_states"])
+
+    def _keep_initial_embeddings(self, hidden: torch.Tensor) -> None:
+        prefill = self._prefill
+        layout = prefill.layout.to(hidden.device)
+        prefill.initial_visual = gather_tokens(hidden, layout.visual_slots)
+        rows, valid = layout.text_rows
+        prefill.initial_text = (gather_tokens(hidden, rows), valid)
+
     def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         prefill = self._prefill
         stage = prefill.stage_at.get(index)
+        if index == 0 and self._needs_initial:
+            self._keep_initial_embeddings(args[0] if args else kwargs["hidden_states"])
         if stage is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
             if not prefill.segments:
@@ -354,6 +373,7 @@ class PruningSession:
             if stage.vision_keys
             else None,
             vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
+            **self._initial_embeddings(layout, slots, stage.initial_embeddings),
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -411,6 +431,21 @@ class PruningSession:
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
+
+    def _initial_embeddings(self, layout: Layout, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
+        if not wanted:
+            return {}
+        prefill = self._prefill
+        if prefill.initial_visual is None or prefill.initial_text is None:
+            raise RuntimeError("the language model's input embeddings were not captured for this prefill")
+        origin = gather_tokens(layout.origin.to(slots.device), slots)
+        visual = gather_tokens(prefill.initial_visual.to(slots.device), origin.clamp(min=0))
+        text, valid = prefill.initial_text
+        return {
+            "initial_visual_hidden": visual.masked_fill((origin < 0)[..., None], 0.0),
+            "initial_text_hidden": text.to(slots.device),
+            "initial_text_mask": valid.to(slots.device),
+        }
 
     def _text_tokens(self, layout: Layout, hidden: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:

@@ -54,6 +54,8 @@ class StagePlan:
         vision_features: whether the stage needs the projector's input features of the visual tokens and the
             projector itself (methods that score through the projector or merge before it).
         vision_keys: whether the stage needs the head-averaged keys of the visual tokens at the vision feature layer.
+        initial_embeddings: whether the stage needs the language model's input embeddings (layer 0's input) of the
+            visual tokens and of the text after the image, whatever layer it runs at.
     """
 
     layer: int
@@ -63,6 +65,7 @@ class StagePlan:
     text_tokens: bool = False
     vision_features: bool = False
     vision_keys: bool = False
+    initial_embeddings: bool = False
 
 
 @dataclass
@@ -89,6 +92,11 @@ class StageContext:
         projector: the model's projector module (vision features -> language-model embeddings), or None.
         vision_keys: (B, N, d) keys of the visual tokens at the vision feature layer, averaged over heads (zeros for
             recycled tokens), or None.
+        initial_visual_hidden: (B, N, D) the input embeddings of the current visual tokens (zeros for recycled ones),
+            or None.
+        initial_text_hidden: (B, T, D) the input embeddings of the text after the first visual token, padded like
+            ``text_hidden``, or None.
+        initial_text_mask: (B, T) which of those are real.
         vision_kept: (B, K) ascending indices of the visual tokens that survived pruning inside the vision tower,
             for pruners with vision-encoder stages (:meth:`Pruner.vision_layers`), or None.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
@@ -108,6 +116,9 @@ class StageContext:
     vision_features: torch.Tensor | None = None
     projector: nn.Module | None = None
     vision_keys: torch.Tensor | None = None
+    initial_visual_hidden: torch.Tensor | None = None
+    initial_text_hidden: torch.Tensor | None = None
+    initial_text_mask: torch.Tensor | None = None
     vision_kept: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
