@@ -50,21 +50,28 @@ def test_none_is_identical_to_vanilla(vision: str, kv_heads: int, attn: str, bat
 
 
 class MaskOracle:
-    """Vanilla model, but every layer >= ``layer`` cannot see the pruned visual tokens as keys (prefill and decode)."""
+    """Vanilla model, but from each stage's layer on the visual tokens it pruned cannot be seen as keys (prefill and
+    decode). ``stages``: (layer, kept original visual indices per sample) in layer order."""
 
-    def __init__(self, model, input_ids: torch.Tensor, kept: list[list[int]], layer: int, image_token_id: int):
+    def __init__(self, model, input_ids: torch.Tensor, stages: list[tuple[int, list[list[int]]]], image_token_id: int):
         visual = input_ids == image_token_id
-        self.pruned = torch.zeros_like(visual)
-        for b, keep in enumerate(kept):
-            slots = visual[b].nonzero()[:, 0]
-            drop = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
-            drop[keep] = False
-            self.pruned[b, slots[drop]] = True
+        self.pruned_from: dict[int, torch.Tensor] = {}
+        for layer, kept in stages:
+            pruned = torch.zeros_like(visual)
+            for b, keep in enumerate(kept):
+                slots = visual[b].nonzero()[:, 0]
+                drop = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
+                drop[keep] = False
+                pruned[b, slots[drop]] = True
+            self.pruned_from[layer] = pruned
         layers = model.model.language_model.layers
         self.handles = [
             layers[index].register_forward_pre_hook(functools.partial(self.hook, index), with_kwargs=True)
-            for index in range(layer, len(layers))
+            for index in range(stages[0][0], len(layers))
         ]
+
+    def pruned(self, index: int) -> torch.Tensor:
+        return self.pruned_from[max(layer for layer in self.pruned_from if layer <= index)]
 
     def hook(self, index: int, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -74,7 +81,7 @@ class MaskOracle:
             k_len = kwargs["cache"].get_seq_length(index) + q_len
             causal = torch.ones(q_len, k_len, dtype=torch.bool, device=hidden.device).tril(k_len - q_len)
             mask = causal[None, None].expand(batch, 1, q_len, k_len)
-        pruned_keys = self.pruned[:, None, None, :]
+        pruned_keys = self.pruned(index)[:, None, None, :]
         pruned_keys = torch.nn.functional.pad(pruned_keys, (0, mask.shape[-1] - pruned_keys.shape[-1]))
         if mask.dtype == torch.bool:
             kwargs["attention_mask"] = mask & ~pruned_keys
@@ -97,6 +104,11 @@ PRUNING_CASES = [
     ("holov", {"keep": 16}, 0),
     ("holov", {"keep": 16, "crops": 4, "tiles": True}, 0),
 ]
+# Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
+MULTI_STAGE_CASES = [
+    ("pyramiddrop", {"layers": [8, 16, 24], "ratios": [0.5, 0.25, 0.125]}),
+    ("pyramiddrop", {"keep": 20}),
+]
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
 RECYCLING_CASES = [("visionzip", {"keep": 16})]
 
@@ -111,7 +123,8 @@ def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, op
         tokens, logits = greedy(model, inputs)
     stage = session.stats.stages[0]
     assert stage.layer == layer and stage.visual_out == options["keep"]
-    oracle = MaskOracle(model, inputs["input_ids"], stage.kept_indices, layer, model.config.image_token_id)
+    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
+    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
     try:
         oracle_tokens, oracle_logits = greedy(model, inputs)
     finally:
@@ -123,7 +136,28 @@ def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, op
     assert (logits - vanilla_logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method,options", [(m, o) for m, o, _ in PRUNING_CASES] + RECYCLING_CASES)
+@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,options", MULTI_STAGE_CASES)
+def test_multi_stage_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, options: dict) -> None:
+    model, processor = tiny_model(vision, kv_heads, attn)
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+        tokens, logits = greedy(model, inputs)
+    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
+    assert len(stages) >= 3 and all(
+        len(k[0]) == s.visual_out for (_, k), s in zip(stages, session.stats.stages, strict=True)
+    )
+    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
+    try:
+        oracle_tokens, oracle_logits = greedy(model, inputs)
+    finally:
+        oracle.remove()
+    assert torch.equal(tokens, oracle_tokens)
+    torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,options", [(m, o) for m, o, _ in PRUNING_CASES] + MULTI_STAGE_CASES + RECYCLING_CASES)
 def test_batch_of_two_equals_samples_alone(method: str, options: dict) -> None:
     model, processor = tiny_model("dinov2", 2)
     batch = tiny_inputs(processor, 2)
@@ -237,7 +271,7 @@ def test_drop_equals_mask_on_siglip_and_qwen2(attn: str, method: str, options: d
     with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
         tokens, logits = greedy(model, inputs)
     oracle = MaskOracle(
-        model, inputs["input_ids"], session.stats.stages[0].kept_indices, layer, model.config.image_token_id
+        model, inputs["input_ids"], [(layer, session.stats.stages[0].kept_indices)], model.config.image_token_id
     )
     try:
         oracle_tokens, oracle_logits = greedy(model, inputs)
@@ -257,7 +291,11 @@ class RecordingPruner(Pruner):
         self.keep, self.layer, self.contexts = keep, layer, []
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return [StagePlan(layer=self.layer, keep=self.keep, query_rows=QueryRows.TEXT, text_tokens=True)]
+        return [
+            StagePlan(
+                layer=self.layer, keep=self.keep, query_rows=QueryRows.TEXT, text_tokens=True, initial_embeddings=True
+            )
+        ]
 
     def select(self, ctx: StageContext) -> Selection:
         self.contexts.append(ctx)
@@ -285,3 +323,7 @@ def test_text_rows_and_text_tokens_reach_the_pruner() -> None:
         torch.testing.assert_close(ctx.query_attention[b, :count], expected_rows, atol=1e-5, rtol=0)
         # Layer-2 input hidden states are the output of layer 1 (hidden_states[2]).
         torch.testing.assert_close(ctx.text_hidden[b, :count], outputs.hidden_states[2][b, text], atol=1e-5, rtol=0)
+        # The input embeddings (hidden_states[0]) of the same text and of the visual tokens, whatever the stage layer.
+        embeddings = outputs.hidden_states[0][b]
+        torch.testing.assert_close(ctx.initial_text_hidden[b, :count], embeddings[text], atol=0, rtol=0)
+        torch.testing.assert_close(ctx.initial_visual_hidden[b], embeddings[visual[b]], atol=0, rtol=0)

@@ -7,6 +7,7 @@ import torch
 from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
 
 import vlprune
+from vlprune.errors import VlpruneError
 from vlprune.pruners import StageContext
 from vlprune.testing import make_test_image
 
@@ -115,3 +116,38 @@ def test_fastervlm_with_two_images_per_sample() -> None:
     cls_rows = attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(dim=1)  # (4 images, 64)
     expected = top_sorted(cls_rows.reshape(2, 128), 40)
     assert kept_with(model, inputs, "fastervlm", keep=40) == expected
+
+
+@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
+def test_pyramiddrop_first_stage_keeps_what_the_last_token_attends_to_most_at_its_own_layer(
+    vision: str, kv_heads: int
+) -> None:
+    """Reference: the eager attention of the stage's own layer (not the one before), last row, head mean."""
+    model, processor = tiny_model(vision, kv_heads, attn="eager", layers=8)
+    inputs = tiny_inputs(processor, 2)
+    pruner = vlprune.pruners.create("pyramiddrop", layers=[8, 16, 24], ratios=[0.5, 0.25, 0.125])
+    weights = model(**inputs, output_attentions=True).attentions[2]  # layer 8 of 32 is layer 2 of 8
+    last_row = weights[:, :, -1, :].mean(dim=1)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    expected = top_sorted(torch.stack([last_row[b, visual[b]] for b in range(2)]), 32)
+    with vlprune.attach(model, pruner) as session:
+        model(**inputs)
+    assert [s.layer for s in session.stats.stages] == [2, 4, 6]
+    assert [s.visual_out for s in session.stats.stages] == [32, 16, 8]
+    assert session.stats.stages[0].kept_indices == expected
+    sdpa_model, _ = tiny_model(vision, kv_heads, attn="sdpa", layers=8)
+    assert kept_with(sdpa_model, inputs, "pyramiddrop", layers=[8, 16, 24], ratios=[0.5, 0.25, 0.125]) == expected
+
+
+def test_pyramiddrop_budgets_reproduce_the_layer_average() -> None:
+    from vlprune.pruners.pyramiddrop import geometric_ratio, layer_average
+
+    assert [round(geometric_ratio(576, k, [2, 8, 16, 24], 32), 3) for k in (192, 128, 64)] == [0.581, 0.437, 0.196]
+    pruner = vlprune.pruners.create("pyramiddrop")
+    layers, counts = pruner.schedule(576, 32)
+    assert (layers, counts) == ([8, 16, 24], [288, 144, 72])
+    assert layer_average(576, layers, counts, 32) == 270
+    layers, counts = vlprune.pruners.create("pyramiddrop", keep=128).schedule(576, 32)
+    assert abs(layer_average(576, layers, counts, 32) - 128) < 1.5  # int() per stage, as the reference
+    with pytest.raises(VlpruneError, match="keep=100"):
+        vlprune.pruners.create("pyramiddrop", keep=100, layers=[8, 16, 24]).schedule(576, 32)

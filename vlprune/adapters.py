@@ -6,6 +6,7 @@ means adding an adapter here, not touching the pruners.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,32 @@ class LlavaAdapter(ModelAdapter):
         """The vision attention module whose layer produces the features that reach the projector."""
         return self.vision_attention(self.vision_feature_layer_index())
 
+    def query_key(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE queries of ``rows`` and keys of every token that decoder layer ``index`` would compute from its
+        input ``hidden`` (B, L, D), without running the layer. rows: (B, R). Returns (B, H, R, d) and (B, Hkv, L, d).
+        """
+        layer = self.decoder_layers[index]
+        attention = layer.self_attn
+        module = sys.modules[type(attention).__module__]
+        normed = layer.input_layernorm(hidden)
+        batch, length = hidden.shape[:2]
+        picked = gather_rows(normed, rows)
+        query = attention.q_proj(picked).view(batch, rows.shape[1], -1, attention.head_dim).transpose(1, 2)
+        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms before RoPE
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        cos, sin = position_embeddings
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        query, _ = module.apply_rotary_pos_emb(query, query, gather_rows(cos, rows), gather_rows(sin, rows))
+        key, _ = module.apply_rotary_pos_emb(key, key, cos, sin)
+        return query, key
+
     def language_model_shape(self) -> LanguageModelShape:
         text = self.config.text_config
         heads = text.num_attention_heads
@@ -146,6 +173,12 @@ class LlavaAdapter(ModelAdapter):
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}
+
+
+def gather_rows(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) gathered at (B, R) token indices."""
+    index = rows.reshape(*rows.shape, *([1] * (source.dim() - 2))).expand(*rows.shape, *source.shape[2:])
+    return torch.gather(source, 1, index)
 
 
 def _vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:

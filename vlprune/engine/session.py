@@ -138,7 +138,9 @@ class PruningSession:
                 f"{self.adapter.config.vision_config.model_type} has none"
             )
         self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
-        self._score_layers = sorted({stage.layer - 1 for stage in probe if stage.query_rows is not None})
+        self._score_layers = sorted(
+            {stage.layer - 1 for stage in probe if stage.query_rows is not None and not stage.own_layer_attention}
+        )
         self._needs_cls = any(stage.vision_cls_attention for stage in probe)
         self._needs_keys = any(stage.vision_keys for stage in probe)
         self._needs_features = any(stage.vision_features for stage in probe)
@@ -285,7 +287,7 @@ class PruningSession:
                     f"{self.pruner.name}: stage layers must increase within 0..{self.shape.num_layers - 1}, "
                     f"got {[s.layer for s in plan]}"
                 )
-            if stage.query_rows is not None and stage.layer == 0:
+            if stage.query_rows is not None and stage.layer == 0 and not stage.own_layer_attention:
                 raise VlpruneError(f"{self.pruner.name}: a stage at layer 0 has no earlier attention to score with")
             if not 1 <= stage.keep <= previous_keep:
                 raise VlpruneError(
@@ -355,6 +357,8 @@ class PruningSession:
         device = hidden.device
         layout = prefill.layout = prefill.layout.to(device)
         slots = layout.visual_slots  # (B, N)
+        if stage.query_rows is not None and stage.own_layer_attention:
+            prefill.query_attention[stage.layer] = self._own_layer_rows(stage, hidden, layout)
         query = prefill.query_attention.pop(stage.layer, None)
         context = StageContext(
             layer=stage.layer,
@@ -416,6 +420,23 @@ class PruningSession:
             )
         )
         return new_hidden
+
+    def _own_layer_rows(
+        self, stage: StagePlan, hidden: torch.Tensor, layout: Layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R, N) attention of the stage's query rows to the visual tokens, from its own layer's queries and keys."""
+        rows, row_mask = _query_rows(stage.query_rows, layout, hidden.device)
+        query, key = self.adapter.query_key(stage.layer, hidden, rows, layout.position_embeddings)
+        attention = self.adapter.decoder_layers[stage.layer].self_attn
+        scale = getattr(attention, "scaling", query.shape[-1] ** -0.5)
+        mask = self._prefill.mask
+        if mask is None and self._prefill.padded:
+            mask = prefill_mask(layout.real, self._mask_style, hidden.dtype, True)
+        local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
+        probabilities = _rows_attention(query, key, rows, local_rows, scale, mask)
+        slots = layout.visual_slots.to(hidden.device)
+        visual = torch.gather(probabilities, 2, slots[:, None, :].expand(-1, rows.shape[1], -1))
+        return visual, row_mask
 
     def _position_embeddings(
         self, old: Layout, new: Layout, order: torch.Tensor, recycled: Any, hidden: torch.Tensor
@@ -557,7 +578,7 @@ class PruningSession:
             return
         prefill = self._prefill
         for stage in prefill.plan:
-            if stage.query_rows is None or stage.layer - 1 != module.layer_idx:
+            if stage.query_rows is None or stage.own_layer_attention or stage.layer - 1 != module.layer_idx:
                 continue
             rows, row_mask = _query_rows(stage.query_rows, prefill.layout, query.device)
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -663,6 +684,21 @@ def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[
         return rows, torch.ones_like(rows, dtype=torch.bool)
     rows, valid = layout.text_rows
     return rows.to(device), valid.to(device)
+
+
+def _rows_attention(
+    query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, local_rows: torch.Tensor, scale: float, mask: Any
+) -> torch.Tensor:
+    """Attention of queries already picked at ``rows`` (B, H, R, d) over all keys, causal by the rows' slots."""
+    if mask is None:
+        length = key.shape[2]
+        columns = torch.arange(length, device=key.device)
+        mask = (columns[None, None, None, :] <= rows[:, None, :, None]).expand(-1, 1, -1, -1)  # (B, 1, R, L)
+        return attention_rows(query, key, local_rows, scale, mask, causal=False)
+    picked = torch.gather(
+        mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+    )
+    return attention_rows(query, key, local_rows, scale, picked, causal=False)
 
 
 def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:

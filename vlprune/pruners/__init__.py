@@ -75,7 +75,18 @@ def create(name: str, **options: object) -> Pruner:
 
 
 # Importing the built-in pruners registers them.
-from vlprune.pruners import divprune, fastervlm, fastv, flowcut, holov, none, random, visionzip, zoo_prune  # noqa: E402, F401
+from vlprune.pruners import (  # noqa: E402, F401
+    divprune,
+    fastervlm,
+    fastv,
+    flowcut,
+    holov,
+    none,
+    pyramiddrop,
+    random,
+    visionzip,
+    zoo_prune,
+)
 
 __all__ = [
     "Pruner",

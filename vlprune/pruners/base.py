@@ -49,6 +49,8 @@ class StagePlan:
         layer: decoder layer whose input is pruned; 0 means pre-LLM.
         keep: visual tokens per sample that continue (recycled tokens come on top of these).
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
+        own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
+            pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
         vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
         text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
         vision_features: whether the stage needs the projector's input features of the visual tokens and the
@@ -61,6 +63,7 @@ class StagePlan:
     layer: int
     keep: int
     query_rows: QueryRows | None = None
+    own_layer_attention: bool = False
     vision_cls_attention: bool = False
     text_tokens: bool = False
     vision_features: bool = False
@@ -80,7 +83,8 @@ class StageContext:
         visual_origin: (B, N) index of each token among the original visual tokens of its sample (0..N0-1), -1 for a
             recycled token.
         query_attention: (B, R, N) softmax attention of the requested query rows to the visual tokens at layer
-            ``layer - 1`` (normalised over all keys, averaged over heads), or None.
+            ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads,
+            or None.
         query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
         vision_cls_attention: (B, N) attention of the vision tower's [CLS] query to each visual token at the feature
             layer (averaged over heads), or None.
