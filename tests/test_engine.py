@@ -108,9 +108,10 @@ PRUNING_CASES = [
 MULTI_STAGE_CASES = [
     ("pyramiddrop", {"layers": [8, 16, 24], "ratios": [0.5, 0.25, 0.125]}),
     ("pyramiddrop", {"keep": 20}),
+    ("sparsevlm", {"keep": 0.3, "recycle": False}),
 ]
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
-RECYCLING_CASES = [("visionzip", {"keep": 16})]
+RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3})]
 
 
 @pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)

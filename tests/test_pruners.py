@@ -151,3 +151,68 @@ def test_pyramiddrop_budgets_reproduce_the_layer_average() -> None:
     assert abs(layer_average(576, layers, counts, 32) - 128) < 1.5  # int() per stage, as the reference
     with pytest.raises(VlpruneError, match="keep=100"):
         vlprune.pruners.create("pyramiddrop", keep=100, layers=[8, 16, 24]).schedule(576, 32)
+
+
+def test_sparsevlm_raters_are_the_text_tokens_most_relevant_to_the_image() -> None:
+    from vlprune.pruners.sparsevlm import select_raters
+
+    visual = torch.tensor([[[1.0, 0.0], [0.9, 0.1]]])  # both visual tokens point along the first axis
+    text = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 0.0]]])  # 0 and 2 align with the image
+    mask = torch.tensor([[True, True, True, False]])  # the last text slot is padding
+    assert select_raters(visual, text, mask).tolist() == [[True, False, True, False]]
+
+
+def test_sparsevlm_density_peak_clustering_merges_each_group_into_its_mean() -> None:
+    from vlprune.pruners.sparsevlm import density_peak_merge
+
+    group_a = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1]])
+    group_b = torch.tensor([[5.0, 5.0], [5.2, 5.0], [5.0, 5.2]])
+    tokens = torch.cat([group_a, group_b])[None]
+    merged, centres = density_peak_merge(tokens, 2)
+    means = sorted([group_a.mean(0).tolist(), group_b.mean(0).tolist()])
+    got = sorted(merged[0].tolist())
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(means))
+    assert {int(c) < 4 for c in centres[0]} == {True, False}  # one centre in each group
+
+
+def test_sparsevlm_first_stage_keeps_what_the_raters_attend_to_at_the_pruning_layer() -> None:
+    """Reference: raters from the input embeddings, eager attention of the layer before the stage, rater rows, head
+    mean, then the mean over raters; top-k in original order."""
+    from vlprune.pruners.sparsevlm import select_raters
+
+    model, processor = tiny_model("clip", 4, attn="eager")
+    inputs = tiny_inputs(processor, 2)
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    pruner = vlprune.pruners.create("sparsevlm", keep=0.3, recycle=False)
+    first = pruner.plan(64, 4)[0]
+    weights = out.attentions[first.layer - 1].mean(dim=1)  # (B, L, L)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    real = inputs["attention_mask"].bool()
+    expected = []
+    for b in range(2):
+        after = torch.arange(visual.shape[1]) > visual[b].nonzero()[0, 0]
+        text = (real[b] & ~visual[b] & after).nonzero()[:, 0]
+        embeddings = out.hidden_states[0][b]
+        raters = select_raters(
+            embeddings[visual[b]][None], embeddings[text][None], torch.ones(1, len(text), dtype=bool)
+        )
+        rows = text[raters[0]]
+        relevance = weights[b][rows][:, visual[b]].mean(dim=0)
+        expected.append(sorted(torch.topk(relevance, first.keep).indices.tolist()))
+    with vlprune.attach(model, pruner) as session:
+        model(**inputs)
+    assert session.stats.stages[0].kept_indices == expected
+
+
+def test_sparsevlm_recycles_the_most_relevant_pruned_tokens_into_clusters() -> None:
+    model, processor = tiny_model("dinov2", 2)
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, vlprune.pruners.create("sparsevlm", keep=0.3)) as session:
+        model(**inputs)
+    visual_in = 64
+    for stage in session.stats.stages:
+        pruned = stage.visual_in - (stage.visual_out - stage.recycled)
+        assert stage.recycled == int((int(0.3 * pruned) + 1) / 10) + 1
+        assert stage.visual_in == visual_in
+        visual_in = stage.visual_out
+    assert session.stats.stages[-1].visual_out < 64

@@ -377,7 +377,7 @@ class PruningSession:
             if stage.vision_keys
             else None,
             vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
-            **self._initial_embeddings(layout, slots, stage.initial_embeddings),
+            **self._initial_embeddings(slots, stage.initial_embeddings),
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -453,17 +453,15 @@ class PruningSession:
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
 
-    def _initial_embeddings(self, layout: Layout, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
+    def _initial_embeddings(self, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:
             return {}
         prefill = self._prefill
         if prefill.initial_visual is None or prefill.initial_text is None:
             raise RuntimeError("the language model's input embeddings were not captured for this prefill")
-        origin = gather_tokens(layout.origin.to(slots.device), slots)
-        visual = gather_tokens(prefill.initial_visual.to(slots.device), origin.clamp(min=0))
         text, valid = prefill.initial_text
         return {
-            "initial_visual_hidden": visual.masked_fill((origin < 0)[..., None], 0.0),
+            "initial_visual_hidden": prefill.initial_visual.to(slots.device),
             "initial_text_hidden": text.to(slots.device),
             "initial_text_mask": valid.to(slots.device),
         }

@@ -84,6 +84,7 @@ from vlprune.pruners import (  # noqa: E402, F401
     none,
     pyramiddrop,
     random,
+    sparsevlm,
     visionzip,
     zoo_prune,
 )

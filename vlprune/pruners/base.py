@@ -96,8 +96,8 @@ class StageContext:
         projector: the model's projector module (vision features -> language-model embeddings), or None.
         vision_keys: (B, N, d) keys of the visual tokens at the vision feature layer, averaged over heads (zeros for
             recycled tokens), or None.
-        initial_visual_hidden: (B, N, D) the input embeddings of the current visual tokens (zeros for recycled ones),
-            or None.
+        initial_visual_hidden: (B, N0, D) the input embeddings of all the original visual tokens (not only the current
+            ones; ``visual_origin`` indexes them), or None.
         initial_text_hidden: (B, T, D) the input embeddings of the text after the first visual token, padded like
             ``text_hidden``, or None.
         initial_text_mask: (B, T) which of those are real.

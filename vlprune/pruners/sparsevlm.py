@@ -1,0 +1,181 @@
+"""SparseVLM: text-guided progressive pruning inside the language model, with recycling of pruned tokens.
+
+Reference: Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference",
+ICML 2025 (arXiv 2410.04417); official code github.com/Gumpest/SparseVLMs (v1.5 code on ``main``:
+``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``, ``utils.py``).
+
+What the reference does and vlprune reproduces (LLaVA-1.5-7B, 32 layers):
+
+1. **Raters**, chosen once from the language model's input embeddings: with ``V`` the visual embeddings and ``T``
+   those of the text after the image, ``r = mean_visual(softmax_text(V Tᵀ))`` (no 1/√d); the raters are the text
+   tokens with ``r`` above its mean.
+2. **Stages** after layers ``[2, 6, 15]``: that layer runs on every token, its attention (softmax over all keys,
+   averaged over heads) from the raters to the visual tokens is averaged over the raters, and the top visual tokens
+   stay, in their original order, for the layers after it. Tokens kept per stage follow the reference's v1.5 tables:
+   192 -> [300, 200, 110], 128 -> [303, 110, 36], 96 -> [238, 48, 26], 64 -> [66, 30, 17], where ``keep`` is the
+   layer-averaged budget (``RETAIN_TOKN``).
+3. **Recycling**: of the pruned tokens, the ``int(0.3 · n) + 1`` with the highest relevance are clustered by
+   density-peak clustering (DPC-KNN: distances ``||x_i - x_j|| / √D``, density ``exp(-mean of squared distances to
+   the k nearest, k = clusters)``, ``δ`` = distance to the nearest denser token, centres = top ``δ · density``, each
+   token to its nearest centre) into ``int(m / 10) + 1`` tokens, each the mean of its cluster; they enter right after
+   the kept visual tokens and are visual tokens for the next stage.
+
+Choices and deviations, each with its reason:
+- Budgets other than 64/96/128/192 of 576 interpolate the tables linearly (below 64 the 64 row scaled, above 192
+  towards no pruning at 576); other token counts scale the tables by ``N / 576``. Layers scale with the depth
+  (``round(l · L / 32)``). ``schedule=[...]`` and ``layers=[...]`` set them directly.
+- Kept and merged tokens keep RoPE positions (a merged token takes its cluster centre's) by default; the reference
+  v1.5 renumbers positions contiguously, which ``positions="reindex"`` reproduces.
+- The rater relevance is computed in float32 (the reference uses float16), and tokens of equal density are ordered by
+  index where the reference adds unseeded noise of 1e-6 (which makes its runs irreproducible).
+- The attention rows come from the layer's queries and keys (any attention backend; the reference materialises
+  every layer's full attention map). Batches of more than one sample work (the reference is batch 1).
+- Not implemented yet: SparseVLM+ (``version 2``: RoPE "gravity" correction and priority heads) and the first
+  version's rank-based token counts, which differ per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.kernels import gather_tokens
+from vlprune.pruners import register
+from vlprune.pruners.base import (
+    Pruner,
+    QueryRows,
+    RecycledTokens,
+    Selection,
+    Stage,
+    StageContext,
+    StagePlan,
+    resolve_keep,
+    top_k_sorted,
+)
+from vlprune.pruners.pyramiddrop import scaled_layers
+
+REFERENCE_TOKENS = 576
+PRUNE_AFTER = (2, 6, 15)
+SCHEDULES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
+RECYCLED_SHARE = 0.3
+TOKENS_PER_CLUSTER = 10
+
+
+def reference_schedule(budget: float) -> tuple[float, ...]:
+    """Tokens kept per stage for a layer-averaged ``budget`` of 576, from the reference's tables."""
+    known = sorted(SCHEDULES)
+    if budget <= known[0]:
+        return tuple(v * budget / known[0] for v in SCHEDULES[known[0]])
+    if budget >= known[-1]:
+        share = (budget - known[-1]) / (REFERENCE_TOKENS - known[-1])
+        return tuple(v + share * (REFERENCE_TOKENS - v) for v in SCHEDULES[known[-1]])
+    upper = next(k for k in known if k >= budget)
+    lower = known[known.index(upper) - 1] if upper != budget else upper
+    share = 0.0 if upper == lower else (budget - lower) / (upper - lower)
+    return tuple(a + share * (b - a) for a, b in zip(SCHEDULES[lower], SCHEDULES[upper], strict=True))
+
+
+def select_raters(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) the text tokens whose relevance to the image is above the mean (SparseVLM's raters).
+
+    visual: (B, N, D) input embeddings of the visual tokens; text: (B, T, D) of the text; text_mask: (B, T).
+    """
+    logits = visual.float() @ text.float().transpose(1, 2)  # (B, N, T), no 1/sqrt(d) as in the reference
+    logits = logits.masked_fill(~text_mask[:, None, :], float("-inf"))
+    relevance = torch.softmax(logits, dim=-1).mean(dim=1)  # (B, T)
+    mean = (relevance * text_mask).sum(dim=-1, keepdim=True) / text_mask.sum(dim=-1, keepdim=True)
+    return (relevance > mean) & text_mask
+
+
+def rater_relevance(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """(B, N) attention of the raters (B, T) to the visual tokens, averaged over raters. attention: (B, T, N)."""
+    weights = raters.float()[..., None]
+    return (attention * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-KNN clustering of (B, M, D) tokens into ``clusters`` groups, each replaced by its mean.
+
+    Returns (B, C, D) merged tokens and (B, C) the index of each cluster's centre among the M tokens.
+    """
+    values = tokens.float()
+    count = values.shape[1]
+    distance = torch.cdist(values, values) / math.sqrt(values.shape[-1])  # (B, M, M)
+    neighbours = distance.topk(min(clusters, count), dim=-1, largest=False).values
+    density = (-(neighbours**2).mean(dim=-1)).exp()  # (B, M)
+    # [b, i, j]: token j is denser than token i. Equal densities (identical neighbourhoods) are ordered by index, as
+    # the reference orders them by random noise: otherwise tied tokens are all "peaks" and take every centre.
+    index = torch.arange(count, device=tokens.device)
+    tie = (density[:, None, :] == density[:, :, None]) & (index[None, None, :] < index[None, :, None])
+    denser = (density[:, None, :] > density[:, :, None]) | tie
+    farthest = distance.flatten(1).amax(dim=-1)[:, None, None]
+    delta = torch.where(denser, distance, farthest).amin(dim=-1)
+    centres = (delta * density).topk(clusters, dim=-1).indices  # (B, C)
+    to_centres = torch.gather(distance, 1, centres[..., None].expand(-1, -1, count))  # (B, C, M)
+    assignment = to_centres.argmin(dim=1)
+    assignment.scatter_(1, centres, torch.arange(clusters, device=tokens.device).expand_as(centres))
+    members = torch.nn.functional.one_hot(assignment, clusters).float()  # (B, M, C)
+    merged = members.transpose(1, 2) @ values / members.sum(dim=1)[..., None].clamp(min=1)
+    return merged, centres
+
+
+@register
+@dataclass
+class SparseVLM(Pruner):
+    """Options: ``recycle`` (merge pruned tokens, default true), ``schedule`` (tokens kept per stage of a 576-token
+    model), ``layers`` (layers after which it prunes, of a 32-layer model); ``keep`` is the layer-averaged budget."""
+
+    name = "sparsevlm"
+    stage = Stage.IN_LLM
+    reference = "SparseVLM, ICML 2025 (Gumpest/SparseVLMs)"
+
+    recycle: bool = True
+    schedule: list[int] | None = None
+    layers: list[int] | None = None
+
+    def stage_counts(self, num_visual: int) -> list[int]:
+        if self.schedule is not None:
+            counts = [c * num_visual / REFERENCE_TOKENS for c in self.schedule]
+        else:
+            budget = resolve_keep(self._required_keep(num_visual), num_visual) * REFERENCE_TOKENS / num_visual
+            counts = [c * num_visual / REFERENCE_TOKENS for c in reference_schedule(budget)]
+        return [min(num_visual - 1, max(1, round(c))) for c in counts]
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        after = tuple(self.layers or PRUNE_AFTER)
+        stage_layers = [layer + 1 for layer in scaled_layers(after, num_layers)]
+        if stage_layers[-1] >= num_layers:
+            raise VlpruneError(f"sparsevlm needs a deeper language model than {num_layers} layers for {list(after)}")
+        counts = self.stage_counts(min(num_visual, 1 << 20))
+        if len(counts) != len(stage_layers):
+            raise VlpruneError(f"schedule={self.schedule} needs one count per pruning layer {list(after)}")
+        return [
+            StagePlan(layer=layer, keep=count, query_rows=QueryRows.TEXT, initial_embeddings=True)
+            for layer, count in zip(stage_layers, counts, strict=True)
+        ]
+
+    @torch.no_grad()
+    def select(self, ctx: StageContext) -> Selection:
+        assert ctx.query_attention is not None and ctx.initial_text_hidden is not None
+        raters = select_raters(ctx.initial_visual_hidden, ctx.initial_text_hidden, ctx.initial_text_mask)
+        relevance = rater_relevance(ctx.query_attention, raters & ctx.query_mask)
+        keep_index = top_k_sorted(relevance, ctx.keep)
+        pruned_count = ctx.num_visual - ctx.keep
+        if not self.recycle or pruned_count == 0:
+            return Selection(keep_index=keep_index, scores=relevance)
+        pruned = torch.ones_like(relevance, dtype=torch.bool).scatter(1, keep_index, False)
+        pruned_index = pruned.nonzero()[:, 1].view(ctx.batch_size, pruned_count)
+        recycled_count = min(int(RECYCLED_SHARE * pruned_count) + 1, pruned_count)
+        best = torch.gather(relevance, 1, pruned_index).topk(recycled_count, dim=-1).indices
+        recycled_index = torch.gather(pruned_index, 1, best)  # (B, m) among the N visual tokens, by relevance
+        clusters = int(recycled_count / TOKENS_PER_CLUSTER) + 1
+        merged, centres = density_peak_merge(gather_tokens(ctx.visual_hidden, recycled_index), clusters)
+        positions = gather_tokens(ctx.visual_positions, torch.gather(recycled_index, 1, centres))
+        return Selection(
+            keep_index=keep_index,
+            recycled=RecycledTokens(hidden=merged.to(ctx.visual_hidden.dtype), positions=positions),
+            scores=relevance,
+        )
