@@ -109,6 +109,7 @@ MULTI_STAGE_CASES = [
     ("pyramiddrop", {"layers": [8, 16, 24], "ratios": [0.5, 0.25, 0.125]}),
     ("pyramiddrop", {"keep": 20}),
     ("sparsevlm", {"keep": 0.3, "recycle": False}),
+    ("sparsevlm", {"keep": 0.3, "version": 2}),
 ]
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
 RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3})]

@@ -216,3 +216,41 @@ def test_sparsevlm_recycles_the_most_relevant_pruned_tokens_into_clusters() -> N
         assert stage.visual_in == visual_in
         visual_in = stage.visual_out
     assert session.stats.stages[-1].visual_out < 64
+
+
+def test_sparsevlm_plus_gravity_is_the_rope_logit_of_all_ones_vectors() -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from vlprune.pruners.sparsevlm import rope_gravity
+
+    model, _ = tiny_model("clip", 4)
+    rotary_module = model.model.language_model.rotary_emb
+    probe = torch.zeros(1, 1, model.config.text_config.hidden_size)
+
+    def rotary(positions: torch.Tensor):
+        return rotary_module(probe, positions)
+
+    queries, keys = torch.tensor([[40, 41]]), torch.tensor([[3, 10, 39]])
+    gravity = rope_gravity(rotary, queries, keys)
+    dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    ones_q, ones_k = torch.ones(1, 1, 2, dim), torch.ones(1, 1, 3, dim)
+    rotated_q, _ = apply_rotary_pos_emb(ones_q, ones_q, *rotary(queries))
+    _, rotated_k = apply_rotary_pos_emb(ones_k, ones_k, *rotary(keys))
+    expected = (rotated_q @ rotated_k.transpose(-1, -2))[0, 0] / dim**0.5
+    torch.testing.assert_close(gravity[0], expected, atol=1e-5, rtol=1e-5)
+    # Only the distance matters.
+    torch.testing.assert_close(rope_gravity(rotary, queries + 7, keys + 7), gravity, atol=1e-4, rtol=1e-4)
+
+
+def test_sparsevlm_plus_reads_the_priority_heads() -> None:
+    from vlprune.pruners.sparsevlm import priority_head_relevance
+
+    attention = torch.full((1, 4, 2, 5), 0.01)  # (B, H, T, N)
+    attention[0, 2, :, 3] = 0.9  # head 2 looks at token 3, and has the most rater-to-visual attention
+    attention[0, 0, :, 1] = 0.2
+    raters = torch.tensor([[True, True]])
+    relevance = priority_head_relevance(attention, raters, torch.ones(1, 2, 5), heads=1)
+    assert int(relevance.argmax()) == 3
+    torch.testing.assert_close(relevance[0, 3], torch.tensor(0.9))
+    with pytest.raises(VlpruneError, match="recycle"):
+        vlprune.pruners.create("sparsevlm", keep=64, version=2, recycle=True)

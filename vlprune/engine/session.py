@@ -368,6 +368,8 @@ class PruningSession:
             visual_origin=gather_tokens(layout.origin, slots),
             query_attention=None if query is None else query[0],
             query_mask=None if query is None else query[1],
+            query_positions=None if query is None else self._query_positions(stage, layout, device),
+            rotary=self._rotary_for(hidden) if stage.query_rows is not None else None,
             vision_cls_attention=self._cls_scores(layout, slots) if stage.vision_cls_attention else None,
             vision_features=self._vision_tokens(self._vision_features, layout, slots, "projector input")
             if stage.vision_features
@@ -421,6 +423,16 @@ class PruningSession:
         )
         return new_hidden
 
+    def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
+        rows, _ = _query_rows(stage.query_rows, layout, device)
+        return torch.gather(layout.positions.to(device), 1, rows)
+
+    def _rotary_for(self, hidden: torch.Tensor):
+        def rotary(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._rotary(hidden, positions)
+
+        return rotary
+
     def _own_layer_rows(
         self, stage: StagePlan, hidden: torch.Tensor, layout: Layout
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,10 +445,8 @@ class PruningSession:
         if mask is None and self._prefill.padded:
             mask = prefill_mask(layout.real, self._mask_style, hidden.dtype, True)
         local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
-        probabilities = _rows_attention(query, key, rows, local_rows, scale, mask)
-        slots = layout.visual_slots.to(hidden.device)
-        visual = torch.gather(probabilities, 2, slots[:, None, :].expand(-1, rows.shape[1], -1))
-        return visual, row_mask
+        probabilities = _rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
+        return _visual_columns(probabilities, layout), row_mask
 
     def _position_embeddings(
         self, old: Layout, new: Layout, order: torch.Tensor, recycled: Any, hidden: torch.Tensor
@@ -580,10 +590,10 @@ class PruningSession:
                 continue
             rows, row_mask = _query_rows(stage.query_rows, prefill.layout, query.device)
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            probabilities = attention_rows(query, key, rows, scale, mask, causal=True)  # (B, R, L)
-            slots = prefill.layout.visual_slots.to(query.device)
-            visual = torch.gather(probabilities, 2, slots[:, None, :].expand(-1, rows.shape[1], -1))
-            prefill.query_attention[stage.layer] = (visual, row_mask)
+            probabilities = attention_rows(
+                query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
+            )  # (B, R, L) or (B, H, R, L)
+            prefill.query_attention[stage.layer] = (_visual_columns(probabilities, prefill.layout), row_mask)
 
     def _on_vision_attention(
         self,
@@ -684,19 +694,32 @@ def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[
     return rows.to(device), valid.to(device)
 
 
+def _visual_columns(probabilities: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The visual-token columns of (B, R, L) or (B, H, R, L) attention rows."""
+    slots = layout.visual_slots.to(probabilities.device)
+    index = slots.view(slots.shape[0], *([1] * (probabilities.dim() - 2)), slots.shape[1])
+    return torch.gather(probabilities, -1, index.expand(*probabilities.shape[:-1], -1))
+
+
 def _rows_attention(
-    query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, local_rows: torch.Tensor, scale: float, mask: Any
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: torch.Tensor,
+    local_rows: torch.Tensor,
+    scale: float,
+    mask: Any,
+    average_heads: bool = True,
 ) -> torch.Tensor:
     """Attention of queries already picked at ``rows`` (B, H, R, d) over all keys, causal by the rows' slots."""
     if mask is None:
         length = key.shape[2]
         columns = torch.arange(length, device=key.device)
         mask = (columns[None, None, None, :] <= rows[:, None, :, None]).expand(-1, 1, -1, -1)  # (B, 1, R, L)
-        return attention_rows(query, key, local_rows, scale, mask, causal=False)
+        return attention_rows(query, key, local_rows, scale, mask, causal=False, average_heads=average_heads)
     picked = torch.gather(
         mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
     )
-    return attention_rows(query, key, local_rows, scale, picked, causal=False)
+    return attention_rows(query, key, local_rows, scale, picked, causal=False, average_heads=average_heads)
 
 
 def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:

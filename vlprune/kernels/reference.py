@@ -29,6 +29,7 @@ def attention_rows(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     causal: bool = True,
+    average_heads: bool = True,
 ) -> torch.Tensor:
     """Head-averaged softmax attention of selected query rows over all keys, without forming the (L, L) matrix.
 
@@ -42,8 +43,11 @@ def attention_rows(
         causal: with ``attention_mask=None``, whether query i sees only keys <= i + (Lk - Lq) (decoder) or every key
             (vision encoder).
 
+        average_heads: average over the H heads (the default), or keep them.
+
     Returns:
-        (B, R, Lk) float32 attention probabilities, averaged over the H heads. Each row sums to 1.
+        (B, R, Lk) float32 attention probabilities averaged over the H heads, or (B, H, R, Lk) per head. Each row
+        sums to 1.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -64,4 +68,5 @@ def attention_rows(
         last_visible = rows + (k_len - q_len)  # (B, R)
         columns = torch.arange(k_len, device=key.device)
         logits = logits.masked_fill(columns[None, None, None, :] > last_visible[:, None, :, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    probabilities = torch.softmax(logits, dim=-1)
+    return probabilities.mean(dim=1) if average_heads else probabilities

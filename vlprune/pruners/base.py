@@ -15,6 +15,7 @@ so a stage at layer 0 is pre-LLM pruning, and a stage at layer K >= 1 drops toke
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +52,7 @@ class StagePlan:
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
         own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
             pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
+        per_head_attention: hand the pruner those rows per head, (B, H, R, N), instead of averaged over heads.
         vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
         text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
         vision_features: whether the stage needs the projector's input features of the visual tokens and the
@@ -64,6 +66,7 @@ class StagePlan:
     keep: int
     query_rows: QueryRows | None = None
     own_layer_attention: bool = False
+    per_head_attention: bool = False
     vision_cls_attention: bool = False
     text_tokens: bool = False
     vision_features: bool = False
@@ -83,8 +86,11 @@ class StageContext:
         visual_origin: (B, N) index of each token among the original visual tokens of its sample (0..N0-1), -1 for a
             recycled token.
         query_attention: (B, R, N) softmax attention of the requested query rows to the visual tokens at layer
-            ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads,
-            or None.
+            ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads
+            ((B, H, R, N) per head with ``per_head_attention``), or None.
+        query_positions: (B, R) RoPE positions of those query rows, or None.
+        rotary: the language model's rotary embedding as a function of (B, K) positions -> (cos, sin), each
+            (B, K, head_dim), for pruners that correct for RoPE, or None.
         query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
         vision_cls_attention: (B, N) attention of the vision tower's [CLS] query to each visual token at the feature
             layer (averaged over heads), or None.
@@ -114,6 +120,8 @@ class StageContext:
     visual_origin: torch.Tensor
     query_attention: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     vision_cls_attention: torch.Tensor | None = None
     text_hidden: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None

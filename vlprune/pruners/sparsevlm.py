@@ -30,13 +30,18 @@ Choices and deviations, each with its reason:
   index where the reference adds unseeded noise of 1e-6 (which makes its runs irreproducible).
 - The attention rows come from the layer's queries and keys (any attention backend; the reference materialises
   every layer's full attention map). Batches of more than one sample work (the reference is batch 1).
-- Not implemented yet: SparseVLM+ (``version 2``: RoPE "gravity" correction and priority heads) and the first
-  version's rank-based token counts, which differ per sample.
+- SparseVLM+ (``version=2``, the reference's ``USE_VERSION=2_0``): attention divided by the RoPE "gravity" of
+  all-ones queries and keys at the true positions (no guard against small values, as in the reference), the 14
+  priority heads of 32 (scaled to the model's head count: ``round(14 · H / 32)``), its own budget tables, no
+  recycling, original positions.
+- Not implemented: the first version's rank-based token counts, which differ per sample while the engine keeps one
+  count per stage for the whole batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,22 +65,54 @@ from vlprune.pruners.pyramiddrop import scaled_layers
 REFERENCE_TOKENS = 576
 PRUNE_AFTER = (2, 6, 15)
 SCHEDULES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
+SCHEDULES_V2 = {64: (66, 34, 20), 96: (246, 54, 28), 128: (238, 108, 60), 192: (300, 200, 118)}
+PRIORITY_HEADS = 14  # of LLaVA-1.5-7B's 32 heads, hard-coded in the reference
 RECYCLED_SHARE = 0.3
 TOKENS_PER_CLUSTER = 10
 
 
-def reference_schedule(budget: float) -> tuple[float, ...]:
+def reference_schedule(budget: float, version: int = 1) -> tuple[float, ...]:
     """Tokens kept per stage for a layer-averaged ``budget`` of 576, from the reference's tables."""
-    known = sorted(SCHEDULES)
+    table = SCHEDULES if version == 1 else SCHEDULES_V2
+    known = sorted(table)
     if budget <= known[0]:
-        return tuple(v * budget / known[0] for v in SCHEDULES[known[0]])
+        return tuple(v * budget / known[0] for v in table[known[0]])
     if budget >= known[-1]:
         share = (budget - known[-1]) / (REFERENCE_TOKENS - known[-1])
-        return tuple(v + share * (REFERENCE_TOKENS - v) for v in SCHEDULES[known[-1]])
+        return tuple(v + share * (REFERENCE_TOKENS - v) for v in table[known[-1]])
     upper = next(k for k in known if k >= budget)
     lower = known[known.index(upper) - 1] if upper != budget else upper
     share = 0.0 if upper == lower else (budget - lower) / (upper - lower)
-    return tuple(a + share * (b - a) for a, b in zip(SCHEDULES[lower], SCHEDULES[upper], strict=True))
+    return tuple(a + share * (b - a) for a, b in zip(table[lower], table[upper], strict=True))
+
+
+def rope_gravity(
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """(B, R, N) SparseVLM+'s RoPE "gravity": the attention logit that all-ones queries and keys get at these
+    positions, ``RoPE(1)_i · RoPE(1)_j / √d``, a function of the relative position only."""
+    cos_q, sin_q = rotary(query_positions)
+    cos_k, sin_k = rotary(key_positions)
+    dim = cos_q.shape[-1]
+    half = torch.cat([-torch.ones(dim // 2), torch.ones(dim - dim // 2)]).to(cos_q.device)  # rotate_half(ones)
+    query = cos_q.float() + half * sin_q.float()
+    key = cos_k.float() + half * sin_k.float()
+    return query @ key.transpose(1, 2) / math.sqrt(dim)
+
+
+def priority_head_relevance(
+    attention: torch.Tensor, raters: torch.Tensor, gravity: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """(B, N) SparseVLM+'s relevance: per-head attention (B, H, T, N) divided by the RoPE gravity (B, T, N), the
+    ``heads`` heads with the most rater-to-visual attention, averaged, then averaged over the raters."""
+    corrected = attention / gravity[:, None]
+    weights = raters.float()[:, None, :, None]
+    per_head = (corrected * weights).sum(dim=(2, 3))  # (B, H)
+    chosen = per_head.topk(min(heads, per_head.shape[1]), dim=-1).indices
+    picked = torch.gather(corrected, 1, chosen[:, :, None, None].expand(-1, -1, *corrected.shape[2:]))
+    return rater_relevance(picked.mean(dim=1), raters)
 
 
 def select_raters(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -125,23 +162,37 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tenso
 @register
 @dataclass
 class SparseVLM(Pruner):
-    """Options: ``recycle`` (merge pruned tokens, default true), ``schedule`` (tokens kept per stage of a 576-token
-    model), ``layers`` (layers after which it prunes, of a 32-layer model); ``keep`` is the layer-averaged budget."""
+    """Options: ``version`` (1: SparseVLM v1.5, the default; 2: SparseVLM+), ``recycle`` (merge pruned tokens; v1.5
+    only, default true), ``schedule`` (tokens kept per stage of a 576-token model), ``layers`` (layers after which it
+    prunes, of a 32-layer model), ``heads`` (SparseVLM+'s priority heads; default 14 of 32, scaled to the model);
+    ``keep`` is the layer-averaged budget."""
 
     name = "sparsevlm"
     stage = Stage.IN_LLM
     reference = "SparseVLM, ICML 2025 (Gumpest/SparseVLMs)"
 
-    recycle: bool = True
+    version: int = 1
+    recycle: bool | None = None
     schedule: list[int] | None = None
     layers: list[int] | None = None
+    heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise VlpruneError(f"version={self.version!r} must be 1 (SparseVLM v1.5) or 2 (SparseVLM+)")
+        if self.version == 2 and self.recycle:
+            raise VlpruneError("SparseVLM+ (version=2) does not recycle pruned tokens; drop recycle=true")
+
+    @property
+    def recycles(self) -> bool:
+        return self.version == 1 and self.recycle is not False
 
     def stage_counts(self, num_visual: int) -> list[int]:
         if self.schedule is not None:
             counts = [c * num_visual / REFERENCE_TOKENS for c in self.schedule]
         else:
             budget = resolve_keep(self._required_keep(num_visual), num_visual) * REFERENCE_TOKENS / num_visual
-            counts = [c * num_visual / REFERENCE_TOKENS for c in reference_schedule(budget)]
+            counts = [c * num_visual / REFERENCE_TOKENS for c in reference_schedule(budget, self.version)]
         return [min(num_visual - 1, max(1, round(c))) for c in counts]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
@@ -153,7 +204,13 @@ class SparseVLM(Pruner):
         if len(counts) != len(stage_layers):
             raise VlpruneError(f"schedule={self.schedule} needs one count per pruning layer {list(after)}")
         return [
-            StagePlan(layer=layer, keep=count, query_rows=QueryRows.TEXT, initial_embeddings=True)
+            StagePlan(
+                layer=layer,
+                keep=count,
+                query_rows=QueryRows.TEXT,
+                initial_embeddings=True,
+                per_head_attention=self.version == 2,
+            )
             for layer, count in zip(stage_layers, counts, strict=True)
         ]
 
@@ -161,10 +218,16 @@ class SparseVLM(Pruner):
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.query_attention is not None and ctx.initial_text_hidden is not None
         raters = select_raters(ctx.initial_visual_hidden, ctx.initial_text_hidden, ctx.initial_text_mask)
-        relevance = rater_relevance(ctx.query_attention, raters & ctx.query_mask)
+        raters = raters & ctx.query_mask
+        if self.version == 2:
+            gravity = rope_gravity(ctx.rotary, ctx.query_positions, ctx.visual_positions)
+            heads = self.heads or max(1, round(PRIORITY_HEADS * ctx.query_attention.shape[1] / 32))
+            relevance = priority_head_relevance(ctx.query_attention, raters, gravity, heads)
+        else:
+            relevance = rater_relevance(ctx.query_attention, raters)
         keep_index = top_k_sorted(relevance, ctx.keep)
         pruned_count = ctx.num_visual - ctx.keep
-        if not self.recycle or pruned_count == 0:
+        if not self.recycles or pruned_count == 0:
             return Selection(keep_index=keep_index, scores=relevance)
         pruned = torch.ones_like(relevance, dtype=torch.bool).scatter(1, keep_index, False)
         pruned_index = pruned.nonzero()[:, 1].view(ctx.batch_size, pruned_count)
