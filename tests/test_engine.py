@@ -11,6 +11,7 @@ from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import vlprune
+from vlprune.kernels import gather_tokens
 from vlprune.pruners import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan
 
 NEW_TOKENS = 5
@@ -110,9 +111,10 @@ MULTI_STAGE_CASES = [
     ("pyramiddrop", {"keep": 20}),
     ("sparsevlm", {"keep": 0.3, "recycle": False}),
     ("sparsevlm", {"keep": 0.3, "version": 2}),
+    ("vflowopt", {"keep": 0.25, "recycle": False}),
 ]
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
-RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3})]
+RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3}), ("vflowopt", {"keep": 0.25})]
 
 
 @pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
@@ -329,3 +331,43 @@ def test_text_rows_and_text_tokens_reach_the_pruner() -> None:
         embeddings = outputs.hidden_states[0][b]
         torch.testing.assert_close(ctx.initial_text_hidden[b, :count], embeddings[text], atol=0, rtol=0)
         torch.testing.assert_close(ctx.initial_visual_hidden[b], embeddings[visual[b]], atol=0, rtol=0)
+
+
+class ReplacingPruner(Pruner):
+    """Pre-LLM: keeps the visual tokens ``kept`` and gives them new hidden states (in-place merging)."""
+
+    name = "replacing"
+    stage = Stage.PRE_LLM
+
+    def __init__(self, kept: list[int]) -> None:
+        self.kept, self.keep = kept, len(kept)
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        return [StagePlan(layer=0, keep=self.keep)]
+
+    def select(self, ctx: StageContext) -> Selection:
+        index = torch.tensor(self.kept, device=ctx.visual_hidden.device).expand(ctx.batch_size, -1)
+        replaced = gather_tokens(ctx.visual_hidden, index) * 0.5 + 1.0
+        return Selection(keep_index=index, kept_hidden=replaced)
+
+
+def test_kept_hidden_replaces_the_kept_tokens_in_place() -> None:
+    """Oracle: the language model run on inputs_embeds where the kept tokens hold the new values and the others are
+    gone, at the original positions."""
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 1)
+    kept = [3, 10, 11, 40]
+    with vlprune.attach(model, ReplacingPruner(kept)):
+        logits = model(**inputs).logits
+    out = model(**inputs, output_hidden_states=True)
+    embeddings = out.hidden_states[0][0]
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    keep_slots = visual[kept]
+    sequence = embeddings.clone()
+    sequence[keep_slots] = sequence[keep_slots] * 0.5 + 1.0
+    stays = torch.ones(len(embeddings), dtype=torch.bool)
+    stays[visual] = False
+    stays[keep_slots] = True
+    positions = stays.nonzero()[:, 0]
+    expected = model(inputs_embeds=sequence[stays][None], position_ids=positions[None]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

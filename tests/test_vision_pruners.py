@@ -286,3 +286,56 @@ def test_zeroth_order_sensitivity_of_llavas_projector_takes_a_shortcut_to_the_sa
     torch.testing.assert_close(
         fast, zeroth_order_sensitivity(generic, features, directions, 0.01), rtol=1e-3, atol=1e-5
     )
+
+
+# ---------------------------------------------------------------------------------------------- VFlowOpt
+
+from vlprune.pruners.vflowopt import (  # noqa: E402
+    cell_of_tokens,
+    importance_map,
+    patch_entropy,
+    recycle_into_cells,
+    solve_last_ratio,
+)
+
+
+def test_vflowopt_importance_is_the_attention_from_relatively_important_tokens() -> None:
+    attention = torch.tensor(
+        [[[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1], [0.1, 0.1, 0.4, 0.4], [0.5, 0.1, 0.2, 0.2]]]
+    )  # received: 0.475, 0.125, 0.2, 0.2
+    # t = 1.5: only token 0 receives more than 1.5 x the mean (0.25), so the importance is its attention row.
+    torch.testing.assert_close(importance_map(attention, 1.5), attention[:, 0])
+    # t = 0: tokens 0, 2, 3 (above 0 x mean, i.e. all with attention), the mean of their rows... every token.
+    torch.testing.assert_close(importance_map(attention, 0.0), attention.mean(dim=1))
+
+
+def test_vflowopt_patch_entropy_counts_grey_levels() -> None:
+    pixels = torch.zeros(1, 3, 4, 4)
+    pixels[0, :, :2, 2:] = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # top-right patch: half black, half white
+    entropy = patch_entropy(pixels, grid=2)
+    torch.testing.assert_close(entropy, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+
+
+def test_vflowopt_recycles_pruned_tokens_into_their_cells_most_important_one() -> None:
+    cells = cell_of_tokens(4, 2.0)  # 4 x 4 tokens, 2 x 2 cells
+    assert cells.view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    importance = torch.arange(16, dtype=torch.float32)[None] / 16  # token 15 most important
+    hidden = torch.arange(16, dtype=torch.float32).view(1, 16, 1)
+    kept, kept_hidden = recycle_into_cells(importance, hidden, cells, keep=6)
+    # Top 6 - 4 = 2 tokens (15, 14) stay; each cell's best pruned token represents it: 5, 7, 13, 11.
+    assert kept.tolist() == [[5, 7, 11, 13, 14, 15]]
+    cell_members = {5: [0, 1, 4, 5], 7: [2, 3, 6, 7], 11: [10, 11], 13: [8, 9, 12, 13]}
+    for position, token in enumerate(kept[0].tolist()):
+        members = torch.tensor(cell_members.get(token, [token]), dtype=torch.float32)
+        weights = (members / 16).clamp(min=1e-12)  # importance-weighted; token 0's importance is 0
+        expected = (weights * members).sum() / weights.sum()  # hidden state = token index here
+        torch.testing.assert_close(kept_hidden[0, position, 0], expected)
+
+
+def test_vflowopt_defaults_reproduce_the_released_last_ratios() -> None:
+    # The released R3 values (0.6011, 0.87733, 0.487) come from the same constraint up to their rounding.
+    assert abs(solve_last_ratio(0.10, 0.11662, 1.0, 9, 18, 28) - 0.6011) < 0.001
+    assert abs(solve_last_ratio(0.25, 0.26510, 0.98334, 9, 18, 28) - 0.87733) < 0.01
+    assert abs(solve_last_ratio(0.50, 0.72332, 0.74875, 9, 18, 28) - 0.487) < 0.005
+    with pytest.raises(VlpruneError, match="budget"):
+        solve_last_ratio(0.10, 0.5, 1.0, 9, 18, 28)

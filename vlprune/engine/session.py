@@ -143,6 +143,7 @@ class PruningSession:
         )
         self._needs_cls = any(stage.vision_cls_attention for stage in probe)
         self._needs_keys = any(stage.vision_keys for stage in probe)
+        self._needs_map = any(stage.vision_attention for stage in probe)
         self._needs_features = any(stage.vision_features for stage in probe)
         self._needs_initial = any(stage.initial_embeddings for stage in probe)
         self._vision_stages = VisionStages(self.adapter, pruner)
@@ -155,6 +156,8 @@ class PruningSession:
         self._vision_cls: torch.Tensor | None = None
         self._vision_keys: torch.Tensor | None = None
         self._vision_features: torch.Tensor | None = None
+        self._vision_map: torch.Tensor | None = None
+        self._pixels: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[nn.Module] = []
         self._attach()
@@ -180,8 +183,11 @@ class PruningSession:
             watched: dict[nn.Module, observer.Observer] = {}
             for index in self._score_layers:
                 watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
-            if self._needs_cls or self._needs_keys:
+            if self._needs_cls or self._needs_keys or self._needs_map:
                 watched[self.adapter.vision_feature_attention()] = self._on_vision_attention
+            if self._needs_map:
+                tower = self.adapter.vision_tower
+                self._handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
             if self._needs_features:
                 self._handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
             if self._vision_stages.active:
@@ -380,6 +386,7 @@ class PruningSession:
             else None,
             vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
             **self._initial_embeddings(slots, stage.initial_embeddings),
+            **self._vision_map_inputs(hidden.shape[0], stage.vision_attention),
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -394,6 +401,10 @@ class PruningSession:
         order = order_after_stage(layout, kept_slots, num_recycled)
         new_layout = apply_order(layout, order, None if recycled is None else recycled.positions.to(device))
         source = hidden if recycled is None else torch.cat([hidden, recycled.hidden.to(hidden.dtype)], dim=1)
+        if selection.kept_hidden is not None:
+            source = source.scatter(
+                1, kept_slots[..., None].expand(-1, -1, source.shape[-1]), selection.kept_hidden.to(source.dtype)
+            )
         new_hidden = gather_tokens(source, order)
         new_layout = self._position_embeddings(layout, new_layout, order, recycled, new_hidden)
         prefill.layout = new_layout
@@ -463,6 +474,25 @@ class PruningSession:
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
 
+    def _vision_map_inputs(self, batch: int, wanted: bool) -> dict[str, torch.Tensor]:
+        if not wanted:
+            return {}
+        attention, pixels = self._vision_map, self._pixels
+        if attention is None or pixels is None:
+            raise RuntimeError("the vision tower's attention map was not captured for this prefill")
+        if attention.shape[0] != batch:
+            raise VlpruneError(
+                f"{self.pruner.name} reads the vision attention map of one image per sample, got "
+                f"{attention.shape[0]} images for {batch} samples"
+            )
+        if self.adapter.vision_drops_cls:
+            attention = attention[:, 1:, 1:]
+        if attention.shape[1] != self._prefill.num_visual:
+            raise VlpruneError(
+                f"the vision attention map covers {attention.shape[1]} tokens, not {self._prefill.num_visual}"
+            )
+        return {"vision_attention": attention, "pixel_values": pixels}
+
     def _initial_embeddings(self, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:
             return {}
@@ -512,7 +542,7 @@ class PruningSession:
         return picked.masked_fill((origin < 0)[..., None], 0.0)
 
     def _forget_vision(self) -> None:
-        self._vision_cls = self._vision_keys = self._vision_features = None
+        self._vision_cls = self._vision_keys = self._vision_features = self._vision_map = self._pixels = None
         self._vision_stages.forget()
 
     def _vision_kept(self, batch: int) -> torch.Tensor | None:
@@ -612,6 +642,13 @@ class PruningSession:
             self._vision_cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
         if self._needs_keys:
             self._vision_keys = key.float().mean(dim=1)  # (images, tokens, d)
+        if self._needs_map:
+            rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            self._vision_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (images, T, T)
+
+    def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pixels = args[0] if args else kwargs.get("pixel_values")
 
     def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
         self._vision_features = args[0]

@@ -48,8 +48,11 @@ class VisionStages:
         self.adapter = adapter
         self.pruner = pruner
         self.layers = adapter.vision_layers
-        self.feature_layer = adapter.vision_feature_layer_index()
-        self.stage_layers = sorted(set(pruner.vision_layers(len(self.layers), self.feature_layer)))
+        self.feature_layer, self.stage_layers = -1, []
+        # Only pruners that override vision_layers prune inside the tower; the others never need its feature layer.
+        if type(pruner).vision_layers is not Pruner.vision_layers:
+            self.feature_layer = adapter.vision_feature_layer_index()
+            self.stage_layers = sorted(set(pruner.vision_layers(len(self.layers), self.feature_layer)))
         if self.stage_layers and not 0 <= self.stage_layers[0] <= self.stage_layers[-1] < self.feature_layer:
             raise VlpruneError(
                 f"{pruner.name}: vision pruning layers {self.stage_layers} must lie in 0..{self.feature_layer - 1}, "

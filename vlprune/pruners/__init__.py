@@ -85,6 +85,7 @@ from vlprune.pruners import (  # noqa: E402, F401
     pyramiddrop,
     random,
     sparsevlm,
+    vflowopt,
     visionzip,
     zoo_prune,
 )

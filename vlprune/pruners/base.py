@@ -60,6 +60,8 @@ class StagePlan:
         vision_keys: whether the stage needs the head-averaged keys of the visual tokens at the vision feature layer.
         initial_embeddings: whether the stage needs the language model's input embeddings (layer 0's input) of the
             visual tokens and of the text after the image, whatever layer it runs at.
+        vision_attention: whether the stage needs the full attention map among the image's tokens at the vision
+            feature layer (head mean), and the pixels the tower received.
     """
 
     layer: int
@@ -72,6 +74,7 @@ class StagePlan:
     vision_features: bool = False
     vision_keys: bool = False
     initial_embeddings: bool = False
+    vision_attention: bool = False
 
 
 @dataclass
@@ -107,6 +110,9 @@ class StageContext:
         initial_text_hidden: (B, T, D) the input embeddings of the text after the first visual token, padded like
             ``text_hidden``, or None.
         initial_text_mask: (B, T) which of those are real.
+        vision_attention: (B, N0, N0) head-mean softmax attention among the original visual tokens at the vision
+            feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), or None.
+        pixel_values: (B, C, H, W) the images as the vision tower received them, or None.
         vision_kept: (B, K) ascending indices of the visual tokens that survived pruning inside the vision tower,
             for pruners with vision-encoder stages (:meth:`Pruner.vision_layers`), or None.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
@@ -131,6 +137,8 @@ class StageContext:
     initial_visual_hidden: torch.Tensor | None = None
     initial_text_hidden: torch.Tensor | None = None
     initial_text_mask: torch.Tensor | None = None
+    vision_attention: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
     vision_kept: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
@@ -197,12 +205,15 @@ class Selection:
     Attributes:
         keep_index: (B, keep) indices into the stage's N visual tokens; the engine sorts them to keep causal order.
         recycled: merged tokens to add after the kept ones, or None.
+        kept_hidden: (B, keep, D) new hidden states for the kept tokens, in ``keep_index`` order sorted ascending
+            (a pruner that merges pruned tokens into kept ones, in place), or None.
         scores: (B, N) the scores the selection was made from, for statistics and debugging, or None.
     """
 
     keep_index: torch.Tensor
     recycled: RecycledTokens | None = None
     scores: torch.Tensor | None = None
+    kept_hidden: torch.Tensor | None = None
 
 
 def resolve_keep(keep: int | float, num_visual: int) -> int:

@@ -1,0 +1,238 @@
+"""VFlowOpt: token pruning guided by an importance map from the vision encoder, with recycling and calibrated
+hyperparameters.
+
+Reference: Yang et al., "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided
+Optimization", ICCV 2025 (arXiv 2508.05211); official code github.com/sihany077/VFlowOpt (LLaVA-OneVision:
+``siglip_encoder.py``, ``llava_qwen_training_free.py``, ``lmms_eval/models/llava_onevision_training_free.py``).
+
+What the reference does and vlprune reproduces:
+
+1. **Importance map** at the vision feature layer: with ``A`` the head-mean attention among the image's tokens and
+   ``a_j = mean_i A_ij`` the attention each token receives, the relatively important tokens are
+   ``K = {j : a_j > t · mean(a)}`` and ``I_j = mean_{k in K} A_kj + α · softmax_j(H_j)``, ``H_j`` the entropy (bits) of
+   the 256-bin histogram of patch j's grey levels.
+2. **Pre-LLM stage** keeping ``R1 · N`` tokens, with **recycling**: the tokens outside the most important ones are
+   grouped by square grid cells of side ``m`` patches; each cell's pruned tokens are averaged, weighted by
+   importance, into the place of the cell's most important pruned token (which stays, in spatial order). Room for the
+   cells is made by pruning as many more tokens.
+3. **Two stages inside the language model** (layers 9 and 18 of Qwen2-7B's 28, scaled to the depth) keeping
+   ``R2`` and then ``R3`` of the tokens present, the least important by the same map dropped; kept tokens keep their
+   original RoPE positions. ``R3`` follows from the layer-averaged budget: ``R̄ · L = R1 · l1 + R1 R2 (l2 - l1) +
+   R1 R2 R3 (L - l2)``.
+4. **Calibration** (``vlprune calibrate --method vflowopt``, :mod:`vlprune.eval.calibrate`): a Bayesian search of
+   ``R1, R2, t, m, α`` maximising the cosine similarity of the last prompt token's last-layer hidden state with and
+   without pruning over a few unlabelled samples; its JSON output feeds ``--config``.
+
+Defaults are the reference's released configurations for 10%, 25% and 50% of the tokens (t, m, R1, R2 of the nearest
+one, R1 scaled to the budget, R3 solved from the constraint; α = 0 in all of them, so the entropy term is off);
+``keep`` is the layer-averaged number of visual tokens.
+
+Deviations, each for a reason:
+- The reference publishes no LLaVA-1.5 configuration (its code serves LLaVA-OneVision with SigLIP, 27 x 27 patches);
+  ``m`` is given on that grid and scaled to the model's (``m · g / 27``), the map is read at the feature layer
+  (the reference's layer 25 is the last layer LLaVA-OneVision uses), and towers with a [CLS] token leave it out of
+  the map's rows and columns (the softmax still spans it).
+- The pre-LLM stage keeps exactly ``R1 · N`` tokens: when a cell has no pruned token left, the next most important
+  pruned tokens stay instead of its merged token (the reference's count then varies).
+- Grey levels are clamped to [0, 255] before the histogram (the reference casts the normalised pixels x 255 to
+  uint8, which wraps negative values around).
+- Batches of more than one sample work (the reference is batch 1 and passes the map through an environment variable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlprune.errors import VlpruneError
+from vlprune.kernels import gather_tokens
+from vlprune.pruners import register
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, resolve_keep, top_k_sorted
+
+REFERENCE_DEPTH = 28
+REFERENCE_LAYERS = (9, 18)
+REFERENCE_GRID = 27
+# Released LLaVA-OneVision configurations: budget share -> (t, alpha, m, R1, R2).
+RELEASED = {
+    0.10: (39.265, 0.0, 17.387, 0.11662, 1.0),
+    0.25: (34.760, 0.0, 15.581, 0.26510, 0.98334),
+    0.50: (28.683, 0.0, 11.757, 0.72332, 0.74875),
+}
+
+
+def importance_map(attention: torch.Tensor, sensitivity: float) -> torch.Tensor:
+    """(B, N) attention from the relatively important tokens to each token. attention: (B, N, N) rows = queries."""
+    received = attention.mean(dim=1)  # (B, N)
+    important = received > sensitivity * received.mean(dim=-1, keepdim=True)
+    important = torch.where(important.any(dim=-1, keepdim=True), important, torch.ones_like(important))
+    weights = important.float()[..., None]
+    return (attention * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def patch_entropy(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, grid²) entropy in bits of each patch's 256-bin grey-level histogram (grey = channel mean x 255)."""
+    batch, _, height, width = pixel_values.shape
+    grey = (pixel_values.float().mean(dim=1) * 255).clamp(0, 255).to(torch.uint8).long()  # (B, H, W)
+    size_h, size_w = height // grid, width // grid
+    patches = grey[:, : grid * size_h, : grid * size_w].reshape(batch, grid, size_h, grid, size_w)
+    patches = patches.permute(0, 1, 3, 2, 4).reshape(batch, grid * grid, size_h * size_w)
+    counts = torch.zeros(batch, grid * grid, 256, device=pixel_values.device).scatter_add_(
+        2, patches, torch.ones_like(patches, dtype=torch.float)
+    )
+    share = counts / counts.sum(dim=-1, keepdim=True)
+    return -(torch.special.xlogy(share, share) / math.log(2)).sum(dim=-1)
+
+
+def cell_of_tokens(grid: int, cell: float) -> torch.Tensor:
+    """(grid²,) grid cell of each token in raster order, cells of side ``cell`` patches."""
+    index = (torch.arange(grid) / cell).floor().long()
+    per_row = int(index.max()) + 1
+    return (index[:, None] * per_row + index[None, :]).reshape(-1)
+
+
+def recycle_into_cells(
+    importance: torch.Tensor, hidden: torch.Tensor, cells: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VFlowOpt's pre-LLM selection with recycling, per sample.
+
+    Args:
+        importance: (B, N); hidden: (B, N, D); cells: (N,) cell of each token; keep: tokens to keep.
+
+    Returns:
+        (B, keep) ascending kept indices and (B, keep, D) their hidden states, where each cell's kept representative
+        (its most important pruned token) holds the importance-weighted mean of the cell's pruned tokens.
+    """
+    count = importance.shape[1]
+    num_cells = int(cells.max()) + 1
+    cells = cells.to(importance.device)
+    kept_rows, hidden_rows = [], []
+    for sample in range(importance.shape[0]):
+        score, tokens = importance[sample], hidden[sample]
+        order = score.argsort(descending=True, stable=True)
+        kept = torch.zeros(count, dtype=torch.bool, device=score.device)
+        kept[order[: max(keep - num_cells, 0)]] = True
+        # Each cell's most important pruned token represents it; the next best pruned tokens fill empty cells' room.
+        pruned_order = order[~kept[order]]
+        first_in_cell = torch.ones_like(pruned_order, dtype=torch.bool)
+        seen = torch.zeros(num_cells, dtype=torch.bool, device=score.device)
+        for position, token in enumerate(pruned_order.tolist()):
+            cell = int(cells[token])
+            first_in_cell[position] = not bool(seen[cell])
+            seen[cell] = True
+        representatives = pruned_order[first_in_cell][: keep - int(kept.sum())]
+        extras = pruned_order[~first_in_cell][: keep - int(kept.sum()) - len(representatives)]
+        kept[extras] = True
+        pruned = ~kept
+        kept[representatives] = True
+        weight = score.clamp(min=1e-12) * pruned
+        sums = torch.zeros(num_cells, tokens.shape[-1], device=score.device).index_add_(
+            0, cells, weight[:, None] * tokens.float()
+        )
+        totals = torch.zeros(num_cells, device=score.device).index_add_(0, cells, weight)
+        new_hidden = tokens.clone()
+        rep_cells = cells[representatives]
+        new_hidden[representatives] = (sums[rep_cells] / totals[rep_cells, None]).to(tokens.dtype)
+        index = kept.nonzero()[:, 0]
+        kept_rows.append(index)
+        hidden_rows.append(new_hidden[index])
+    return torch.stack(kept_rows), torch.stack(hidden_rows)
+
+
+@register
+@dataclass
+class VFlowOpt(Pruner):
+    """Options: ``ratios`` ([R1, R2, R3]), ``sensitivity`` (t), ``cell`` (m, in patches of a 27 x 27 grid),
+    ``entropy_weight`` (α), ``layers`` (the two in-LLM stage layers of a 28-layer model), ``recycle`` (true);
+    ``keep`` is the layer-averaged number of visual tokens."""
+
+    name = "vflowopt"
+    stage = Stage.PRE_LLM
+    reference = "VFlowOpt, ICCV 2025 (sihany077/VFlowOpt)"
+
+    ratios: list[float] | None = None
+    sensitivity: float | None = None
+    cell: float | None = None
+    entropy_weight: float | None = None
+    layers: list[int] | None = None
+    recycle: bool = True
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        layers = self.layers or REFERENCE_LAYERS
+        scaled = [max(1, round(layer * num_layers / REFERENCE_DEPTH)) for layer in layers]
+        if len(scaled) != 2 or not 0 < scaled[0] < scaled[1] < num_layers:
+            raise VlpruneError(
+                f"vflowopt needs two increasing in-LLM stage layers, got {scaled} for {num_layers} layers"
+            )
+        return scaled
+
+    def settings(self, num_visual: int, num_layers: int) -> tuple[list[float], float, float, float]:
+        """(R1, R2, R3), t, m (reference grid), α for this model and budget."""
+        share = resolve_keep(self._required_keep(num_visual), num_visual) / num_visual
+        nearest = min(RELEASED, key=lambda s: abs(s - share))
+        t, alpha, m, r1, r2 = RELEASED[nearest]
+        first, second = self.stage_layers(num_layers)
+        if self.ratios is not None:
+            ratios = list(self.ratios)
+            if len(ratios) == 2:
+                ratios.append(solve_last_ratio(share, ratios[0], ratios[1], first, second, num_layers))
+        else:
+            r1 = min(1.0, r1 * share / nearest)
+            ratios = [r1, r2, solve_last_ratio(share, r1, r2, first, second, num_layers)]
+        if len(ratios) != 3 or not all(0 < r <= 1 for r in ratios):
+            raise VlpruneError(f"ratios={ratios} must be three values in (0, 1] (R1, R2, R3)")
+        return (
+            ratios,
+            t if self.sensitivity is None else self.sensitivity,
+            m if self.cell is None else self.cell,
+            alpha if self.entropy_weight is None else self.entropy_weight,
+        )
+
+    def counts(self, num_visual: int, num_layers: int) -> list[int]:
+        (r1, r2, r3), *_ = self.settings(num_visual, num_layers)
+        first = max(1, round(num_visual * r1))
+        second = max(1, round(first * r2))
+        return [first, second, max(1, round(second * r3))]
+
+    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        counts = self.counts(min(num_visual, 1 << 20), num_layers)
+        layers = [0, *self.stage_layers(num_layers)]
+        return [
+            StagePlan(layer=layer, keep=count, vision_attention=True)
+            for layer, count in zip(layers, counts, strict=True)
+        ]
+
+    @torch.no_grad()
+    def select(self, ctx: StageContext) -> Selection:
+        assert ctx.vision_attention is not None and ctx.pixel_values is not None
+        _, t, m, alpha = self.settings(ctx.vision_attention.shape[1], ctx.num_layers)
+        importance = importance_map(ctx.vision_attention, t)
+        grid = math.isqrt(importance.shape[1])
+        if alpha != 0:
+            if grid * grid != importance.shape[1]:
+                raise VlpruneError(f"the entropy term needs a square token grid, got {importance.shape[1]} tokens")
+            importance = importance + alpha * torch.softmax(patch_entropy(ctx.pixel_values, grid), dim=-1)
+        current = gather_tokens(importance, ctx.visual_origin.clamp(min=0))
+        if ctx.stage_index > 0 or not self.recycle:
+            return Selection(keep_index=top_k_sorted(current, ctx.keep), scores=current)
+        if grid * grid != importance.shape[1]:
+            raise VlpruneError(f"recycling needs a square token grid, got {importance.shape[1]} tokens")
+        cells = cell_of_tokens(grid, m * grid / REFERENCE_GRID)
+        keep_index, kept_hidden = recycle_into_cells(current, ctx.visual_hidden, cells, ctx.keep)
+        return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=current)
+
+
+def solve_last_ratio(share: float, r1: float, r2: float, first: int, second: int, num_layers: int) -> float:
+    """R3 from the layer-averaged budget ``share`` (reference Eq. 5), at most 1.
+
+    Raises:
+        VlpruneError: when R1 and R2 already spend more than the budget.
+    """
+    rest = (num_layers * share - first * r1 - (second - first) * r1 * r2) / (num_layers - second)
+    ratio = min(1.0, rest / (r1 * r2))
+    if ratio <= 0:
+        raise VlpruneError(
+            f"R1={r1:.3f}, R2={r2:.3f} spend more than the budget of {share:.3f} per layer; lower them or raise keep"
+        )
+    return ratio
