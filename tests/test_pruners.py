@@ -254,3 +254,15 @@ def test_sparsevlm_plus_reads_the_priority_heads() -> None:
     torch.testing.assert_close(relevance[0, 3], torch.tensor(0.9))
     with pytest.raises(VlpruneError, match="recycle"):
         vlprune.pruners.create("sparsevlm", keep=64, version=2, recycle=True)
+
+
+@pytest.mark.parametrize(
+    "method,options", [("pyramiddrop", {"keep": 16}), ("sparsevlm", {"keep": 16}), ("vflowopt", {"keep": 16})]
+)
+def test_budgeted_multi_stage_methods_attach_before_the_token_count_is_known(method: str, options: dict) -> None:
+    """``attach`` without ``num_visual`` asks the plan for its layers only; the budget is resolved at the prefill."""
+    model, processor = tiny_model("clip", 4, layers=32)
+    inputs = tiny_inputs(processor, 1)
+    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+        model(**inputs)
+    assert abs(session.stats.equivalent_visual_tokens - 16) < 4  # the layer-averaged budget

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--image", required=True, help="path of the image")
     run.add_argument("--question", required=True, help="question about the image")
-    run.add_argument("--method", default="none", help="pruning method (see `vlprune methods`)")
+    run.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
     run.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction in (0, 1)")
     run.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
     run.add_argument(
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another method option, e.g. --option seed=3 (repeatable)",
     )
     run.add_argument("--positions", choices=POSITION_MODES, default="original", help="RoPE positions after pruning")
+    run.add_argument("--config", default=None, help="JSON with method, keep and options (from `vlprune calibrate`)")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -68,29 +69,66 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", default="shapes", help="shapes, easy-vqa or jsonl:PATH")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=int, default=None, help="first N questions only")
-    evaluate.add_argument("--method", default="none", help="pruning method (see `vlprune methods`)")
+    evaluate.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
     evaluate.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction")
     evaluate.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
+    evaluate.add_argument(
+        "--option", type=_option, action="append", default=[], metavar="NAME=VALUE", help="another method option"
+    )
+    evaluate.add_argument("--config", default=None, help="JSON with method, keep and options (from calibrate)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
 
+    calibrate = commands.add_parser(
+        "calibrate", help="search a method's hyperparameters for a budget (visual-information-flow calibration)"
+    )
+    calibrate.add_argument("--method", default="vflowopt", help="method to calibrate (default vflowopt)")
+    calibrate.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, folder or HF id ({DEFAULT_MODEL})")
+    calibrate.add_argument("--keep", type=_budget, required=True, help="budget: a count, or a fraction in (0, 1)")
+    calibrate.add_argument("--data", default="shapes", help="unlabelled samples: shapes, easy-vqa or jsonl:PATH")
+    calibrate.add_argument("--split", default="validation", help="split of --data (default validation)")
+    calibrate.add_argument("--samples", type=int, default=30, help="samples to compare on (default 30)")
+    calibrate.add_argument("--trials", type=int, default=50, help="search iterations (default 50)")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.add_argument("--positions", choices=POSITION_MODES, default="original")
+    calibrate.add_argument("--device", default=None)
+    calibrate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    calibrate.add_argument("--out", required=True, help="JSON file to write (for --config)")
+
     commands.add_parser("methods", help="list the pruning methods")
     return parser
+
+
+def _method_settings(args: argparse.Namespace) -> tuple[str, int | float | None, dict[str, object]]:
+    """(method, keep, options) from --config, overridden by --method, --keep and --option."""
+    method, keep, options = "none", None, {}
+    if args.config is not None:
+        from vlprune.eval.calibrate import read_config
+
+        config = read_config(args.config)
+        method, keep, options = config["method"], config.get("keep"), dict(config.get("options", {}))
+        if args.method is not None and args.method != method:
+            raise VlpruneError(f"--method {args.method} contradicts the config's method {method!r}; drop one of them")
+    method = args.method or method
+    keep = args.keep if args.keep is not None else keep
+    options.update(dict(args.option))
+    repeated = sorted(set(options) & set(_FLAG_OPTIONS))
+    if repeated:
+        raise VlpruneError(f"--option {repeated[0]}=... repeats a flag: use --{repeated[0]} instead")
+    return method, keep, options
 
 
 _FLAG_OPTIONS = ("keep", "layer", "positions", "device", "dtype")
 
 
 def _run(args: argparse.Namespace) -> int:
-    options = dict(args.option)
-    repeated = sorted(set(options) & set(_FLAG_OPTIONS))
-    if repeated:
-        raise VlpruneError(f"--option {repeated[0]}=... repeats a flag: use --{repeated[0]} instead")
+    method, keep, options = _method_settings(args)
     pipeline = load(
         args.model,
-        method=args.method,
-        keep=args.keep,
+        method=method,
+        keep=keep,
         layer=args.layer,
         device=args.device,
         dtype=args.dtype,
@@ -102,8 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         payload = {
             "answer": result.text,
             "model": str(args.model),
-            "method": args.method,
-            "keep": args.keep,
+            "method": method,
+            "keep": keep,
             "stats": None if result.stats is None else result.stats.to_dict(),
         }
         print(json.dumps(payload, indent=2))
@@ -119,12 +157,30 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise VlpruneError(f"--limit {args.limit} must be at least 1")
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
+    method, keep, options = _method_settings(args)
     pipeline = load(
-        args.model, method=args.method, keep=args.keep, layer=args.layer, device=args.device, dtype=args.dtype
+        args.model, method=method, keep=keep, layer=args.layer, device=args.device, dtype=args.dtype, **options
     )
     result = evaluate(pipeline, samples, batch_size=args.batch_size)
-    print(f"{args.model} on {args.dataset} {args.split}, method {args.method}, keep {args.keep or 'all'}")
+    print(f"{args.model} on {args.dataset} {args.split}, method {method}, keep {keep or 'all'}")
     print(result.table())
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from vlprune.eval.calibrate import calibrate, write_config
+    from vlprune.eval.datasets import load_dataset
+
+    if args.samples < 1:
+        raise VlpruneError(f"--samples {args.samples} must be at least 1")
+    samples = load_dataset(args.data, split=args.split, limit=args.samples)
+    pipeline = load(args.model, device=args.device, dtype=args.dtype, positions=args.positions)
+    config = calibrate(
+        pipeline, args.method, args.keep, samples, trials=args.trials, seed=args.seed, batch_size=args.batch_size
+    )
+    config.update(model=str(args.model), data=args.data, split=args.split, positions=args.positions)
+    path = write_config(config, args.out)
+    print(f"best mean cosine {config['score']:.4f} over {len(samples)} samples; wrote {path}")
     return 0
 
 
@@ -140,7 +196,7 @@ def _methods() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": _run, "eval": _eval, "methods": lambda _: _methods()}
+        commands = {"run": _run, "eval": _eval, "calibrate": _calibrate, "methods": lambda _: _methods()}
         return commands[args.command](args)
     except VlpruneError as error:
         print(f"vlprune: error: {error}", file=sys.stderr)

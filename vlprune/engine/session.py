@@ -40,7 +40,7 @@ from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.errors import VlpruneError
 from vlprune.kernels import attention_rows, gather_tokens
-from vlprune.pruners.base import Pruner, QueryRows, Selection, StageContext, StagePlan
+from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
 POSITION_MODES = ("original", "reindex")
 _attached: set[int] = set()
@@ -130,8 +130,8 @@ class PruningSession:
         self.positions = positions
         self.shape = self.adapter.language_model_shape()
         # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
-        probe = pruner.plan(num_visual if num_visual is not None else 1 << 30, self.shape.num_layers)
-        self._check_plan(probe, num_visual if num_visual is not None else 1 << 30)
+        probe = pruner.plan(num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
+        self._check_plan(probe, num_visual if num_visual is not None else PROBE_TOKENS)
         if any(stage.vision_cls_attention for stage in probe) and not self.adapter.vision_has_cls:
             raise VlpruneError(
                 f"method {pruner.name!r} needs the vision tower's [CLS] token, and "

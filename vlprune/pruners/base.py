@@ -216,6 +216,16 @@ class Selection:
     kept_hidden: torch.Tensor | None = None
 
 
+PROBE_TOKENS = 1 << 30
+"""The token count the engine passes to :meth:`Pruner.plan` at attach time, when the real count is not known yet: the
+plan's layers and needs must come out right; its token counts are not used."""
+
+
+def is_probe(num_visual: int) -> bool:
+    """Whether :meth:`Pruner.plan` is being asked for its layers only (see :data:`PROBE_TOKENS`)."""
+    return num_visual >= PROBE_TOKENS
+
+
 def resolve_keep(keep: int | float, num_visual: int) -> int:
     """Turn a budget into a token count: an int is a count, a float in (0, 1) a fraction of ``num_visual``.
 
@@ -268,7 +278,8 @@ class Pruner:
         """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers.
 
         The stage layers and what each stage asks for may depend on ``num_layers`` but not on ``num_visual``: the
-        engine installs its hooks before it knows how many visual tokens a call brings.
+        engine installs its hooks before it knows how many visual tokens a call brings, calling ``plan`` with
+        :data:`PROBE_TOKENS` (see :func:`is_probe`); budgets that cannot be resolved then may keep every token.
         """
         raise NotImplementedError
 

@@ -38,6 +38,7 @@ from vlprune.pruners.base import (
     Stage,
     StageContext,
     StagePlan,
+    is_probe,
     resolve_keep,
     top_k_sorted,
 )
@@ -99,25 +100,33 @@ class PyramidDrop(Pruner):
     layers: list[int] | None = None
     ratios: list[float] | None = None
 
+    def reference_layers(self) -> tuple[int, ...]:
+        """Stage layers of a 32-layer model: ``layers``, else the budget schedule's or the reference default's."""
+        if self.layers:
+            return tuple(self.layers)
+        return BUDGET_LAYERS if self.keep is not None and self.ratios is None else DEFAULT_LAYERS
+
     def schedule(self, num_visual: int, num_layers: int) -> tuple[list[int], list[int]]:
         """(stage layers, tokens kept at each) for this model."""
+        layers = scaled_layers(self.reference_layers(), num_layers)
         if self.ratios is not None:
-            layers = scaled_layers(tuple(self.layers or DEFAULT_LAYERS), num_layers)
             if len(self.ratios) != len(layers) or not all(0 < r <= 1 for r in self.ratios):
                 raise VlpruneError(f"ratios={self.ratios} must hold one value in (0, 1] per stage layer {layers}")
             return layers, [max(1, int(num_visual * r)) for r in self.ratios]
         if self.keep is None:
-            layers = scaled_layers(tuple(self.layers or DEFAULT_LAYERS), num_layers)
             if len(layers) != len(DEFAULT_RATIOS):
                 raise VlpruneError(f"layers={self.layers} needs ratios=[...] (the default ratios are for 3 stages)")
             return layers, [max(1, int(num_visual * r)) for r in DEFAULT_RATIOS]
         keep = resolve_keep(self.keep, num_visual)
-        layers = scaled_layers(tuple(self.layers or BUDGET_LAYERS), num_layers)
         ratio = geometric_ratio(num_visual, keep, layers, num_layers)
         return layers, [max(1, int(num_visual * ratio ** (s + 1))) for s in range(len(layers))]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        layers, counts = self.schedule(min(num_visual, 1 << 20), num_layers)
+        if is_probe(num_visual):
+            layers = scaled_layers(self.reference_layers(), num_layers)
+            counts = [num_visual] * len(layers)
+        else:
+            layers, counts = self.schedule(num_visual, num_layers)
         return [
             StagePlan(layer=layer, keep=count, query_rows=QueryRows.LAST, own_layer_attention=True)
             for layer, count in zip(layers, counts, strict=True)

@@ -57,6 +57,7 @@ from vlprune.pruners.base import (
     Stage,
     StageContext,
     StagePlan,
+    is_probe,
     resolve_keep,
     top_k_sorted,
 )
@@ -200,7 +201,7 @@ class SparseVLM(Pruner):
         stage_layers = [layer + 1 for layer in scaled_layers(after, num_layers)]
         if stage_layers[-1] >= num_layers:
             raise VlpruneError(f"sparsevlm needs a deeper language model than {num_layers} layers for {list(after)}")
-        counts = self.stage_counts(min(num_visual, 1 << 20))
+        counts = [num_visual] * len(stage_layers) if is_probe(num_visual) else self.stage_counts(num_visual)
         if len(counts) != len(stage_layers):
             raise VlpruneError(f"schedule={self.schedule} needs one count per pruning layer {list(after)}")
         return [

@@ -49,7 +49,16 @@ import torch
 from vlprune.errors import VlpruneError
 from vlprune.kernels import gather_tokens
 from vlprune.pruners import register
-from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, resolve_keep, top_k_sorted
+from vlprune.pruners.base import (
+    Pruner,
+    Selection,
+    Stage,
+    StageContext,
+    StagePlan,
+    is_probe,
+    resolve_keep,
+    top_k_sorted,
+)
 
 REFERENCE_DEPTH = 28
 REFERENCE_LAYERS = (9, 18)
@@ -196,7 +205,7 @@ class VFlowOpt(Pruner):
         return [first, second, max(1, round(second * r3))]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        counts = self.counts(min(num_visual, 1 << 20), num_layers)
+        counts = [num_visual] * 3 if is_probe(num_visual) else self.counts(num_visual, num_layers)
         layers = [0, *self.stage_layers(num_layers)]
         return [
             StagePlan(layer=layer, keep=count, vision_attention=True)
