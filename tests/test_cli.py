@@ -89,12 +89,15 @@ def test_methods_lists_every_method_with_its_stage(capsys: pytest.CaptureFixture
     code, out, err = run_cli(capsys, "methods")
     assert code == 0 and err == ""
     rows = parse_table(out)
-    assert list(rows) == vlprune.available_pruners()
+    assert list(rows) == [*vlprune.available_pruners(), *vlprune.pruners.available_modifiers()]
     assert {"none", "random", "fastv", "fastervlm"} <= set(rows)
     expected_stage = {"none": "none", "random": "pre-LLM", "fastv": "in-LLM", "fastervlm": "pre-LLM"}
     for name, stage in expected_stage.items():
         assert rows[name][0] == stage
+    assert rows["var"][0] == "attention-modifier" and "fastv+var" not in rows and "METHOD+var" in rows["var"][1]
     for name, (stage, reference) in rows.items():
+        if name == "var":
+            continue
         cls = vlprune.pruners.get(name)
         assert stage == cls.stage.value
         assert reference == cls.reference

@@ -185,7 +185,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _methods() -> int:
+    from vlprune.pruners.base import Stage
+    from vlprune.pruners.var import VAR
+
     rows = [(name, cls.stage.value, cls.reference) for name, cls in ((n, pruners.get(n)) for n in pruners.available())]
+    rows.append((VAR.name, Stage.ATTENTION.value, f"{VAR.reference}; combine as METHOD+{VAR.name}"))
     widths = [max(len(row[i]) for row in [("name", "stage", "reference"), *rows]) for i in range(2)]
     print(f"{'name':<{widths[0]}}  {'stage':<{widths[1]}}  reference")
     for name, stage, reference in rows:

@@ -14,13 +14,25 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None], Any]
-"""``observer(module, query, key, value, attention_mask, scaling)``; a non-None return value replaces the mask."""
+"""``observer(module, query, key, value, attention_mask, scaling)``; it returns None, a tensor that replaces the
+mask, or an :class:`Action`."""
+
+
+@dataclass
+class Action:
+    """What an observer asks of one attention call: a replacement mask, and a function applied to the attention output
+    (B, L, H, d) before the layer continues (VAR rewrites some rows)."""
+
+    mask: Any = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
 
 _MISSING = object()
 _observers: dict[int, Observer] = {}
@@ -59,11 +71,17 @@ def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         observer = _observers.get(id(module))
-        if observer is not None:
-            replacement = observer(module, query, key, value, attention_mask, kwargs.get("scaling"))
-            if replacement is not None:
-                attention_mask = replacement
-        return original(module)(module, query, key, value, attention_mask, **kwargs)
+        action = (
+            None if observer is None else observer(module, query, key, value, attention_mask, kwargs.get("scaling"))
+        )
+        if isinstance(action, torch.Tensor):
+            action = Action(mask=action)
+        if action is not None and action.mask is not None:
+            attention_mask = action.mask
+        output = original(module)(module, query, key, value, attention_mask, **kwargs)
+        if action is None or action.transform is None:
+            return output
+        return (action.transform(output[0]), *output[1:])
 
     vlprune_attention.vlprune_backend = name  # type: ignore[attr-defined]
     return vlprune_attention

@@ -36,6 +36,7 @@ from vlprune.engine.layout import (
     prefill_mask,
     reindexed,
 )
+from vlprune.engine.redistribution import Redistribution
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.errors import VlpruneError
@@ -147,6 +148,8 @@ class PruningSession:
         self._needs_features = any(stage.vision_features for stage in probe)
         self._needs_initial = any(stage.initial_embeddings for stage in probe)
         self._vision_stages = VisionStages(self.adapter, pruner)
+        modifier = getattr(pruner, "modifier", None)
+        self._redistribution = None if modifier is None else Redistribution(self, modifier)
         self._mask_style = self.adapter.config.text_config._attn_implementation
         self.stats: PrefillStats | None = None
         self.history: list[PrefillStats] = []
@@ -196,6 +199,11 @@ class PruningSession:
                 if set(vision_watched) & set(watched):
                     raise VlpruneError(f"{self.pruner.name}: a vision layer is both pruned and read as features")
                 watched.update(vision_watched)
+            if self._redistribution is not None:
+                handles, rewritten = self._redistribution.install()
+                self._handles.extend(handles)
+                for module, callback in rewritten.items():
+                    watched[module] = _chained(watched[module], callback) if module in watched else callback
             if watched:
                 observer.observe(watched, self.adapter.attention_implementations())
                 self._observed = list(watched)
@@ -215,6 +223,10 @@ class PruningSession:
         self._prefill = self._decode = None
         self._forget_vision()
         self._phase = Phase.IDLE
+
+    def prefill_state(self) -> _Prefill | None:
+        """The prefill in progress, or None outside a prefill."""
+        return self._prefill if self._phase is Phase.PREFILL else None
 
     @property
     def attached(self) -> bool:
@@ -242,6 +254,8 @@ class PruningSession:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise VlpruneError(f"vlprune needs a 2-D attention mask, got shape {tuple(attention_mask.shape)}")
         self._phase = Phase.IDLE
+        if self._redistribution is not None:
+            self._redistribution.decoding = cache is not None and cache is self._redistribution.cache
         if visual is not None and visual.shape[1] > 1 and not _has_past(cache) and bool(visual.any()):
             self._start_prefill(visual, attention_mask)
         elif self._decode is not None and cache is not None and cache is self._decode.cache:
@@ -249,9 +263,12 @@ class PruningSession:
 
     def _on_model_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._phase is Phase.PREFILL and self._prefill is not None:
-            self._finish_prefill(
+            cache = (
                 _cache_argument(kwargs) or getattr(output, "cache", None) or getattr(output, "past_key_values", None)
             )
+            self._finish_prefill(cache)
+            if self._redistribution is not None:
+                self._redistribution.cache = cache
         elif self._phase is Phase.DECODE and self._decode is not None:
             self._decode.generated += self._decode.step_length
         self._phase = Phase.IDLE
@@ -757,6 +774,32 @@ def _rows_attention(
         mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
     )
     return attention_rows(query, key, local_rows, scale, picked, causal=False, average_heads=average_heads)
+
+
+def _chained(first: observer.Observer, second: observer.Observer) -> observer.Observer:
+    """One observer calling two (a score reader and a rewriter on the same layer), their actions combined."""
+
+    def both(*arguments: Any) -> Any:
+        actions = [_as_action(first(*arguments)), _as_action(second(*arguments))]
+        masks = [a.mask for a in actions if a is not None and a.mask is not None]
+        transforms = [a.transform for a in actions if a is not None and a.transform is not None]
+        if len(masks) > 1:
+            raise RuntimeError("two observers replace the mask of the same attention call")
+        if not masks and not transforms:
+            return None
+
+        def transform(output: torch.Tensor) -> torch.Tensor:
+            for function in transforms:
+                output = function(output)
+            return output
+
+        return observer.Action(mask=masks[0] if masks else None, transform=transform if transforms else None)
+
+    return both
+
+
+def _as_action(result: Any) -> observer.Action | None:
+    return observer.Action(mask=result) if isinstance(result, torch.Tensor) else result
 
 
 def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:

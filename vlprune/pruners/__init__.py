@@ -60,18 +60,48 @@ def get(name: str) -> type[Pruner]:
         raise VlpruneError(f"unknown method {name!r}{hint}; available: {', '.join(available())}") from None
 
 
+def available_modifiers() -> list[str]:
+    """Names of the attention modifiers, which combine with any pruner as ``METHOD+NAME`` (or alone as ``NAME``)."""
+    from vlprune.pruners.var import VAR
+
+    return [VAR.name]
+
+
+def _options_of(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
 def create(name: str, **options: object) -> Pruner:
     """Build the pruner ``name`` with its options (``keep=64``, ``layer=2``, ...). Options set to None keep their
-    defaults, so callers can pass optional CLI values straight through."""
-    cls = get(name)
-    valid = {f.name for f in dataclasses.fields(cls)}
+    defaults, so callers can pass optional CLI values straight through.
+
+    ``"fastv+var"`` adds the attention modifier VAR to the pruner FastV (``"var"`` alone: VAR without pruning); each
+    option goes to whichever of the two has it.
+    """
+    from vlprune.pruners.var import VAR
+
+    base_name, plus, modifier_name = str(name).partition("+")
+    if not plus and base_name == VAR.name:
+        base_name, modifier_name = "none", VAR.name
+    if plus and modifier_name != VAR.name:
+        raise VlpruneError(f"unknown attention modifier {modifier_name!r} in {name!r}; available: {VAR.name}")
+    cls = get(base_name)
+    valid = _options_of(cls)
+    modifier_valid = _options_of(VAR) if modifier_name else set()
     given = {key: value for key, value in options.items() if value is not None}
-    unknown = sorted(set(given) - valid)
+    unknown = sorted(set(given) - valid - modifier_valid)
     if unknown:
         raise VlpruneError(
-            f"method {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(valid))}"
+            f"method {name!r} has no option {', '.join(unknown)}; its options are: "
+            f"{', '.join(sorted(valid | modifier_valid))}"
         )
-    return cls(**given)
+    shared = sorted(set(given) & valid & modifier_valid)
+    if shared:
+        raise VlpruneError(f"option {shared[0]!r} of {name!r} is ambiguous: both {base_name} and var have it")
+    pruner = cls(**{k: v for k, v in given.items() if k in valid})
+    if modifier_name:
+        pruner.modifier = VAR(**{k: v for k, v in given.items() if k in modifier_valid})
+    return pruner
 
 
 # Importing the built-in pruners registers them.
@@ -100,6 +130,7 @@ __all__ = [
     "StagePlan",
     "VisionLayerContext",
     "available",
+    "available_modifiers",
     "create",
     "get",
     "register",

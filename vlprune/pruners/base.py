@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -266,6 +266,7 @@ class Pruner:
 
     Attributes:
         keep: visual tokens that reach the language model (an int), or the fraction kept (a float in (0, 1)).
+        modifier: an attention modifier (VAR) the engine runs with this pruner, set by ``create("METHOD+var")``.
     """
 
     name: ClassVar[str] = ""
@@ -273,6 +274,7 @@ class Pruner:
     reference: ClassVar[str] = ""
 
     keep: int | float | None = None
+    modifier: Any = field(default=None, init=False, repr=False, compare=False)
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers.

@@ -1,0 +1,108 @@
+"""VAR: the redistribution rule on hand-built rows, sink finding on planted massive activations, and the engine's
+exact rewrite of only the text-query rows on top of SDPA, in prefill and in cached decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_model
+
+import vlprune
+from vlprune.errors import VlpruneError
+from vlprune.pruners.var import find_sink_dimensions, image_centric, redistributed, sink_scores
+
+
+def test_redistribution_moves_sink_mass_to_the_image_in_proportion_and_keeps_rows_summing_to_one() -> None:
+    # Keys: 0 = text sink (BOS), 1 = visual sink, 2 and 3 = visual, 4 = text.
+    attention = torch.tensor([[[[0.3, 0.2, 0.1, 0.3, 0.1]]]])
+    image = torch.tensor([[False, True, True, True, False]])
+    sinks = torch.tensor([[True, True, False, False, False]])
+    rewritten = redistributed(attention, image, sinks, p=0.6)
+    moved = 0.4 * (0.3 + 0.2)  # (1 - p) of all sink attention
+    expected = torch.tensor([0.3 * 0.6, 0.2 * 0.6, 0.1 + moved * 0.1 / 0.4, 0.3 + moved * 0.3 / 0.4, 0.1])
+    torch.testing.assert_close(rewritten[0, 0, 0], expected)
+    torch.testing.assert_close(rewritten.sum(dim=-1), torch.ones(1, 1, 1))
+    # p = 1 moves nothing.
+    torch.testing.assert_close(redistributed(attention, image, sinks, p=1.0), attention)
+
+
+def test_image_centric_heads_need_little_sink_share_and_enough_image_attention() -> None:
+    image = torch.tensor([[False, True, True, True]])
+    visual_sinks = torch.tensor([[False, True, False, False]])
+    rows = torch.tensor(
+        [
+            [0.1, 0.2, 0.4, 0.3],  # image 0.9, sink share 0.22: selected
+            [0.1, 0.6, 0.2, 0.1],  # sink share 0.67 > 0.5: not selected
+            [0.9, 0.02, 0.04, 0.04],  # image 0.1 < 0.2: not selected
+        ]
+    )[None, None]  # (1, 1, 3, 4)
+    assert image_centric(rows, image, visual_sinks, rho=0.5, summ=0.2).tolist() == [[[True, False, False]]]
+
+
+def test_sinks_are_found_on_planted_massive_activations() -> None:
+    hidden = torch.randn(1, 6, 1024)  # |x_d| / RMS(x) can reach 20 only in a wide enough model (at most sqrt(D))
+    hidden[0, 2, 7] = 300.0  # token 2 carries a massive activation in dimension 7
+    assert find_sink_dimensions(hidden, tau=20.0) == [7]
+    scores = sink_scores(hidden, [7])
+    assert int(scores.argmax()) == 2 and scores[0, 2] > 20 > scores[0, [0, 1, 3, 4, 5]].max()
+
+
+def test_var_with_p_one_changes_nothing() -> None:
+    model, processor = tiny_model("clip", 2, layers=6)
+    inputs = tiny_inputs(processor, 2)
+    vanilla = model(**inputs).logits
+    with vlprune.attach(model, vlprune.pruners.create("var", p=1.0, dimensions=[5], tau=2.0)):
+        torch.testing.assert_close(model(**inputs).logits, vanilla, atol=1e-5, rtol=1e-5)
+
+
+def test_var_rewrites_only_the_text_rows() -> None:
+    """Rows before the first text query never see a rewritten row (causal attention), so every hidden state there is
+    the vanilla one; the text positions change."""
+    model, processor = tiny_model("clip", 2, layers=6)
+    inputs = tiny_inputs(processor, 1)
+    vanilla = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    with vlprune.attach(model, vlprune.pruners.create("var", dimensions=[5], tau=2.0, rho=1.0, summ=0.0)) as session:
+        changed = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        first_text = int(session._redistribution._rows[2][0, 0])
+    torch.testing.assert_close(changed[:, :first_text], vanilla[:, :first_text], atol=0, rtol=0)
+    assert (changed[:, first_text:] - vanilla[:, first_text:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "method,options", [("var", {}), ("random+var", {"keep": 16}), ("random+var", {"keep": 16, "layer": 3})]
+)
+def test_cached_decoding_with_var_equals_recomputation(method: str, options: dict) -> None:
+    """Each decoded token's logits equal a fresh prefill of the prompt plus the tokens before it: the decode step
+    rewrites the new token's row with the prefill's sinks and image, as the prefill rewrites text rows. (The
+    pruners here select independently of the text, so the fresh prefill keeps the same tokens.)"""
+    model, processor = tiny_model("clip", 2, layers=6)
+    inputs = tiny_inputs(processor, 1)
+    pruner = vlprune.pruners.create(method, dimensions=[5], tau=2.0, rho=1.0, summ=0.0, **options)
+    with vlprune.attach(model, pruner):
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        for step in range(1, 4):
+            prefix = out.sequences[:, : inputs["input_ids"].shape[1] + step]
+            again = dict(inputs, input_ids=prefix, attention_mask=torch.ones_like(prefix))
+            logits = model(**again).logits[:, -1]
+            torch.testing.assert_close(logits, out.logits[step], atol=1e-4, rtol=1e-4)
+
+
+def test_var_composes_with_a_pruner_and_reaches_the_cli_names() -> None:
+    pruner = vlprune.pruners.create("sparsevlm+var", keep=0.3, p=0.5)
+    assert pruner.name == "sparsevlm" and pruner.modifier.p == 0.5
+    with pytest.raises(VlpruneError, match="unknown attention modifier"):
+        vlprune.pruners.create("fastv+nope", keep=4)
+    with pytest.raises(VlpruneError, match=r"p=1\.5"):
+        vlprune.pruners.create("var", p=1.5)
+    # A 64-wide random model has no massive activations (|x_d| / RMS(x) <= 8 < tau): the finder finds no sink
+    # dimension and VAR leaves the pruned model exactly as it is.
+    model, processor = tiny_model("dinov2", 2, layers=6)
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, vlprune.pruners.create("sparsevlm", keep=0.3)):
+        alone = model(**inputs).logits
+    with vlprune.attach(model, pruner) as session:
+        combined = model(**inputs).logits
+    assert session._redistribution.dimensions == []
+    torch.testing.assert_close(combined, alone, atol=0, rtol=0)
