@@ -104,6 +104,7 @@ PRUNING_CASES = [
     ("zoo-prune", {"keep": 16, "directions": 8}, 0),
     ("holov", {"keep": 16}, 0),
     ("holov", {"keep": 16, "crops": 4, "tiles": True}, 0),
+    ("ptp", {"keep": 16}, 3),
 ]
 # Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
 MULTI_STAGE_CASES = [

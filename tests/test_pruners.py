@@ -266,3 +266,32 @@ def test_budgeted_multi_stage_methods_attach_before_the_token_count_is_known(met
     with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
         model(**inputs)
     assert abs(session.stats.equivalent_visual_tokens - 16) < 4  # the layer-averaged budget
+
+
+def test_ptp_budgets_regions_by_saliency_and_fuses_instruction_relevance() -> None:
+    from vlprune.pruners.ptp import instruction_relevance, region_quotas
+
+    # 4 x 4 tokens, 2 x 2 regions of 4: the top-left region (tokens 0, 1, 4, 5) is three times as salient.
+    received = torch.full((1, 16), 1.0)
+    received[0, [0, 1, 4, 5]] = 3.0
+    region_of = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
+    assert region_quotas(received, region_of, keep=6).tolist() == [[3, 1, 1, 1]]
+    rows = torch.tensor([[[0.1] * 16, [0.0] * 16]])
+    rows[0, 1, 9] = 0.9  # the second instruction token looks at token 9
+    valid = torch.tensor([[True, True]])
+    assert int(instruction_relevance(rows, valid).argmax()) == 9
+    attention = received[:, None, :].expand(1, 16, 16) / 16  # every query gives these shares: received = shares
+    ctx = StageContext(
+        layer=3,
+        keep=6,
+        visual_hidden=torch.zeros(1, 16, 4),
+        visual_positions=torch.arange(16)[None],
+        visual_origin=torch.arange(16)[None],
+        query_attention=rows,
+        query_mask=valid,
+        vision_attention=attention,
+    )
+    kept = vlprune.pruners.create("ptp", keep=6).select(ctx).keep_index[0].tolist()
+    # Region 0 keeps 3 of its 4 equally salient tokens (ties to the lowest index), region 2 its instruction-relevant
+    # token 9, regions 1 and 3 their first token.
+    assert kept == [0, 1, 2, 4, 9, 10]

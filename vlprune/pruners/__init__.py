@@ -112,6 +112,7 @@ from vlprune.pruners import (  # noqa: E402, F401
     flowcut,
     holov,
     none,
+    ptp,
     pyramiddrop,
     random,
     sparsevlm,
