@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlprune import pruners
+from vlprune.adapters import adapter_for
 from vlprune.api import load_image
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
@@ -45,7 +46,25 @@ def vflowopt_space(trial: Any, share: float) -> dict[str, Any]:
     }
 
 
+def vflowopt_start(pruner: Any, num_visual: int, num_layers: int, share: float) -> dict[str, float]:
+    """The default configuration's point in :func:`vflowopt_space` (clamped into it): the search's first trial."""
+    (r1, r2, _), t, m, alpha = pruner.settings(num_visual, num_layers)
+    r1_high = min(1.0, 1.5 * share)
+
+    def clamp(value: float, low: float, high: float) -> float:
+        return min(max(value, low), high)
+
+    return {
+        "r1": clamp(r1, share, r1_high),
+        "r2": clamp(r2, min(1.0, 0.8 * share / r1_high), 1.0),
+        "sensitivity": clamp(t, 0.0, 50.0),
+        "cell": clamp(m, 3.0, 24.0),
+        "entropy_weight": clamp(alpha, -1.0, 1.0),
+    }
+
+
 SEARCH_SPACES: dict[str, Callable[[Any, float], dict[str, Any]]] = {"vflowopt": vflowopt_space}
+STARTS: dict[str, Callable[[Any, int, int, float], dict[str, float]]] = {"vflowopt": vflowopt_start}
 
 
 @torch.inference_mode()
@@ -86,8 +105,11 @@ def calibrate(
 ) -> dict[str, Any]:
     """Search ``method``'s hyperparameters for the budget ``keep`` on ``samples`` (their answers are not used).
 
+    The first trial is the method's default configuration, so the result scores at least as well as the default.
+
     Returns:
-        ``{"method", "keep", "options", "score", "trials", "samples"}``: the best options and their mean cosine.
+        ``{"method", "keep", "options", "score", "default_score", "trials", "samples"}``: the best options, their mean
+        cosine and the default configuration's.
 
     Raises:
         VlpruneError: a method without a search space, no samples, or fewer than one trial.
@@ -119,6 +141,10 @@ def calibrate(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, trials))
     study = optuna.create_study(direction="maximize", sampler=sampler)
+    # The first trial is the method's default configuration, so the result is never worse than the default.
+    default = pruners.create(method, keep=keep)
+    num_layers = adapter_for(model).language_model_shape().num_layers
+    study.enqueue_trial(STARTS[method](default, num_visual, num_layers, share))
     bar = tqdm(total=trials, desc=f"calibrate {method}", disable=not progress)
 
     def update(study: Any, trial: Any) -> None:
@@ -138,6 +164,7 @@ def calibrate(
         "keep": keep,
         "options": options,
         "score": best.value,
+        "default_score": study.trials[0].value,
         "trials": trials,
         "samples": len(samples),
     }
