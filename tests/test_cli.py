@@ -191,6 +191,17 @@ def test_run_json_vision_side_methods(
     assert payload["answer"] == expected.text
 
 
+@pytest.mark.parametrize("method", ["sparsevlm", "pyramiddrop", "vflowopt", "ptp", "fastv+var", "sparsevlm+var"])
+def test_run_json_in_llm_methods(capsys: pytest.CaptureFixture[str], image: Path, method: str) -> None:
+    extra = ["--option", "tau=2.0"] if "var" in method else []  # a threshold a 64-wide random model reaches
+    payload = run_json(capsys, image, "--method", method, "--keep", "16", *extra)
+    stats = payload["stats"]
+    assert payload["method"] == method and stats["stages"]
+    assert stats["equivalent_visual_tokens"] < 64
+    expected = vlprune.load("tiny-random", method=method, keep=16, **({"tau": 2.0} if "var" in method else {}))
+    assert payload["answer"] == expected(image, QUESTION, max_new_tokens=2).text
+
+
 def test_run_json_without_pruning(capsys: pytest.CaptureFixture[str], image: Path) -> None:
     payload = run_json(capsys, image)
     assert payload["method"] == "none" and payload["keep"] is None

@@ -45,11 +45,21 @@ def test_answers_the_shipped_samples(pipeline: vlprune.api.Pipeline, scene: str,
     assert pipeline(SAMPLES / scene, question, max_new_tokens=4).text == answer
 
 
-@pytest.mark.parametrize("method", ["fastv", "fastervlm", "divprune", "zoo-prune", "holov", "visionzip", "flowcut"])
+SINGLE_STAGE = ["fastv", "fastervlm", "divprune", "zoo-prune", "holov", "visionzip", "flowcut", "ptp", "fastv+var"]
+MULTI_STAGE = ["sparsevlm", "sparsevlm+var", "pyramiddrop", "vflowopt"]  # keep = layer-averaged visual tokens
+
+
+@pytest.mark.parametrize("method", SINGLE_STAGE + MULTI_STAGE)
 def test_pruned_answers_stay_right_at_a_quarter_of_the_tokens(pipeline: vlprune.api.Pipeline, method: str) -> None:
     pruned = vlprune.load((pipeline.model, pipeline.processor), method=method, keep=64)
     result = pruned(SAMPLES / "scene1.png", "What color is the circle?", max_new_tokens=4)
-    assert result.text == "orange" and result.stats.stages[0].visual_out == 64
+    assert result.text == "orange"
+    if method in SINGLE_STAGE:
+        assert result.stats.stages[0].visual_out == 64
+    else:
+        # SparseVLM's budget is the reference's label for its tables, which count recycled tokens and each pruning
+        # layer at its pruned size; the layers here really process about 15% more.
+        assert 48 < result.stats.equivalent_visual_tokens < 64 * 1.2, result.stats.equivalent_visual_tokens
 
 
 def test_merged_weights_equal_the_lora_model(folders: tuple[Path, Path]) -> None:
