@@ -106,3 +106,39 @@ def test_var_composes_with_a_pruner_and_reaches_the_cli_names() -> None:
         combined = model(**inputs).logits
     assert session._redistribution.dimensions == []
     torch.testing.assert_close(combined, alone, atol=0, rtol=0)
+
+
+def test_var_output_rows_equal_the_redistributed_eager_attention_times_values() -> None:
+    """Oracle at layer 2 of an eager model: eager attention weights and the layer's values give every head's output;
+    VAR's must equal the redistributed weights times the values in the selected (head, text row) pairs, and the
+    plain ones everywhere else."""
+    from vlprune.pruners.var import image_centric, redistributed, sink_scores
+
+    model, processor = tiny_model("clip", 4, attn="eager", layers=6)
+    inputs = tiny_inputs(processor, 1)
+    layer = model.model.language_model.layers[2]
+    captured = []
+    hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+        options = {"dimensions": [5], "tau": 2.0, "rho": 0.9, "summ": 0.1}
+        with vlprune.attach(model, vlprune.pruners.create("var", **options)) as session:
+            model(**inputs)
+    finally:
+        hook.remove()
+    weights = out.attentions[2][0]  # (H, L, L)
+    heads, length = weights.shape[0], weights.shape[1]
+    hidden = out.hidden_states[2]
+    values = layer.self_attn.v_proj(layer.input_layernorm(hidden))[0].view(length, heads, -1).transpose(0, 1)
+    image = (inputs["input_ids"] == model.config.image_token_id)[0]
+    sinks = sink_scores(hidden, [5])[0] >= 2.0
+    rows = session._redistribution._rows[2][0]
+    rewritten = redistributed(weights[None, :, rows], image[None], sinks[None], p=0.6)[0]
+    selected = image_centric(weights[None, :, rows], image[None], (sinks & image)[None], 0.9, 0.1)[0]  # (H, R)
+    assert selected.any() and not selected.all()  # some heads and rows change, others must not
+    expected = (weights @ values).transpose(0, 1).clone()  # (L, H, d)
+    expected[rows] = torch.where(selected.T[..., None], (rewritten @ values).transpose(0, 1), expected[rows])
+    torch.testing.assert_close(captured[1][0].view(length, heads, -1), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        captured[0][0].view(length, heads, -1), (weights @ values).transpose(0, 1), atol=1e-5, rtol=1e-4
+    )
