@@ -97,6 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     calibrate.add_argument("--out", required=True, help="JSON file to write (for --config)")
 
+    sweep = commands.add_parser("sweep", help="every method x budget over a dataset, one JSON line per cell (resumes)")
+    sweep.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, folder or HF id ({DEFAULT_MODEL})")
+    sweep.add_argument("--dataset", default="shapes", help="shapes, easy-vqa or jsonl:PATH")
+    sweep.add_argument("--split", default="test")
+    sweep.add_argument("--methods", required=True, help="comma-separated methods, e.g. fastv,sparsevlm,visionzip")
+    sweep.add_argument("--keep", default="llava", help="budgets: 64,128,192 or fractions, or llava (11.1/22.2/33.3%%)")
+    sweep.add_argument("--limit", type=int, default=None, help="first N samples only")
+    sweep.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
+    sweep.add_argument("--max-new-tokens", type=int, default=8)
+    sweep.add_argument("--positions", choices=POSITION_MODES, default="original")
+    sweep.add_argument("--device", default=None)
+    sweep.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+
+    report = commands.add_parser("report", help="Markdown table and PNG plots of a sweep folder")
+    report.add_argument("folder", help="the sweep's output folder")
+
+    bench = commands.add_parser("bench", help="prefill time pruned vs unpruned, FLOPs ratio and selection time")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, folder or HF id ({DEFAULT_MODEL})")
+    bench.add_argument("--method", required=True)
+    bench.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count or a fraction")
+    bench.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE")
+    bench.add_argument("--image", default=None, help="image (default: a shipped sample)")
+    bench.add_argument("--question", default="What color is the circle?")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+
     commands.add_parser("methods", help="list the pruning methods")
     return parser
 
@@ -184,6 +213,84 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from vlprune.eval.datasets import load_dataset
+    from vlprune.eval.sweep import SweepSettings, merge_shards, parse_keeps, run_sweep
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise VlpruneError("--methods needs at least one method")
+    if args.limit is not None and args.limit < 1:
+        raise VlpruneError(f"--limit {args.limit} must be at least 1")
+    settings = SweepSettings(
+        model=str(args.model),
+        dataset=args.dataset,
+        split=args.split,
+        limit=args.limit,
+        methods=methods,
+        keeps=parse_keeps(args.keep),
+        max_new_tokens=args.max_new_tokens,
+    )
+    samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
+    import torch
+
+    # One process, or one of several under `accelerate launch`; without a GPU the processes talk over gloo.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    device = args.device or (str(state.device) if state.num_processes > 1 else None)
+    pipeline = load(args.model, device=device, dtype=args.dtype, positions=args.positions)
+    path = run_sweep(
+        pipeline,
+        samples,
+        settings,
+        args.out,
+        shard=(state.process_index, state.num_processes),
+        progress=state.is_local_main_process,
+    )
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            path = merge_shards(args.out, state.num_processes)
+    if state.is_main_process:
+        print(f"results in {path}; `vlprune report {args.out}` writes the table and plots")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vlprune.eval.report import write_report
+
+    path = write_report(args.folder)
+    print(path.read_text().split("\n\nEvery measurement")[0])
+    print(f"\nwrote {path} and its plots")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import vlprune
+    from vlprune.eval.bench import TABLE_HEADER, bench
+
+    image = args.image or str(Path(vlprune.__file__).parent / "samples" / "scene1.png")
+    pipeline = load(args.model, device=args.device, dtype=args.dtype)
+    result = bench(
+        pipeline,
+        args.method,
+        args.keep,
+        image,
+        args.question,
+        batch=args.batch,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        **dict(args.option),
+    )
+    print(f"{args.model}: {result.visual_tokens} visual tokens, batch {args.batch}, median of {args.repeats}")
+    print(TABLE_HEADER)
+    print(result.table_row())
+    return 0
+
+
 def _methods() -> int:
     from vlprune.pruners.base import Stage
     from vlprune.pruners.var import VAR
@@ -200,7 +307,15 @@ def _methods() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": _run, "eval": _eval, "calibrate": _calibrate, "methods": lambda _: _methods()}
+        commands = {
+            "run": _run,
+            "eval": _eval,
+            "calibrate": _calibrate,
+            "sweep": _sweep,
+            "report": _report,
+            "bench": _bench,
+            "methods": lambda _: _methods(),
+        }
         return commands[args.command](args)
     except VlpruneError as error:
         print(f"vlprune: error: {error}", file=sys.stderr)

@@ -1,0 +1,229 @@
+"""Sweeps: resuming after kills, metric functions against hand computations, the report on a synthetic results file,
+sharding, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlprune
+import vlprune.cli
+from vlprune.cli import main
+from vlprune.errors import VlpruneError
+from vlprune.eval.datasets import load_dataset
+from vlprune.eval.report import accuracy_table, summarise, write_report
+from vlprune.eval.sweep import (
+    RESULTS,
+    ResultsFile,
+    SweepSettings,
+    _Reference,
+    cells,
+    fidelity,
+    load_rows,
+    merge_shards,
+    parse_keeps,
+    run_sweep,
+    shard_of,
+)
+
+
+@pytest.fixture(autouse=True)
+def _random_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vlprune.cli, "DEFAULT_MODEL", "tiny-random")
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return vlprune.load("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return load_dataset("shapes", split="test", limit=3)
+
+
+SETTINGS = SweepSettings(
+    model="tiny-random", dataset="shapes", split="test", limit=3, methods=["fastv", "visionzip"], keeps=[16, 32]
+)
+
+
+def keys(rows: list[dict]) -> list[tuple]:
+    return sorted((r["sample"], r["method"], json.dumps(r["keep"])) for r in rows)
+
+
+def test_a_sweep_writes_one_row_per_sample_and_cell(pipeline, samples, tmp_path: Path) -> None:
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    rows = load_rows(tmp_path)
+    assert len(rows) == 3 * 5 and len(set(keys(rows))) == 15  # (none + 2 methods x 2 budgets) x 3 samples
+    reference = [r for r in rows if r["method"] == "none"]
+    assert all(
+        r["same_answer"] and r["kl_first_token"] == 0 and r["hidden_cosine"] == pytest.approx(1) for r in reference
+    )
+    pruned = [r for r in rows if r["method"] == "fastv" and r["keep"] == 16]
+    assert all(r["visual_tokens"] == 64 and r["equivalent_visual_tokens"] < 64 and r["flops_ratio"] < 1 for r in pruned)
+    assert all(r["prefill_ms"] > 0 and r["end_to_end_ms"] > 0 and r["kv_cache_bytes"] > 0 for r in rows)
+
+
+def test_resume_after_kills_between_and_during_writes(pipeline, samples, tmp_path: Path) -> None:
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    path = tmp_path / RESULTS
+    complete = path.read_text().splitlines(keepends=True)
+    # Killed after 6 rows, in the middle of writing the 7th.
+    path.write_text("".join(complete[:6]) + complete[6][: len(complete[6]) // 2])
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    rows = load_rows(tmp_path)
+    assert keys(rows) == keys([json.loads(line) for line in complete])
+    assert len(path.read_text().splitlines()) == 15  # nothing duplicated, nothing lost
+    # A re-run of a finished sweep adds nothing.
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    assert len(path.read_text().splitlines()) == 15
+
+
+def test_a_folder_holding_another_sweep_is_refused(pipeline, samples, tmp_path: Path) -> None:
+    run_sweep(pipeline, samples[:1], SETTINGS, tmp_path, progress=False)
+    other = SweepSettings(**{**SETTINGS.__dict__, "keeps": [8]})
+    with pytest.raises(VlpruneError, match="keeps"):
+        run_sweep(pipeline, samples, other, tmp_path, progress=False)
+
+
+def test_fidelity_against_hand_computations() -> None:
+    p = torch.tensor([0.5, 0.25, 0.25])
+    q = torch.tensor([0.25, 0.5, 0.25])
+    reference = _Reference(log_probs=p.log(), hidden=torch.tensor([1.0, 0.0]), answer="Red.")
+    pruned = _Reference(log_probs=q.log(), hidden=torch.tensor([1.0, 1.0]), answer="red")
+    result = fidelity(reference, pruned)
+    expected_kl = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5)
+    assert result["same_answer"] is True
+    assert result["kl_first_token"] == pytest.approx(expected_kl, abs=1e-6)
+    assert result["hidden_cosine"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+
+
+def synthetic_rows() -> list[dict]:
+    rows = []
+    for sample, (base, pruned_64, pruned_128) in enumerate([(1, 0, 1), (1, 1, 1), (0, 0, 1), (1, 1, 0)]):
+        for method, keep, correct, tokens, ms in [
+            ("none", None, base, 576, 100.0),
+            ("fastv", 64, pruned_64, 64, 40.0 + sample),
+            ("fastv", 128, pruned_128, 128, 60.0),
+        ]:
+            rows.append(
+                {
+                    "sample": f"s{sample}",
+                    "method": method,
+                    "keep": keep,
+                    "correct": bool(correct),
+                    "same_answer": bool(correct) == bool(base),
+                    "kl_first_token": 0.0 if method == "none" else 0.1,
+                    "hidden_cosine": 1.0 if method == "none" else 0.9,
+                    "visual_tokens": tokens,
+                    "equivalent_visual_tokens": tokens,
+                    "flops_ratio": tokens / 576,
+                    "kv_cache_bytes": tokens * 10,
+                    "prefill_ms": ms,
+                    "end_to_end_ms": ms + 10,
+                    "decode_tokens_per_s": None,
+                    "peak_memory_bytes": None,
+                }
+            )
+    return rows
+
+
+def test_report_summarises_a_synthetic_results_file(tmp_path: Path) -> None:
+    summaries = {(s.method, s.keep): s for s in summarise(synthetic_rows())}
+    assert summaries[("none", None)].accuracy == 0.75
+    assert summaries[("fastv", 64)].accuracy == 0.5 and summaries[("fastv", 64)].relative_accuracy == pytest.approx(
+        2 / 3
+    )
+    assert summaries[("fastv", 128)].same_answer == 0.5  # s0 and s1 agree with the reference, s2 and s3 do not
+    assert summaries[("fastv", 64)].prefill_ms == 41.5  # median of 40, 41, 42, 43
+    table = accuracy_table(list(summaries.values()))
+    assert "| fastv | 50.0% (66.7%) | 75.0% (100.0%) |" in table
+    (tmp_path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "| fastv | 50.0% (66.7%) | 75.0% (100.0%) |" in text
+    for name in ("accuracy_vs_tokens.png", "prefill_vs_tokens.png", "accuracy_vs_flops.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shards_cover_every_sample_exactly_once(samples) -> None:
+    parts = [shard_of(list(range(11)), index, 3) for index in range(3)]
+    assert sorted(item for part in parts for item in part) == list(range(11)) and all(parts)
+    with pytest.raises(VlpruneError, match="shard 3"):
+        shard_of(list(range(4)), 3, 3)
+
+
+def test_merging_shards_keeps_each_cell_once(tmp_path: Path) -> None:
+    rows = synthetic_rows()
+    for index in range(2):
+        part = ResultsFile(tmp_path / f"results-{index}.jsonl")
+        for row in rows[index::2]:
+            part.append(row)
+    ResultsFile(tmp_path / RESULTS).append(rows[0])  # already merged earlier
+    merge_shards(tmp_path, 2)
+    assert keys(ResultsFile(tmp_path / RESULTS).rows) == keys(rows)
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(tmp_path: Path) -> None:
+    """Two CPU processes take alternate samples and the main one merges their rows into results.jsonl. (accelerate's
+    torchrun launcher is the one behind ``--multi_gpu``; the sweep initialises gloo itself when there is no GPU.)"""
+    out = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "vlprune.cli", "sweep", "--model", "tiny-random",
+        "--methods", "fastv", "--keep", "16", "--limit", "3", "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = ResultsFile(out / RESULTS).rows
+    assert len(rows) == 6
+    samples = load_dataset("shapes", split="test", limit=3)
+    assert keys(rows) == sorted((s.id, m, json.dumps(k)) for s in samples for m, k in [("none", None), ("fastv", 16)])
+    assert (out / "results-0.jsonl").exists() and (out / "results-1.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--methods", "nope"], "unknown method 'nope'"),
+        (["--methods", "fastv", "--keep", "16,abc"], "'abc'"),
+        (["--methods", "fastv", "--keep", "-3"], "positive"),
+        (["--methods", "fastv", "--dataset", "mnist"], "mnist"),
+    ],
+)
+def test_bad_sweep_input_exits_2_with_one_clear_line(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["sweep", "--limit", "1", "--out", str(tmp_path / "s"), *arguments])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["sweep", "--methods", "fastv", "--keep", "16", "--limit", "1", "--out", str(blocker / "sub")])
+    assert code == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_parse_keeps() -> None:
+    assert parse_keeps("64,128,192") == [64, 128, 192]
+    assert parse_keeps("0.25, 0.5") == [0.25, 0.5]
+    assert parse_keeps("llava") == pytest.approx([64 / 576, 128 / 576, 192 / 576])
+    assert cells(SETTINGS)[0] == ("none", None) and len(cells(SETTINGS)) == 5
+
+
+def test_bench_reports_both_times_and_the_selection_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "--method", "fastv", "--keep", "16", "--repeats", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| fastv | 16 |" in out and "FLOPs speed-up" in out

@@ -1,0 +1,145 @@
+"""Prefill timing of a pruned model against the unpruned one, interleaved in the same run, next to the theoretical
+FLOPs speed-up and the pruner's own selection time (``vlprune bench``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlprune import pruners
+from vlprune.api import Pipeline, load_image
+from vlprune.engine import attach
+from vlprune.errors import VlpruneError
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Wall time of one forward pass with the cache (the prefill), synchronised on a GPU."""
+    _sync(device)
+    start = time.perf_counter()
+    model(**inputs, use_cache=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def timed_pruner(pruner: pruners.Pruner, device: torch.device, spent: list[float]) -> pruners.Pruner:
+    """The pruner with ``select`` and ``select_in_vision`` adding their synchronised time to ``spent[-1]``."""
+    for name in ("select", "select_in_vision"):
+        original = getattr(pruner, name)
+
+        def wrapper(ctx: Any, original: Any = original) -> Any:
+            _sync(device)
+            start = time.perf_counter()
+            result = original(ctx)
+            _sync(device)
+            spent[-1] += time.perf_counter() - start
+            return result
+
+        object.__setattr__(pruner, name, wrapper)
+    return pruner
+
+
+@dataclass
+class BenchResult:
+    """Medians over the repeats, in milliseconds."""
+
+    method: str
+    keep: int | float | None
+    visual_tokens: int
+    kept_tokens: int
+    unpruned_ms: float
+    pruned_ms: float
+    selection_ms: float
+    flops_ratio: float
+
+    @property
+    def speedup(self) -> float:
+        return self.unpruned_ms / self.pruned_ms
+
+    @property
+    def flops_speedup(self) -> float:
+        return 1 / self.flops_ratio
+
+    @property
+    def share_of_theory(self) -> float:
+        """How much of the theoretical speed-up the measured one reaches: (measured - 1) / (theory - 1)."""
+        return (self.speedup - 1) / (self.flops_speedup - 1) if self.flops_speedup > 1 else float("nan")
+
+    def table_row(self) -> str:
+        return (
+            f"| {self.method} | {self.kept_tokens} | {self.selection_ms:.2f} | {self.unpruned_ms:.1f} | "
+            f"{self.pruned_ms:.1f} | {self.speedup:.2f}x | {self.flops_speedup:.2f}x | {self.share_of_theory:.0%} |"
+        )
+
+
+TABLE_HEADER = (
+    "| method | kept | selection ms | unpruned prefill ms | pruned prefill ms | speed-up | FLOPs speed-up | "
+    "share of theory |\n|---|---|---|---|---|---|---|---|"
+)
+
+
+def bench(
+    pipeline: Pipeline,
+    method: str,
+    keep: int | float | None,
+    image: Any,
+    question: str,
+    *,
+    batch: int = 1,
+    warmup: int = 2,
+    repeats: int = 7,
+    **options: Any,
+) -> BenchResult:
+    """Time the prefill with and without ``method`` (alternating, so both see the same machine state).
+
+    Raises:
+        VlpruneError: a bad method, budget or option, or fewer than one repeat.
+    """
+    if repeats < 1 or warmup < 0:
+        raise VlpruneError(f"repeats={repeats} must be at least 1 and warmup={warmup} at least 0")
+    model = pipeline.model
+    device = next(model.parameters()).device
+    picture = load_image(image)
+    inputs = pipeline.processor(
+        images=[picture] * batch, text=[pipeline.chat_prompt(question)] * batch, return_tensors="pt"
+    ).to(device)
+    inputs.pop("token_type_ids", None)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = dict(inputs)
+    num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    pruner = pruners.create(method, keep=keep, **options)
+    unpruned, pruned, selection = [], [], []
+    flops_ratio, kept = 1.0, num_visual
+    for round_index in range(warmup + repeats):
+        base = prefill_seconds(model, inputs, device)
+        with attach(model, pruner, positions=pipeline.positions, num_visual=num_visual) as session:
+            seconds = prefill_seconds(model, inputs, device)
+        flops_ratio = session.stats.flops_ratio
+        kept = session.stats.visual_tokens_per_layer[-1]
+        spent = [0.0]
+        probe = timed_pruner(pruners.create(method, keep=keep, **options), device, spent)
+        with attach(model, probe, positions=pipeline.positions, num_visual=num_visual):
+            prefill_seconds(model, inputs, device)
+        if round_index >= warmup:
+            unpruned.append(base)
+            pruned.append(seconds)
+            selection.append(spent[-1])
+    return BenchResult(
+        method=method,
+        keep=keep,
+        visual_tokens=num_visual,
+        kept_tokens=kept,
+        unpruned_ms=statistics.median(unpruned) * 1e3,
+        pruned_ms=statistics.median(pruned) * 1e3,
+        selection_ms=statistics.median(selection) * 1e3,
+        flops_ratio=flops_ratio,
+    )

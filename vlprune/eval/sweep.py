@@ -1,0 +1,343 @@
+"""Pruning-ratio sweeps: every method x budget (and the unpruned model) over a dataset, one JSON line per
+(sample, method, budget), resumable.
+
+Layout of an output folder::
+
+    sweep.json          the sweep's settings; a re-run with other settings into the same folder is refused
+    results.jsonl       one line per (sample, method, keep); the unpruned model is method "none", keep null
+    results-<rank>.jsonl  per-process files of a sharded run (``accelerate launch``), merged into results.jsonl
+
+Each line is written whole and flushed to disk before the next cell starts. On a re-run, finished cells are skipped;
+a line cut short by a kill in the middle of a write is removed before appending, so no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vlprune import pruners
+from vlprune.api import Pipeline, load_image
+from vlprune.engine import attach
+from vlprune.errors import VlpruneError
+from vlprune.eval.datasets import VQASample, normalize_answer
+
+RESULTS = "results.jsonl"
+SETTINGS = "sweep.json"
+LLAVA_RATIOS = (64 / 576, 128 / 576, 192 / 576)
+"""LLaVA-1.5's budgets, 64, 128 and 192 of 576 visual tokens, as fractions for models with other token counts."""
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep runs; saved as ``sweep.json`` so that a re-run can check it continues the same sweep."""
+
+    model: str
+    dataset: str
+    split: str
+    limit: int | None
+    methods: list[str]
+    keeps: list[int | float]
+    max_new_tokens: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_keeps(text: str) -> list[int | float]:
+    """``"64,128,192"`` or ``"0.111,0.222"`` -> budgets; the keyword ``llava`` gives LLaVA-1.5's three ratios.
+
+    Raises:
+        VlpruneError: an empty list, a value that is not a number, or a non-positive one.
+    """
+    if text.strip() == "llava":
+        return list(LLAVA_RATIOS)
+    keeps: list[int | float] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value: int | float = int(item)
+        except ValueError:
+            try:
+                value = float(item)
+            except ValueError:
+                raise VlpruneError(f"--keep item {item!r} is not a count (64) or a fraction (0.25)") from None
+        if value <= 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):
+            raise VlpruneError(f"--keep item {item!r} must be a positive count or a fraction in (0, 1)")
+        keeps.append(value)
+    if not keeps:
+        raise VlpruneError("--keep needs at least one budget")
+    return keeps
+
+
+def cells(settings: SweepSettings) -> list[tuple[str, int | float | None]]:
+    """The (method, keep) cells of a sweep, the unpruned reference first."""
+    return [("none", None)] + [(m, k) for m in settings.methods for k in settings.keeps if m != "none"]
+
+
+def cell_key(sample: str, method: str, keep: int | float | None) -> tuple[str, str, str]:
+    return (sample, method, json.dumps(keep))
+
+
+class ResultsFile:
+    """An append-only JSON Lines file that survives being killed in the middle of a write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = self._read_and_repair()
+
+    def _read_and_repair(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # a kill mid-write leaves a last line without its newline
+        if len(complete) != len(data):
+            with self.path.open("r+b") as file:
+                file.truncate(len(complete))
+        rows = []
+        for number, line in enumerate(complete.decode().splitlines(), start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise VlpruneError(f"{self.path} line {number} is not JSON; move the file away to start over") from None
+        return rows
+
+    def keys(self) -> set[tuple[str, str, str]]:
+        return {cell_key(r["sample"], r["method"], r["keep"]) for r in self.rows}
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self.rows.append(row)
+
+
+@dataclass
+class _Reference:
+    """The unpruned model's outputs on one sample, which fidelity is measured against."""
+
+    log_probs: torch.Tensor  # (V,) first answer token
+    hidden: torch.Tensor  # (D,) last prompt token, last layer
+    answer: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CellRunner:
+    """Runs one sample through the model with one pruner (or none) and measures everything a row holds."""
+
+    def __init__(self, pipeline: Pipeline, max_new_tokens: int) -> None:
+        self.pipeline = pipeline
+        self.model = pipeline.model
+        self.device = next(self.model.parameters()).device
+        self.max_new_tokens = max_new_tokens
+
+    def inputs(self, sample: VQASample) -> dict[str, torch.Tensor]:
+        processor = self.pipeline.processor
+        inputs = processor(
+            images=[load_image(sample.image)], text=[self.pipeline.chat_prompt(sample.question)], return_tensors="pt"
+        )
+        inputs.pop("token_type_ids", None)
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return dict(inputs)
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None) -> tuple[dict[str, Any], _Reference]:
+        """(measurements, outputs) of one prefill and one greedy generation."""
+        model, device = self.model, self.device
+        num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        pruner = pruner or pruners.create("none")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with attach(model, pruner, positions=self.pipeline.positions, num_visual=num_visual) as session:
+            _sync(device)
+            start = time.perf_counter()
+            output = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            _sync(device)
+            prefill = time.perf_counter() - start
+            stats = session.stats
+            start = time.perf_counter()
+            generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            _sync(device)
+            end_to_end = time.perf_counter() - start
+        new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+        answer = self.pipeline.processor.decode(new_tokens, skip_special_tokens=True).strip()
+        count = len(new_tokens)
+        decode_seconds = end_to_end - prefill
+        measured = {
+            "prediction": answer,
+            "visual_tokens": None if stats is None else stats.visual_tokens_per_layer[0],
+            "equivalent_visual_tokens": None if stats is None else stats.equivalent_visual_tokens,
+            "prefill_flops": None if stats is None else stats.prefill_flops,
+            "flops_ratio": None if stats is None else stats.flops_ratio,
+            "kv_cache_bytes": None if stats is None else stats.kv_cache_bytes,
+            "prefill_ms": prefill * 1e3,
+            "end_to_end_ms": end_to_end * 1e3,
+            "decode_tokens_per_s": (count - 1) / decode_seconds if count > 1 and decode_seconds > 0 else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        }
+        outputs = _Reference(
+            log_probs=torch.log_softmax(output.logits[0, -1].float(), dim=-1),
+            hidden=output.hidden_states[-1][0, -1].float(),
+            answer=answer,
+        )
+        return measured, outputs
+
+
+def fidelity(reference: _Reference, pruned: _Reference) -> dict[str, Any]:
+    """Same answer, KL(reference || pruned) of the first answer token's distribution, and the cosine of the last
+    prompt token's last-layer hidden states."""
+    kl = torch.sum(reference.log_probs.exp() * (reference.log_probs - pruned.log_probs))
+    cosine = torch.nn.functional.cosine_similarity(reference.hidden, pruned.hidden, dim=0)
+    return {
+        "same_answer": normalize_answer(reference.answer) == normalize_answer(pruned.answer),
+        "kl_first_token": max(0.0, float(kl)),
+        "hidden_cosine": float(cosine),
+    }
+
+
+def shard_of(samples: Sequence[VQASample], index: int, count: int) -> list[VQASample]:
+    """The samples process ``index`` of ``count`` takes: every ``count``-th one from ``index``."""
+    if not 0 <= index < count:
+        raise VlpruneError(f"shard {index} is outside 0..{count - 1}")
+    return list(samples[index::count])
+
+
+def check_settings(folder: Path, settings: SweepSettings) -> None:
+    """Save the settings in a new folder, or check that an existing folder's sweep is the same one."""
+    path = folder / SETTINGS
+    wanted = asdict(settings)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in wanted if saved.get(k) != json.loads(json.dumps(wanted[k])))
+            raise VlpruneError(
+                f"{folder} holds a sweep with other settings ({', '.join(changed)}); use another --out folder"
+            )
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(wanted, indent=2) + "\n")
+        temporary.replace(path)
+    except OSError as error:
+        raise VlpruneError(f"cannot write the sweep's output folder {str(folder)!r}: {error.strerror}") from None
+
+
+def run_sweep(
+    pipeline: Pipeline,
+    samples: Sequence[VQASample],
+    settings: SweepSettings,
+    folder: str | os.PathLike,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) a sweep, writing rows as they are measured; returns this process's results file.
+
+    Raises:
+        VlpruneError: an unknown method or a bad budget (checked before anything runs), or a folder holding a
+            different sweep.
+    """
+    folder = Path(folder)
+    for method, keep in cells(settings):
+        pruners.create(method, keep=keep, **settings.options.get(method, {}))  # fail on bad input before any work
+    check_settings(folder, settings)
+    index, count = shard
+    results = ResultsFile(folder / (RESULTS if count == 1 else f"results-{index}.jsonl"))
+    done = results.keys()
+    runner = CellRunner(pipeline, settings.max_new_tokens)
+    mine = shard_of(samples, index, count)
+    todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, c[0], c[1]) not in done]
+    bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
+    warmed = False
+    for sample in mine:
+        pending = [c for c in cells(settings) if cell_key(sample.id, c[0], c[1]) not in done]
+        if not pending:
+            continue
+        inputs = runner.inputs(sample)
+        if not warmed:  # the first calls pay for lazy initialisation; keep them out of the timings
+            for method, keep in cells(settings):
+                runner.run(inputs, pruners.create(method, keep=keep, **settings.options.get(method, {})))
+            warmed = True
+        reference_row, reference = runner.run(inputs, None)
+        for method, keep in pending:
+            if method == "none":
+                row, outputs = reference_row, reference
+            else:
+                pruner = pruners.create(method, keep=keep, **settings.options.get(method, {}))
+                row, outputs = runner.run(inputs, pruner)
+            row = {
+                "sample": sample.id,
+                "method": method,
+                "keep": keep,
+                "kind": sample.kind,
+                "question": sample.question,
+                "answer": sample.answer,
+                "correct": normalize_answer(row["prediction"]) == normalize_answer(sample.answer),
+                **row,
+                **fidelity(reference, outputs),
+            }
+            results.append(row)
+            bar.update(1)
+    bar.close()
+    return results.path
+
+
+def merge_shards(folder: str | os.PathLike, count: int) -> Path:
+    """Merge ``results-<i>.jsonl`` of ``count`` processes into ``results.jsonl`` (rows already there stay; each cell
+    once)."""
+    folder = Path(folder)
+    merged = ResultsFile(folder / RESULTS)
+    seen = merged.keys()
+    for index in range(count):
+        part = folder / f"results-{index}.jsonl"
+        if not part.exists():
+            continue
+        for row in ResultsFile(part).rows:
+            key = cell_key(row["sample"], row["method"], row["keep"])
+            if key not in seen:
+                merged.append(row)
+                seen.add(key)
+    return merged.path
+
+
+def load_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a sweep folder (``results.jsonl`` and any shard files not merged yet), each cell once."""
+    folder = Path(folder)
+    if not (folder / RESULTS).exists() and not list(folder.glob("results-*.jsonl")):
+        raise VlpruneError(f"{folder} holds no sweep results ({RESULTS})")
+    rows, seen = [], set()
+    for path in [folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))]:
+        if not path.exists():
+            continue
+        for row in ResultsFile(path).rows:
+            key = cell_key(row["sample"], row["method"], row["keep"])
+            if key not in seen:
+                rows.append(row)
+                seen.add(key)
+    return rows
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(present) if present else None
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None
