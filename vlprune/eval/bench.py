@@ -23,10 +23,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def prefill_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Wall time of one forward pass with the cache (the prefill), synchronised on a GPU."""
+    """Wall time of one forward pass with the cache and the last position's logits only (the prefill ``generate``
+    runs), synchronised on a GPU."""
     _sync(device)
     start = time.perf_counter()
-    model(**inputs, use_cache=True)
+    model(**inputs, use_cache=True, logits_to_keep=1)
     _sync(device)
     return time.perf_counter() - start
 
