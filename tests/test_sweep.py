@@ -227,3 +227,18 @@ def test_bench_reports_both_times_and_the_selection_cost(capsys: pytest.CaptureF
     code = main(["bench", "--method", "fastv", "--keep", "16", "--repeats", "2", "--warmup", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "| fastv | 16 |" in out and "FLOPs speed-up" in out
+
+
+def test_device_map_loads_a_saved_model_for_pruning(tmp_path: Path) -> None:
+    from vlprune.testing import build_tiny_llava, make_test_image
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipeline = vlprune.load(str(tmp_path), method="fastv", keep=16, device_map="auto")
+    result = pipeline(make_test_image(0), "What is it?", max_new_tokens=2)
+    assert result.stats.stages[0].visual_out == 16
+    with pytest.raises(VlpruneError, match="device or device_map"):
+        vlprune.load(str(tmp_path), device="cpu", device_map="auto")
+    with pytest.raises(VlpruneError, match="not to 'tiny-random'"):
+        vlprune.load("tiny-random", device_map="auto")

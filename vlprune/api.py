@@ -163,8 +163,14 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """A model and its processor from a built-in name, a local folder or a Hugging Face id (offline cache)."""
+    """A model and its processor from a built-in name, a local folder or a Hugging Face id (offline cache).
+
+    ``device_map="auto"`` spreads a model larger than one GPU over the available devices (accelerate's big-model
+    loading); the engine follows each layer's device."""
+    if device_map is not None and device is not None:
+        raise VlpruneError("pass device or device_map, not both")
     name = str(model)
     torch_dtype = _dtype(dtype)
     if name in BUILTIN_MODELS:
@@ -175,14 +181,16 @@ def load_model(
         try:
             processor = AutoProcessor.from_pretrained(name)
             loaded = AutoModelForImageTextToText.from_pretrained(
-                name, dtype=torch_dtype or "auto", attn_implementation=attn_implementation
+                name, dtype=torch_dtype or "auto", attn_implementation=attn_implementation, device_map=device_map
             )
         except (OSError, ValueError) as error:
             raise VlpruneError(
                 f"cannot load model {name!r}: {str(error).splitlines()[0]} "
                 f"(give a local folder, a cached Hugging Face id, or one of {sorted(BUILTIN_MODELS)})"
             ) from None
-    if torch_dtype is not None:
+    if device_map is not None and name in BUILTIN_MODELS:
+        raise VlpruneError(f"device_map applies to checkpoints loaded from a folder or hub id, not to {name!r}")
+    if torch_dtype is not None and device_map is None:
         loaded = loaded.to(torch_dtype)
     if device is not None:
         loaded = loaded.to(device)
@@ -207,6 +215,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     positions: str = "original",
+    device_map: str | None = None,
     **method_options: Any,
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (a built-in name, folder or HF id, or a ``(model, processor)`` pair) with the
@@ -219,5 +228,5 @@ def load(
         if device is not None:
             loaded = loaded.to(device)
     else:
-        loaded, processor = load_model(model, device=device, dtype=dtype)
+        loaded, processor = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return Pipeline(loaded, processor, pruner, positions=positions)

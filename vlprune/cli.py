@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    run.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
     run.add_argument("--json", action="store_true", help="print the answer and the statistics as JSON")
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy on a VQA dataset, overall and per question type")
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--positions", choices=POSITION_MODES, default="original")
     sweep.add_argument("--device", default=None)
     sweep.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    sweep.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
 
     report = commands.add_parser("report", help="Markdown table and PNG plots of a sweep folder")
     report.add_argument("folder", help="the sweep's output folder")
@@ -162,6 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         positions=args.positions,
+        device_map=args.device_map,
         **options,
     )
     result = pipeline(args.image, args.question, max_new_tokens=args.max_new_tokens)
@@ -239,7 +242,15 @@ def _sweep(args: argparse.Namespace) -> int:
     # One process, or one of several under `accelerate launch`; without a GPU the processes talk over gloo.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
-    pipeline = load(args.model, device=device, dtype=args.dtype, positions=args.positions)
+    if args.device_map is not None and state.num_processes > 1:
+        raise VlpruneError("--device-map spreads one model over the GPUs; run it in one process, not sharded")
+    pipeline = load(
+        args.model,
+        device=None if args.device_map else device,
+        dtype=args.dtype,
+        positions=args.positions,
+        device_map=args.device_map,
+    )
     path = run_sweep(
         pipeline,
         samples,
