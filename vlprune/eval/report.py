@@ -154,14 +154,17 @@ def plot(summaries: list[CellSummary], folder: Path) -> list[Path]:
     written = []
     for name, x_field, y_field, x_label, y_label in specs:
         figure, axes = plt.subplots(figsize=(6.4, 4.4))
-        for method in methods:
+        colors = plt.get_cmap("tab20").colors
+        markers = "osD^vP*Xh<>p"
+        for index, method in enumerate(methods):
             points = sorted(
                 (getattr(s, x_field), getattr(s, y_field))
                 for s in summaries
                 if s.method == method and getattr(s, x_field) is not None and getattr(s, y_field) is not None
             )
             if points:
-                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                style = {"color": colors[index % len(colors)], "marker": markers[index % len(markers)]}
+                axes.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
         reference_y = getattr(reference, y_field)
         if reference_y is not None:
             axes.axhline(reference_y, color="black", linestyle="--", linewidth=1, label="unpruned")
