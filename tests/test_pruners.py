@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
@@ -295,3 +297,34 @@ def test_ptp_budgets_regions_by_saliency_and_fuses_instruction_relevance() -> No
     # Region 0 keeps 3 of its 4 equally salient tokens (ties to the lowest index), region 2 its instruction-relevant
     # token 9, regions 1 and 3 their first token.
     assert kept == [0, 1, 2, 4, 9, 10]
+
+
+def test_sparsevlm_rank_rule_counts_from_the_rank_of_the_raters_attention() -> None:
+    # Seven rater rows over 64 visual tokens, of rank 5 (two rows repeat others): 64 of 576 -> (scale 0.8, bias 0),
+    # int(5 x 0.8) = 4 tokens; 192 of 576 -> (13.5, 0): min(67, 63) = 63.
+    torch.manual_seed(0)
+    rows = torch.rand(5, 64)
+    attention = torch.cat([rows, rows[:2] * 2])[None]  # (1, 7, 64)
+    raters = torch.ones(1, 7, dtype=torch.bool)
+    ctx = StageContext(
+        layer=3,
+        keep=64,
+        visual_hidden=torch.zeros(1, 64, 4),
+        visual_positions=torch.arange(64)[None],
+        visual_origin=torch.arange(64)[None],
+        query_attention=attention,
+    )
+    assert vlprune.pruners.create("sparsevlm", keep=64 / 576, rule="rank").rank_count(ctx, raters) == 4
+    assert vlprune.pruners.create("sparsevlm", keep=192 / 576, rule="rank").rank_count(ctx, raters) == 63
+    with pytest.raises(VlpruneError, match="rank rule"):
+        vlprune.pruners.create("sparsevlm", keep=64, rule="rank", version=2)
+
+
+def test_sparsevlm_rank_rule_runs_its_four_stages_with_the_budget_of_the_original_tokens() -> None:
+    model, processor = tiny_model("clip", 4, layers=32)
+    inputs = tiny_inputs(processor, 1)
+    with vlprune.attach(model, vlprune.pruners.create("sparsevlm", keep=16, rule="rank")) as session:
+        model(**inputs)
+    stages = session.stats.stages
+    assert [s.layer for s in stages] == [3, 7, 16, 20]
+    assert all(later.visual_in == earlier.visual_out for earlier, later in itertools.pairwise(stages))

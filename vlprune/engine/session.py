@@ -312,11 +312,12 @@ class PruningSession:
                 )
             if stage.query_rows is not None and stage.layer == 0 and not stage.own_layer_attention:
                 raise VlpruneError(f"{self.pruner.name}: a stage at layer 0 has no earlier attention to score with")
-            if not 1 <= stage.keep <= previous_keep:
+            if stage.keep is not None and not 1 <= stage.keep <= previous_keep:
                 raise VlpruneError(
                     f"{self.pruner.name}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]"
                 )
-            previous_layer, previous_keep = stage.layer, stage.keep
+            previous_layer = stage.layer
+            previous_keep = previous_keep if stage.keep is None else stage.keep
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -385,7 +386,7 @@ class PruningSession:
         query = prefill.query_attention.pop(stage.layer, None)
         context = StageContext(
             layer=stage.layer,
-            keep=stage.keep,
+            keep=stage.keep if stage.keep is not None else int(slots.shape[1]),
             visual_hidden=gather_tokens(hidden, slots),
             visual_positions=gather_tokens(layout.positions, slots),
             visual_origin=gather_tokens(layout.origin, slots),
@@ -411,7 +412,7 @@ class PruningSession:
         if stage.query_rows is not None and query is None:
             raise RuntimeError(f"no attention rows were captured at layer {stage.layer - 1}")
         selection = self.pruner.select(context)
-        keep_index = _checked_keep_index(selection, context)
+        keep_index = _checked_keep_index(selection, context, fixed=stage.keep is not None)
         kept_slots = gather_tokens(slots, keep_index)
         recycled = selection.recycled
         num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
@@ -427,7 +428,8 @@ class PruningSession:
         prefill.layout = new_layout
         prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
         # Pruning removes only real tokens and recycling adds real ones, so the counts follow without a device read.
-        removed = context.num_visual - stage.keep - num_recycled
+        kept = keep_index.shape[1]
+        removed = context.num_visual - kept - num_recycled
         previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
         real_counts = [count - removed for count in previous_counts]
         shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
@@ -444,7 +446,7 @@ class PruningSession:
             StageStats(
                 layer=stage.layer,
                 visual_in=context.num_visual,
-                visual_out=stage.keep + num_recycled,
+                visual_out=kept + num_recycled,
                 recycled=num_recycled,
                 kept_indices=[[i for i in row if i >= 0] for row in kept_origin.tolist()],
             )
@@ -809,10 +811,16 @@ def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | No
     ]
 
 
-def _checked_keep_index(selection: Selection, context: StageContext) -> torch.Tensor:
+def _checked_keep_index(selection: Selection, context: StageContext, fixed: bool = True) -> torch.Tensor:
+    """The pruner's indices, sorted and checked; ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the
+    count, one for the whole batch."""
     keep_index = selection.keep_index.to(context.visual_hidden.device).long()
     expected = (context.batch_size, context.keep)
-    if tuple(keep_index.shape) != expected:
+    shape_ok = tuple(keep_index.shape) == expected
+    if not fixed:
+        shape_ok = keep_index.dim() == 2 and keep_index.shape[0] == context.batch_size
+        shape_ok = shape_ok and 1 <= keep_index.shape[1] <= context.num_visual
+    if not shape_ok:
         raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
     keep_index = keep_index.sort(dim=1).values
     out_of_range = (keep_index[:, 0] < 0) | (keep_index[:, -1] >= context.num_visual)

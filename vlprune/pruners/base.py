@@ -48,7 +48,9 @@ class StagePlan:
 
     Attributes:
         layer: decoder layer whose input is pruned; 0 means pre-LLM.
-        keep: visual tokens per sample that continue (recycled tokens come on top of these).
+        keep: visual tokens per sample that continue (recycled tokens come on top of these), or None when the pruner
+            decides the count from the data at :meth:`Pruner.select` (one count for the whole batch; the context's
+            ``keep`` is then the number of tokens present).
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
         own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
             pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
@@ -65,7 +67,7 @@ class StagePlan:
     """
 
     layer: int
-    keep: int
+    keep: int | None
     query_rows: QueryRows | None = None
     own_layer_attention: bool = False
     per_head_attention: bool = False

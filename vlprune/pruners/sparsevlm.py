@@ -34,8 +34,10 @@ Choices and deviations, each with its reason:
   all-ones queries and keys at the true positions (no guard against small values, as in the reference), the 14
   priority heads of 32 (scaled to the model's head count: ``round(14 · H / 32)``), its own budget tables, no
   recycling, original positions.
-- Not implemented: the first version's rank-based token counts, which differ per sample while the engine keeps one
-  count per stage for the whole batch.
+- ``rule="rank"``: the first version's count per stage, ``min(int(rank(P) · scale + bias), N - 1)`` with ``P`` the
+  raters' attention to the visual tokens and (scale, bias) = (0.8, 0), (9, 6), (13.5, 0) for 64, 128, 192 (the
+  nearest of them for other budgets), at its layers [2, 6, 15, 19]. A batch keeps the largest count of its samples
+  (the reference runs one sample at a time), so only a batch of one gives each sample its own count.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ PRUNE_AFTER = (2, 6, 15)
 SCHEDULES = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
 SCHEDULES_V2 = {64: (66, 34, 20), 96: (246, 54, 28), 128: (238, 108, 60), 192: (300, 200, 118)}
 PRIORITY_HEADS = 14  # of LLaVA-1.5-7B's 32 heads, hard-coded in the reference
+PRUNE_AFTER_V1 = (2, 6, 15, 19)
+RANK_RULE = {64: (0.8, 0), 128: (9.0, 6), 192: (13.5, 0)}  # budget -> (scale, bias) of the first version's rule
 RECYCLED_SHARE = 0.3
 TOKENS_PER_CLUSTER = 10
 
@@ -163,7 +167,8 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tenso
 @register
 @dataclass
 class SparseVLM(Pruner):
-    """Options: ``version`` (1: SparseVLM v1.5, the default; 2: SparseVLM+), ``recycle`` (merge pruned tokens; v1.5
+    """Options: ``version`` (1: SparseVLM v1.5, the default; 2: SparseVLM+), ``rule`` ("table", or "rank" for the
+    first version's rank-based counts), ``recycle`` (merge pruned tokens; v1.5
     only, default true), ``schedule`` (tokens kept per stage of a 576-token model), ``layers`` (layers after which it
     prunes, of a 32-layer model), ``heads`` (SparseVLM+'s priority heads; default 14 of 32, scaled to the model);
     ``keep`` is the layer-averaged budget."""
@@ -173,6 +178,7 @@ class SparseVLM(Pruner):
     reference = "SparseVLM, ICML 2025 (Gumpest/SparseVLMs)"
 
     version: int = 1
+    rule: str = "table"
     recycle: bool | None = None
     schedule: list[int] | None = None
     layers: list[int] | None = None
@@ -183,6 +189,10 @@ class SparseVLM(Pruner):
             raise VlpruneError(f"version={self.version!r} must be 1 (SparseVLM v1.5) or 2 (SparseVLM+)")
         if self.version == 2 and self.recycle:
             raise VlpruneError("SparseVLM+ (version=2) does not recycle pruned tokens; drop recycle=true")
+        if self.rule not in ("table", "rank"):
+            raise VlpruneError(f"rule={self.rule!r} must be 'table' (v1.5) or 'rank' (the first version's rank rule)")
+        if self.rule == "rank" and self.version != 1:
+            raise VlpruneError("the rank rule belongs to the first version; use it with version=1")
 
     @property
     def recycles(self) -> bool:
@@ -197,11 +207,16 @@ class SparseVLM(Pruner):
         return [min(num_visual - 1, max(1, round(c))) for c in counts]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        after = tuple(self.layers or PRUNE_AFTER)
+        after = tuple(self.layers or (PRUNE_AFTER_V1 if self.rule == "rank" else PRUNE_AFTER))
         stage_layers = [layer + 1 for layer in scaled_layers(after, num_layers)]
         if stage_layers[-1] >= num_layers:
             raise VlpruneError(f"sparsevlm needs a deeper language model than {num_layers} layers for {list(after)}")
-        counts = [num_visual] * len(stage_layers) if is_probe(num_visual) else self.stage_counts(num_visual)
+        if self.rule == "rank":
+            counts: list[int | None] = [None] * len(stage_layers)  # decided from the data at each stage
+        elif is_probe(num_visual):
+            counts = [num_visual] * len(stage_layers)
+        else:
+            counts = self.stage_counts(num_visual)
         if len(counts) != len(stage_layers):
             raise VlpruneError(f"schedule={self.schedule} needs one count per pruning layer {list(after)}")
         return [
@@ -215,6 +230,20 @@ class SparseVLM(Pruner):
             for layer, count in zip(stage_layers, counts, strict=True)
         ]
 
+    def rank_count(self, ctx: StageContext, raters: torch.Tensor) -> int:
+        """The first version's count: ``min(int(rank(P) · scale + bias), N - 1)`` with P the raters' attention rows
+        to the visual tokens; the largest count of the batch (the reference runs one sample at a time)."""
+        # The budget is relative to the image's original tokens, not to those left after earlier stages.
+        original = ctx.initial_visual_hidden.shape[1] if ctx.initial_visual_hidden is not None else ctx.num_visual
+        budget = self._required_keep(original) * REFERENCE_TOKENS / original
+        scale, bias = RANK_RULE[min(RANK_RULE, key=lambda b: abs(b - budget))]
+        counts = []
+        for sample in range(ctx.batch_size):
+            rows = ctx.query_attention[sample][raters[sample]].float()
+            rank = int(torch.linalg.matrix_rank(rows)) if rows.numel() else 0
+            counts.append(min(int(rank * scale + bias), ctx.num_visual - 1))
+        return max(1, max(counts))
+
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.query_attention is not None and ctx.initial_text_hidden is not None
@@ -226,8 +255,9 @@ class SparseVLM(Pruner):
             relevance = priority_head_relevance(ctx.query_attention, raters, gravity, heads)
         else:
             relevance = rater_relevance(ctx.query_attention, raters)
-        keep_index = top_k_sorted(relevance, ctx.keep)
-        pruned_count = ctx.num_visual - ctx.keep
+        keep = self.rank_count(ctx, raters) if self.rule == "rank" else ctx.keep
+        keep_index = top_k_sorted(relevance, keep)
+        pruned_count = ctx.num_visual - keep
         if not self.recycles or pruned_count == 0:
             return Selection(keep_index=keep_index, scores=relevance)
         pruned = torch.ones_like(relevance, dtype=torch.bool).scatter(1, keep_index, False)
