@@ -16,7 +16,8 @@ from vlprune.engine import attach
 from vlprune.errors import VlpruneError
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock timings cover it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -25,10 +26,10 @@ def _sync(device: torch.device) -> None:
 def prefill_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> float:
     """Wall time of one forward pass with the cache and the last position's logits only (the prefill ``generate``
     runs), synchronised on a GPU."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     model(**inputs, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -38,10 +39,10 @@ def timed_pruner(pruner: pruners.Pruner, device: torch.device, spent: list[float
         original = getattr(pruner, name)
 
         def wrapper(ctx: Any, original: Any = original) -> Any:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             result = original(ctx)
-            _sync(device)
+            synchronize(device)
             spent[-1] += time.perf_counter() - start
             return result
 

@@ -30,6 +30,7 @@ from vlprune import pruners
 from vlprune.api import Pipeline, load_image
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
+from vlprune.eval.bench import synchronize
 from vlprune.eval.datasets import VQASample, normalize_answer
 
 RESULTS = "results.jsonl"
@@ -131,11 +132,6 @@ class _Reference:
     answer: str
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class CellRunner:
     """Runs one sample through the model with one pruner (or none) and measures everything a row holds."""
 
@@ -164,15 +160,15 @@ class CellRunner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with attach(model, pruner, positions=self.pipeline.positions, num_visual=num_visual) as session:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             output = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            _sync(device)
+            synchronize(device)
             prefill = time.perf_counter() - start
             stats = session.stats
             start = time.perf_counter()
             generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            _sync(device)
+            synchronize(device)
             end_to_end = time.perf_counter() - start
         new_tokens = generated[0, inputs["input_ids"].shape[1] :]
         answer = self.pipeline.processor.decode(new_tokens, skip_special_tokens=True).strip()
@@ -298,21 +294,25 @@ def run_sweep(
     return results.path
 
 
+def _new_rows(paths: Iterable[Path], seen: set[tuple[str, str, str]]) -> Iterable[dict[str, Any]]:
+    """Rows of the existing files among ``paths`` whose cell is not in ``seen`` yet (``seen`` grows as they come)."""
+    for path in paths:
+        if not path.exists():
+            continue
+        for row in ResultsFile(path).rows:
+            key = cell_key(row["sample"], row["method"], row["keep"])
+            if key not in seen:
+                seen.add(key)
+                yield row
+
+
 def merge_shards(folder: str | os.PathLike, count: int) -> Path:
     """Merge ``results-<i>.jsonl`` of ``count`` processes into ``results.jsonl`` (rows already there stay; each cell
     once)."""
     folder = Path(folder)
     merged = ResultsFile(folder / RESULTS)
-    seen = merged.keys()
-    for index in range(count):
-        part = folder / f"results-{index}.jsonl"
-        if not part.exists():
-            continue
-        for row in ResultsFile(part).rows:
-            key = cell_key(row["sample"], row["method"], row["keep"])
-            if key not in seen:
-                merged.append(row)
-                seen.add(key)
+    for row in list(_new_rows((folder / f"results-{i}.jsonl" for i in range(count)), merged.keys())):
+        merged.append(row)
     return merged.path
 
 
@@ -321,16 +321,7 @@ def load_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
     folder = Path(folder)
     if not (folder / RESULTS).exists() and not list(folder.glob("results-*.jsonl")):
         raise VlpruneError(f"{folder} holds no sweep results ({RESULTS})")
-    rows, seen = [], set()
-    for path in [folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))]:
-        if not path.exists():
-            continue
-        for row in ResultsFile(path).rows:
-            key = cell_key(row["sample"], row["method"], row["keep"])
-            if key not in seen:
-                rows.append(row)
-                seen.add(key)
-    return rows
+    return list(_new_rows([folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))], set()))
 
 
 def median(values: Iterable[float | None]) -> float | None:
