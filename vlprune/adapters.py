@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vlprune.errors import VlpruneError
+from vlprune.kernels import gather_tokens
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -145,14 +146,14 @@ class LlavaAdapter(ModelAdapter):
         module = sys.modules[type(attention).__module__]
         normed = layer.input_layernorm(hidden)
         batch, length = hidden.shape[:2]
-        picked = gather_rows(normed, rows)
+        picked = gather_tokens(normed, rows)
         query = attention.q_proj(picked).view(batch, rows.shape[1], -1, attention.head_dim).transpose(1, 2)
         key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
         if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms before RoPE
             query, key = attention.q_norm(query), attention.k_norm(key)
         cos, sin = position_embeddings
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        query, _ = module.apply_rotary_pos_emb(query, query, gather_rows(cos, rows), gather_rows(sin, rows))
+        query, _ = module.apply_rotary_pos_emb(query, query, gather_tokens(cos, rows), gather_tokens(sin, rows))
         key, _ = module.apply_rotary_pos_emb(key, key, cos, sin)
         return query, key
 
@@ -173,12 +174,6 @@ class LlavaAdapter(ModelAdapter):
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}
-
-
-def gather_rows(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, L, ...) gathered at (B, R) token indices."""
-    index = rows.reshape(*rows.shape, *([1] * (source.dim() - 2))).expand(*rows.shape, *source.shape[2:])
-    return torch.gather(source, 1, index)
 
 
 def _vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:

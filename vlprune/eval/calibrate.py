@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from vlprune.api import load_image
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
 from vlprune.eval.datasets import VQASample
+from vlprune.eval.files import write_text_atomically
 from vlprune.pruners.base import resolve_keep
 
 
@@ -172,18 +172,7 @@ def calibrate(
 
 def write_config(config: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a calibration result as JSON atomically (a crash never leaves half a file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(config, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomically(path, json.dumps(config, indent=2) + "\n")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

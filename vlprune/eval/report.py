@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprune.errors import VlpruneError
+from vlprune.eval.files import write_text_atomically
 from vlprune.eval.sweep import load_rows, mean, median
 
 
@@ -202,8 +203,4 @@ def write_report(folder: str | os.PathLike) -> Path:
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
     ]
-    path = folder / "report.md"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(body))
-    temporary.replace(path)
-    return path
+    return write_text_atomically(folder / "report.md", "\n".join(body))

@@ -32,6 +32,7 @@ from vlprune.engine import attach
 from vlprune.errors import VlpruneError
 from vlprune.eval.bench import synchronize
 from vlprune.eval.datasets import VQASample, normalize_answer
+from vlprune.eval.files import write_text_atomically
 
 RESULTS = "results.jsonl"
 SETTINGS = "sweep.json"
@@ -226,10 +227,7 @@ def check_settings(folder: Path, settings: SweepSettings) -> None:
             )
         return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(wanted, indent=2) + "\n")
-        temporary.replace(path)
+        write_text_atomically(path, json.dumps(wanted, indent=2) + "\n")
     except OSError as error:
         raise VlpruneError(f"cannot write the sweep's output folder {str(folder)!r}: {error.strerror}") from None
 
