@@ -226,7 +226,24 @@ def test_parse_keeps() -> None:
 def test_bench_reports_both_times_and_the_selection_cost(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "--method", "fastv", "--keep", "16", "--repeats", "2", "--warmup", "1"])
     out = capsys.readouterr().out
-    assert code == 0 and "| fastv | 16 |" in out and "FLOPs speed-up" in out
+    assert code == 0 and "| fastv | 16 |" in out and "FLOPs speed-up" in out and "LLM speed-up" in out
+
+
+def test_language_model_clock_times_each_language_model_call_and_removes_its_hooks() -> None:
+    from vlprune.adapters import adapter_for
+    from vlprune.eval.bench import language_model_clock, prefill_seconds
+    from vlprune.testing import build_tiny_llava, make_test_image
+
+    model, processor = build_tiny_llava()
+    inputs = dict(processor(images=[make_test_image(0)], text=["<image> What is it?"], return_tensors="pt"))
+    language_model = adapter_for(model).language_model
+    with language_model_clock(model, torch.device("cpu")) as spent, torch.inference_mode():
+        model(**inputs)
+        model(**inputs)
+    assert len(spent) == 2 and all(s > 0 for s in spent)
+    assert not language_model._forward_hooks and not language_model._forward_pre_hooks
+    total, language_model_part = prefill_seconds(model, inputs, torch.device("cpu"))
+    assert 0 < language_model_part < total
 
 
 def test_device_map_loads_a_saved_model_for_pruning(tmp_path: Path) -> None:

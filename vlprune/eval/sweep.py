@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlprune import pruners
 from vlprune.api import Pipeline, load_image
@@ -154,26 +155,32 @@ class CellRunner:
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None) -> tuple[dict[str, Any], _Reference]:
-        """(measurements, outputs) of one prefill and one greedy generation."""
+        """(measurements, outputs) of one greedy generation; its prefill is timed up to the first token."""
         model, device = self.model, self.device
         num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
         pruner = pruner or pruners.create("none")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        first_token = _FirstTokenClock(device)
         with attach(model, pruner, positions=self.pipeline.positions, num_visual=num_visual) as session:
             synchronize(device)
-            start = time.perf_counter()
-            output = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            first_token.start = time.perf_counter()
+            generated = model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                output_hidden_states=True,
+                output_logits=True,
+                return_dict_in_generate=True,
+                stopping_criteria=StoppingCriteriaList([first_token]),
+            )
             synchronize(device)
-            prefill = time.perf_counter() - start
+            end_to_end = time.perf_counter() - first_token.start
             stats = session.stats
-            start = time.perf_counter()
-            generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            synchronize(device)
-            end_to_end = time.perf_counter() - start
-        new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+        new_tokens = generated.sequences[0, inputs["input_ids"].shape[1] :]
         answer = self.pipeline.processor.decode(new_tokens, skip_special_tokens=True).strip()
         count = len(new_tokens)
+        prefill = end_to_end if first_token.seconds is None else first_token.seconds
         decode_seconds = end_to_end - prefill
         measured = {
             "prediction": answer,
@@ -188,11 +195,27 @@ class CellRunner:
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         }
         outputs = _Reference(
-            log_probs=torch.log_softmax(output.logits[0, -1].float(), dim=-1),
-            hidden=output.hidden_states[-1][0, -1].float(),
+            log_probs=torch.log_softmax(generated.logits[0][0].float(), dim=-1),
+            hidden=generated.hidden_states[0][-1][0, -1].float(),
             answer=answer,
         )
         return measured, outputs
+
+
+class _FirstTokenClock(StoppingCriteria):
+    """Never stops generation; records the time from ``start`` to the first call, which ``generate`` makes right after
+    the prefill has produced the first token (one generation gives both the prefill and the end-to-end time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = 0.0
+        self.seconds: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.seconds is None:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.start
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def fidelity(reference: _Reference, pruned: _Reference) -> dict[str, Any]:
