@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# Triton kernels run in Triton's interpreter on CPU tensors; the variable is read when a kernel module is imported,
+# so it is set here, before any vlprune import. With VLPRUNE_TEST_DEVICE=cuda the kernels compile for the GPU instead.
+if os.environ.get("VLPRUNE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

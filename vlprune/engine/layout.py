@@ -115,8 +115,14 @@ def order_after_stage(layout: Layout, kept_slots: torch.Tensor, num_recycled: in
     return torch.where(is_recycled, recycled, torch.gather(base, 1, from_base))
 
 
-def apply_order(layout: Layout, order: torch.Tensor, recycled_positions: torch.Tensor | None) -> Layout:
-    """The layout after a stage, given the slot order from :func:`order_after_stage` (position embeddings unset)."""
+def apply_order(
+    layout: Layout, order: torch.Tensor, recycled_positions: torch.Tensor | None, positions: torch.Tensor | None = None
+) -> Layout:
+    """The layout after a stage, given the slot order from :func:`order_after_stage` (position embeddings unset).
+
+    ``positions``: the position ids already gathered in this order (the engine gathers them fused with the hidden
+    states); computed here when None.
+    """
     batch, num_recycled = order.shape[0], 0 if recycled_positions is None else recycled_positions.shape[1]
 
     def extended(values: torch.Tensor, fill: torch.Tensor | int | bool) -> torch.Tensor:
@@ -127,13 +133,13 @@ def apply_order(layout: Layout, order: torch.Tensor, recycled_positions: torch.T
         )
         return torch.cat([values, extra.to(values.dtype)], dim=1)
 
+    if positions is None:
+        positions = gather_tokens(extended(layout.positions, recycled_positions), order)
     return Layout(
         is_visual=gather_tokens(extended(layout.is_visual, True), order),
         origin=gather_tokens(extended(layout.origin, -1), order),
         real=gather_tokens(extended(layout.real, True), order),
-        positions=gather_tokens(extended(layout.positions, recycled_positions), order)
-        if recycled_positions is not None
-        else gather_tokens(layout.positions, order),
+        positions=positions,
     )
 
 

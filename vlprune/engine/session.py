@@ -40,7 +40,7 @@ from vlprune.engine.redistribution import Redistribution
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.errors import VlpruneError
-from vlprune.kernels import attention_rows, gather_tokens
+from vlprune.kernels import attention_rows, gather_rows, gather_tokens
 from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
 POSITION_MODES = ("original", "reindex")
@@ -417,14 +417,7 @@ class PruningSession:
         recycled = selection.recycled
         num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
         order = order_after_stage(layout, kept_slots, num_recycled)
-        new_layout = apply_order(layout, order, None if recycled is None else recycled.positions.to(device))
-        source = hidden if recycled is None else torch.cat([hidden, recycled.hidden.to(hidden.dtype)], dim=1)
-        if selection.kept_hidden is not None:
-            source = source.scatter(
-                1, kept_slots[..., None].expand(-1, -1, source.shape[-1]), selection.kept_hidden.to(source.dtype)
-            )
-        new_hidden = gather_tokens(source, order)
-        new_layout = self._position_embeddings(layout, new_layout, order, recycled, new_hidden)
+        new_hidden, new_layout = self._compact(layout, hidden, order, kept_slots, selection)
         prefill.layout = new_layout
         prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
         # Pruning removes only real tokens and recycling adds real ones, so the counts follow without a device read.
@@ -478,17 +471,31 @@ class PruningSession:
         probabilities = _rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
         return _visual_columns(probabilities, layout), row_mask
 
-    def _position_embeddings(
-        self, old: Layout, new: Layout, order: torch.Tensor, recycled: Any, hidden: torch.Tensor
-    ) -> Layout:
-        if self.positions == "reindex":
-            new = reindexed(new)
-            return replace(new, position_embeddings=self._rotary(hidden, new.positions))
-        cos, sin = old.position_embeddings
-        if recycled is not None:
-            extra_cos, extra_sin = self._rotary(hidden, recycled.positions.to(hidden.device))
-            cos, sin = torch.cat([cos, extra_cos], dim=1), torch.cat([sin, extra_sin], dim=1)
-        return replace(new, position_embeddings=(gather_tokens(cos, order), gather_tokens(sin, order)))
+    def _compact(
+        self, layout: Layout, hidden: torch.Tensor, order: torch.Tensor, kept_slots: torch.Tensor, selection: Selection
+    ) -> tuple[torch.Tensor, Layout]:
+        """The hidden states and layout after a stage: hidden states, position ids and (with original positions) RoPE
+        cos/sin gathered in one fused call, recycled tokens read from their own tensors instead of concatenated."""
+        recycled = selection.recycled
+        if selection.kept_hidden is not None:  # in-place merges replace the kept tokens' states before the gather
+            hidden = hidden.scatter(
+                1, kept_slots[..., None].expand(-1, -1, hidden.shape[-1]), selection.kept_hidden.to(hidden.dtype)
+            )
+        recycled_positions = None if recycled is None else recycled.positions.to(hidden.device)
+        sources = [hidden, layout.positions]
+        extras = [None, None] if recycled is None else [recycled.hidden.to(hidden.dtype), recycled_positions]
+        gathers_rope = self.positions != "reindex"
+        if gathers_rope:
+            cos, sin = layout.position_embeddings
+            sources += [cos, sin]
+            extras += [None, None] if recycled is None else list(self._rotary(hidden, recycled_positions))
+        gathered = gather_rows(order, sources, extras)
+        new_hidden, positions = gathered[0], gathered[1]
+        new_layout = apply_order(layout, order, recycled_positions, positions=positions)
+        if gathers_rope:
+            return new_hidden, replace(new_layout, position_embeddings=(gathered[2], gathered[3]))
+        new_layout = reindexed(new_layout)
+        return new_hidden, replace(new_layout, position_embeddings=self._rotary(new_hidden, new_layout.positions))
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)

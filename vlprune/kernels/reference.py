@@ -2,7 +2,64 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def gather_rows(
+    index: torch.Tensor, sources: Sequence[torch.Tensor], extras: Sequence[torch.Tensor | None] | None = None
+) -> list[torch.Tensor]:
+    """Gather the same token rows of several per-token tensors (hidden states, RoPE cos and sin, position ids) at once,
+    optionally from each source followed by appended rows (recycled tokens).
+
+    Args:
+        index: (B, L') long; ``index[b, j] < L`` picks ``sources[i][b, index[b, j]]``, ``index[b, j] >= L`` picks
+            row ``index[b, j] - L`` of ``extras[i][b]``.
+        sources: tensors of shape (B|1, L, ...), all with the same L; a batch of 1 is broadcast to B.
+        extras: one (B, M, ...) tensor or None per source (None: that source has no appended rows and the index must
+            stay below L for it).
+
+    Returns:
+        one (B, L', ...) tensor per source, in the source's dtype.
+    """
+    extras = list(extras) if extras is not None else [None] * len(sources)
+    if len(extras) != len(sources):
+        raise ValueError(f"got {len(extras)} extras for {len(sources)} sources; pass one (or None) per source")
+    outputs = []
+    for source, extra in zip(sources, extras, strict=True):
+        if extra is not None:
+            if source.shape[0] == 1 and extra.shape[0] > 1:
+                source = source.expand(extra.shape[0], *source.shape[1:])
+            source = torch.cat([source, extra.to(source.dtype)], dim=1)
+        outputs.append(gather_tokens(source, index))
+    return outputs
+
+
+def merge_tokens(
+    tokens: torch.Tensor, group: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted mean of the tokens of each group (a cluster, a grid cell): the recycling merge.
+
+    Args:
+        tokens: (B, N, D) token features.
+        group: (B, N) long, the group (0..num_groups-1) of each token; -1 leaves a token out.
+        num_groups: G.
+        weight: (B, N) non-negative weights, or None for a plain mean.
+
+    Returns:
+        (B, G, D) float32, ``sum(w * x) / sum(w)`` over each group's members; 0 for a group without members (or
+        whose weights sum to 0).
+    """
+    batch, _, width = tokens.shape
+    member = group >= 0
+    weight = member.float() if weight is None else weight.float() * member
+    slot = group.clamp(min=0)
+    sums = torch.zeros(batch, num_groups, width, device=tokens.device).scatter_add_(
+        1, slot[..., None].expand(-1, -1, width), tokens.float() * weight[..., None]
+    )
+    totals = torch.zeros(batch, num_groups, device=tokens.device).scatter_add_(1, slot, weight)
+    return torch.where(totals[..., None] > 0, sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
 
 
 def gather_tokens(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
-from vlprune.kernels import gather_tokens
+from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -159,9 +159,7 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tenso
     to_centres = torch.gather(distance, 1, centres[..., None].expand(-1, -1, count))  # (B, C, M)
     assignment = to_centres.argmin(dim=1)
     assignment.scatter_(1, centres, torch.arange(clusters, device=tokens.device).expand_as(centres))
-    members = torch.nn.functional.one_hot(assignment, clusters).float()  # (B, M, C)
-    merged = members.transpose(1, 2) @ values / members.sum(dim=1)[..., None].clamp(min=1)
-    return merged, centres
+    return merge_tokens(values, assignment, clusters), centres
 
 
 @register

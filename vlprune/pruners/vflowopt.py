@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
-from vlprune.kernels import gather_tokens
+from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -136,13 +136,9 @@ def recycle_into_cells(
         pruned = ~kept
         kept[representatives] = True
         weight = score.clamp(min=1e-12) * pruned
-        sums = torch.zeros(num_cells, tokens.shape[-1], device=score.device).index_add_(
-            0, cells, weight[:, None] * tokens.float()
-        )
-        totals = torch.zeros(num_cells, device=score.device).index_add_(0, cells, weight)
+        cell_means = merge_tokens(tokens[None], cells[None], num_cells, weight[None])[0]  # (cells, D)
         new_hidden = tokens.clone()
-        rep_cells = cells[representatives]
-        new_hidden[representatives] = (sums[rep_cells] / totals[rep_cells, None]).to(tokens.dtype)
+        new_hidden[representatives] = cell_means[cells[representatives]].to(tokens.dtype)
         index = kept.nonzero()[:, 0]
         kept_rows.append(index)
         hidden_rows.append(new_hidden[index])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
-from vlprune.kernels import gather_tokens
+from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, RecycledTokens, Selection, Stage, StageContext, StagePlan, top_k_sorted
 
@@ -70,9 +70,7 @@ def merge_contextual(
     similarity = unit @ unit[:, centres].transpose(1, 2)  # (B, M, C)
     assignment = similarity.argmax(dim=-1)  # first centre wins ties, as the reference's argmax
     assignment[:, centres] = torch.arange(len(centres), device=keys.device)
-    member = torch.nn.functional.one_hot(assignment, len(centres)).float() * (~is_centre)[None, :, None]
-    counts = member.sum(dim=1).clamp(min=1)  # (B, C)
-    member_mean = member.transpose(1, 2) @ features.float() / counts[..., None]
+    member_mean = merge_tokens(features, assignment.masked_fill(is_centre[None], -1), len(centres))
     return features[:, centres].float() + member_mean, assignment
 
 
