@@ -96,7 +96,7 @@ def _row_statistics_kernel(
     BLOCK_DIM: tl.constexpr,
 ):
     program = tl.program_id(0)  # over (sample, head, row)
-    sample = program // (heads * num_rows)
+    sample = (program // (heads * num_rows)).to(tl.int64)  # 64-bit offsets: batch x stride can pass 2**31
     head = (program // num_rows) % heads
     row = program % num_rows
     query_row = tl.load(rows + sample * num_rows + row)
@@ -173,7 +173,7 @@ def _row_probabilities_kernel(
     BLOCK_DIM: tl.constexpr,
 ):
     program = tl.program_id(0)  # over (sample, row)
-    sample = program // num_rows
+    sample = (program // num_rows).to(tl.int64)
     row = program % num_rows
     query_row = tl.load(rows + sample * num_rows + row)
     keys = tl.program_id(1) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)

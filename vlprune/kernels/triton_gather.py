@@ -107,7 +107,7 @@ def _gather_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     flat_row = tl.program_id(0)
-    sample = flat_row // rows_out
+    sample = (flat_row // rows_out).to(tl.int64)  # 64-bit offsets: batch x stride can pass 2**31
     row = flat_row % rows_out
     picked = tl.load(index + sample * index_stride_b + row)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -32,7 +32,7 @@ def _scatter_add_kernel(
     BLOCK: tl.constexpr,
 ):
     program = tl.program_id(0)  # over (sample, token)
-    sample = program // count
+    sample = (program // count).to(tl.int64)
     target = tl.load(group + program)
     if target >= 0:
         scale = tl.load(weight + program).to(tl.float32) if HAS_WEIGHT else 1.0
