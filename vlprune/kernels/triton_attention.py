@@ -47,7 +47,9 @@ def _row_logits(
     CAUSAL: tl.constexpr,
 ):
     """(BLOCK_KEYS,) float32 logits of one query row against one block of keys; -inf where it may not attend."""
-    q = tl.load(query + sample * q_stride_b + head * q_stride_h + query_row * q_stride_l + dims, mask=dims < head_dim)
+    q = tl.load(
+        query + sample * q_stride_b + head * q_stride_h + query_row * q_stride_l + dims, mask=dims < head_dim, other=0.0
+    )
     in_range = keys < k_len
     k = tl.load(
         key + sample * k_stride_b + kv_head * k_stride_h + keys[:, None] * k_stride_l + dims[None, :],
