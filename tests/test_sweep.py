@@ -259,3 +259,13 @@ def test_device_map_loads_a_saved_model_for_pruning(tmp_path: Path) -> None:
         vlprune.load(str(tmp_path), device="cpu", device_map="auto")
     with pytest.raises(VlpruneError, match="not to 'tiny-random'"):
         vlprune.load("tiny-random", device_map="auto")
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    from vlprune.eval.files import write_text_atomically
+
+    path = write_text_atomically(tmp_path / "report.md", "# report\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "# report\n" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
