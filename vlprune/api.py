@@ -100,11 +100,7 @@ class Pipeline:
         prompts = self._prompts(len(images), question, prompt)
         if max_new_tokens < 1:
             raise VlpruneError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        inputs.pop("token_type_ids", None)
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.model_inputs(images, prompts)
         visual = inputs["input_ids"] == self.model.config.image_token_id
         num_visual = int(visual.sum(1)[0])
         with attach(self.model, self.pruner, positions=self.positions, num_visual=num_visual) as session:
@@ -112,6 +108,18 @@ class Pipeline:
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
         return Result(text=texts[0] if single else texts, stats=session.stats, token_ids=new_tokens)
+
+    def model_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's inputs for images and full prompt texts: left-padded, on the model's device, pixel values in its
+        dtype."""
+        inputs = self.processor(
+            images=[load_image(image) for image in images], text=list(prompts), return_tensors="pt", padding=True
+        )
+        inputs.pop("token_type_ids", None)
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return dict(inputs)
 
     def _prompts(
         self, count: int, question: str | Sequence[str] | None, prompt: str | Sequence[str] | None

@@ -152,12 +152,7 @@ def bench(
     model = pipeline.model
     device = next(model.parameters()).device
     picture = load_image(image)
-    inputs = pipeline.processor(
-        images=[picture] * batch, text=[pipeline.chat_prompt(question)] * batch, return_tensors="pt"
-    ).to(device)
-    inputs.pop("token_type_ids", None)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    inputs = dict(inputs)
+    inputs = pipeline.model_inputs([picture] * batch, [pipeline.chat_prompt(question)] * batch)
     num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     pruner = pruners.create(method, keep=keep, **options)
     unpruned, pruned, unpruned_llm, pruned_llm, selection = [], [], [], [], []

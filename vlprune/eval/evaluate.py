@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from vlprune.api import Pipeline, load_image
+from vlprune.api import Pipeline
 from vlprune.eval.datasets import VQASample, normalize_answer
 
 
@@ -79,13 +79,7 @@ def choose_from_vocabulary(
     with a blank image it measures the answer prior the model learned.
     """
     tokenizer = pipeline.processor.tokenizer
-    inputs = pipeline.processor(
-        images=[load_image(s.image) for s in samples],
-        text=[pipeline.chat_prompt(s.question) for s in samples],
-        return_tensors="pt",
-        padding=True,
-    ).to(pipeline.model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(pipeline.model.dtype)
+    inputs = pipeline.model_inputs([s.image for s in samples], [pipeline.chat_prompt(s.question) for s in samples])
     last_logits = pipeline.model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, V); prompts are left-padded
     choices = []
     for logits, vocabulary in zip(last_logits, vocabularies, strict=True):

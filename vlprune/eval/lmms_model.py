@@ -106,9 +106,7 @@ class VLPruneLMMS(lmms):
 
     def _continuation_log_prob(self, image: Any, prompt: str, target: str) -> tuple[float, bool]:
         pipeline, model = self.pipeline, self.pipeline.model
-        inputs = pipeline.processor(images=[image], text=[prompt], return_tensors="pt").to(self.device)
-        inputs.pop("token_type_ids", None)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = pipeline.model_inputs([image], [prompt])
         targets = pipeline.processor.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
         targets = targets[0].to(self.device)
         if len(targets) == 0:

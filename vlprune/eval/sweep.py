@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlprune import pruners
-from vlprune.api import Pipeline, load_image
+from vlprune.api import Pipeline
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
 from vlprune.eval.bench import synchronize
@@ -144,14 +144,7 @@ class CellRunner:
         self.max_new_tokens = max_new_tokens
 
     def inputs(self, sample: VQASample) -> dict[str, torch.Tensor]:
-        processor = self.pipeline.processor
-        inputs = processor(
-            images=[load_image(sample.image)], text=[self.pipeline.chat_prompt(sample.question)], return_tensors="pt"
-        )
-        inputs.pop("token_type_ids", None)
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return dict(inputs)
+        return self.pipeline.model_inputs([sample.image], [self.pipeline.chat_prompt(sample.question)])
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None) -> tuple[dict[str, Any], _Reference]:
