@@ -35,7 +35,7 @@ def test_calibration_returns_options_that_reproduce_its_score(samples) -> None:
     # The search starts from the default configuration and improves on it within four trials on this model.
     assert result["score"] > result["default_score"]
     # Running the pruner with the returned options gives the same mean cosine: the search measured what it returns.
-    batches = encode(pipeline.model, pipeline.processor, pipeline.chat_prompt, samples, 2)
+    batches = encode(pipeline, samples, 2)
     reference = last_token_states(pipeline.model, batches)
     with vlprune.attach(pipeline.model, vlprune.pruners.create("vflowopt", keep=0.25, **result["options"])):
         pruned = last_token_states(pipeline.model, batches)

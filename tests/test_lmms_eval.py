@@ -90,3 +90,25 @@ def test_a_document_with_two_images_is_a_clear_error(wrapper) -> None:
     request = fake_request("generate_until", ("Which?", {}, doc_to_visual, 2, "fake", "test"), 2)
     with pytest.raises(VlpruneError, match="exactly one image"):
         wrapper.generate_until([request])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "shown"),
+    [
+        ("keep=1.0", "keep=1.0 is ambiguous"),
+        ("keep=64.0", "write keep=64 for 64 visual tokens"),
+        ("keep=16,seed=abc", "option seed='abc' of method 'random' must be an int"),
+    ],
+)
+def test_model_args_follow_the_api_rules(arguments: str, shown: str) -> None:
+    from lmms_eval.models import get_model
+
+    with pytest.raises(VlpruneError, match=shown):
+        get_model("vlprune").create_from_arg_string(f"pretrained=tiny-random,method=random,{arguments}", {})
+
+
+def test_model_args_as_text_are_converted_to_the_option_types() -> None:
+    from lmms_eval.models import get_model
+
+    model = get_model("vlprune").create_from_arg_string("pretrained=tiny-random,method=random,keep=0.25,seed=3", {})
+    assert model.pipeline.pruner.keep == 0.25 and model.pipeline.pruner.seed == 3

@@ -274,11 +274,12 @@ def test_resolve_keep_float_in_unit_interval_is_a_fraction(keep: float, expected
     assert resolve_keep(keep, num_visual) == expected
 
 
-@pytest.mark.parametrize(("keep", "expected"), [(1.0, 1), (2.0, 2), (64.0, 64)])
-def test_resolve_keep_whole_float_is_a_count(keep: float, expected: int) -> None:
-    # Documented: only floats in (0, 1) are fractions; a whole float is a count, so 1.0 keeps one token, not all.
-    result = resolve_keep(keep, 64)
-    assert result == expected and type(result) is int
+@pytest.mark.parametrize(("keep", "count"), [(1.0, 1), (2.0, 2), (64.0, 64)])
+def test_a_whole_float_budget_is_refused_naming_both_readings(keep: float, count: int) -> None:
+    # A float is a fraction, and 1.0 could mean "everything" or "one token": neither reading is guessed.
+    for check in (lambda: resolve_keep(keep, 64), lambda: vlprune.pruners.create("random", keep=keep)):
+        with pytest.raises(VlpruneError, match=rf"keep={keep} is ambiguous.*write keep={count} for {count} visual"):
+            check()
 
 
 @pytest.mark.parametrize(
@@ -329,3 +330,17 @@ def test_none_accepts_only_no_budget_or_all_tokens() -> None:
 def test_none_rejects_a_budget_of_one_token(keep: object) -> None:
     with pytest.raises(VlpruneError):
         create("none", keep=keep).plan(64, 4)
+
+
+def test_the_readme_method_table_names_the_stages_the_code_runs() -> None:
+    # `vlprune methods` derives each stage column from the method's own default plan; the README must agree with it.
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))
+    for name in vlprune.pruners.available():
+        assert name in rows, f"{name} is missing from the README's method table"
+        stages = vlprune.pruners.stages_of(name)
+        assert rows[name].startswith(stages), f"README says {rows[name]!r} for {name}, the code runs {stages!r}"
+    assert vlprune.pruners.stages_of("vflowopt") == "pre-LLM+in-LLM"

@@ -197,7 +197,8 @@ def test_two_processes_under_accelerate_launch(tmp_path: Path) -> None:
     [
         (["--methods", "nope"], "unknown method 'nope'"),
         (["--methods", "fastv", "--keep", "16,abc"], "'abc'"),
-        (["--methods", "fastv", "--keep", "-3"], "positive"),
+        (["--methods", "fastv", "--keep", "-3"], "keep=-3 must be at least 1"),
+        (["--methods", "fastv", "--keep", "1.0"], "keep=1.0 is ambiguous"),
         (["--methods", "fastv", "--dataset", "mnist"], "mnist"),
     ],
 )
@@ -213,7 +214,7 @@ def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path, capsys: py
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code = main(["sweep", "--methods", "fastv", "--keep", "16", "--limit", "1", "--out", str(blocker / "sub")])
-    assert code == 2 and "cannot write" in capsys.readouterr().err
+    assert code == 2 and f"--out {str(blocker / 'sub')!r} cannot be created" in capsys.readouterr().err
 
 
 def test_parse_keeps() -> None:

@@ -24,6 +24,7 @@ from conftest import tiny_inputs, tiny_model
 import vlprune.kernels as kernels
 from vlprune import pruners
 from vlprune.engine import attach
+from vlprune.errors import VlpruneError
 from vlprune.kernels import launch, reference, triton_attention, triton_gather, triton_merge
 
 DEVICE = torch.device(os.environ.get("VLPRUNE_TEST_DEVICE", "cpu"))
@@ -272,7 +273,7 @@ def test_the_cpu_and_the_forcing_variable_take_the_references(monkeypatch: pytes
     monkeypatch.setenv(kernels.FORCE_VARIABLE, "reference")
     assert kernels.backend(cpu) == "reference"
     monkeypatch.setenv(kernels.FORCE_VARIABLE, "fast")
-    with pytest.raises(ValueError, match="VLPRUNE_KERNELS='fast'; valid values: auto, reference"):
+    with pytest.raises(VlpruneError, match="VLPRUNE_KERNELS='fast' is not valid; choose one of auto, reference"):
         kernels.backend(cpu)
 
 

@@ -4,6 +4,7 @@ about images with the pruner attached only while it generates."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,11 @@ from torch import nn
 
 from vlprune import pruners
 from vlprune.adapters import adapter_for
-from vlprune.engine import PrefillStats, attach
+from vlprune.engine import POSITION_MODES, PrefillStats, attach
+from vlprune.engine.plan_check import check_fits
 from vlprune.errors import VlpruneError
+from vlprune.kernels import kernel_setting
+from vlprune.models.source import model_shape_on_disk, resolve_source
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -46,6 +50,16 @@ BUILTIN_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
 DEFAULT_MODEL = "vlprune-tiny"
 
 
+def _vlprune_tiny_folder() -> Path:
+    from vlprune.models.tiny import TRAINED_FOLDER, cache_dir
+
+    return cache_dir() / TRAINED_FOLDER
+
+
+# Where a built-in model's folder lies once it is built (its configuration is then read before loading it).
+BUILTIN_FOLDERS: dict[str, Callable[[], Path]] = {"vlprune-tiny": _vlprune_tiny_folder}
+
+
 @dataclass
 class Result:
     """The answer(s) of one pipeline call.
@@ -70,10 +84,6 @@ class Pipeline:
         self.processor = processor
         self.pruner = pruner
         self.positions = positions
-        tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is not None:
-            # Batches are left-padded so that every sample's last token is its real last token.
-            tokenizer.padding_side = "left"
 
     @property
     def image_token(self) -> str:
@@ -96,10 +106,12 @@ class Pipeline:
             max_new_tokens: most tokens to generate (greedy decoding).
         """
         single = not isinstance(image, list | tuple)
+        if not single and not image:
+            raise VlpruneError("got an empty batch: pass at least one image")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VlpruneError(f"max_new_tokens={max_new_tokens!r} must be an int of at least 1")
         images = [load_image(item) for item in ([image] if single else image)]
         prompts = self._prompts(len(images), question, prompt)
-        if max_new_tokens < 1:
-            raise VlpruneError(f"max_new_tokens={max_new_tokens} must be at least 1")
         inputs = self.model_inputs(images, prompts)
         visual = inputs["input_ids"] == self.model.config.image_token_id
         num_visual = int(visual.sum(1)[0])
@@ -112,9 +124,21 @@ class Pipeline:
     def model_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model's inputs for images and full prompt texts: left-padded, on the model's device, pixel values in its
         dtype."""
-        inputs = self.processor(
-            images=[load_image(image) for image in images], text=list(prompts), return_tensors="pt", padding=True
-        )
+        if not images:
+            raise VlpruneError("got an empty batch: pass at least one image")
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        side = getattr(tokenizer, "padding_side", None)
+        try:
+            if tokenizer is not None:
+                # Batches are left-padded so that every sample's last token is its real last token; the caller's
+                # tokenizer gets its own setting back.
+                tokenizer.padding_side = "left"
+            inputs = self.processor(
+                images=[load_image(image) for image in images], text=list(prompts), return_tensors="pt", padding=True
+            )
+        finally:
+            if tokenizer is not None:
+                tokenizer.padding_side = side
         inputs.pop("token_type_ids", None)
         inputs = inputs.to(self.model.device)
         if "pixel_values" in inputs:
@@ -130,11 +154,24 @@ class Pipeline:
         texts = [given] * count if isinstance(given, str) else list(given)
         if len(texts) != count:
             raise VlpruneError(f"got {count} images and {len(texts)} {'questions' if question else 'prompts'}")
+        for text in texts:
+            if not isinstance(text, str):
+                raise VlpruneError(f"a question or prompt must be a string, got {type(text).__name__} {text!r}")
         if prompt is not None:
             for text in texts:
-                if self.image_token not in text:
-                    raise VlpruneError(f"the prompt {text!r} has no image token {self.image_token!r}")
+                found = text.count(self.image_token)
+                if found != 1:
+                    raise VlpruneError(
+                        f"the prompt {text!r} has {found} image tokens {self.image_token!r}; with one image per "
+                        f"prompt it needs exactly one"
+                    )
             return texts
+        for text in texts:
+            if self.image_token in text:
+                raise VlpruneError(
+                    f"the question {text!r} contains the image token {self.image_token!r}, which would give the "
+                    f"model a second image slot; remove it (the pipeline places the image itself) or pass prompt="
+                )
         return [self.chat_prompt(text) for text in texts]
 
     def chat_prompt(self, question: str) -> str:
@@ -152,17 +189,35 @@ def load_image(image: ImageInput) -> Image.Image:
         VlpruneError: the file is missing, unreadable or not an image.
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _checked_size(image, "the image").convert("RGB")
     if not isinstance(image, str | os.PathLike):
         raise VlpruneError(f"image must be a path or a PIL.Image, got {type(image).__name__}")
     path = Path(image)
+    if path.is_dir():
+        raise VlpruneError(f"image {str(path)!r} is a folder, not an image file")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice its limit; an image that large is refused either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                return _checked_size(opened, f"image {str(path)!r}").convert("RGB")
+    except VlpruneError:
+        raise
     except FileNotFoundError:
         raise VlpruneError(f"image file {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise VlpruneError(
+            f"image {str(path)!r} is too large to open safely ({error}); PIL.Image.MAX_IMAGE_PIXELS is "
+            f"{Image.MAX_IMAGE_PIXELS} pixels: downscale the image, or raise that limit in Python if you trust the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise VlpruneError(f"cannot read image {str(path)!r}: not a readable image file ({error})") from None
+
+
+def _checked_size(image: Image.Image, described: str) -> Image.Image:
+    if image.width < 1 or image.height < 1:
+        raise VlpruneError(f"{described} is {image.width}x{image.height} pixels; it needs at least one pixel")
+    return image
 
 
 def load_model(
@@ -176,33 +231,76 @@ def load_model(
     """A model and its processor from a built-in name, a local folder or a Hugging Face id (offline cache).
 
     ``device_map="auto"`` spreads a model larger than one GPU over the available devices (accelerate's big-model
-    loading); the engine follows each layer's device."""
+    loading); the engine follows each layer's device.
+
+    Raises:
+        VlpruneError: a bad device or dtype, a model that cannot be found or loaded (an id that is neither cached nor
+            reachable fails in seconds, see :func:`vlprune.models.source.resolve_source`).
+    """
     if device_map is not None and device is not None:
         raise VlpruneError("pass device or device_map, not both")
+    torch_device = check_device(device)
     name = str(model)
     torch_dtype = _dtype(dtype)
+    if device_map is not None and name in BUILTIN_MODELS:
+        raise VlpruneError(f"device_map applies to checkpoints loaded from a folder or hub id, not to {name!r}")
     if name in BUILTIN_MODELS:
         loaded, processor = BUILTIN_MODELS[name]()
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        source = resolve_source(name, builtin=sorted(BUILTIN_MODELS))
         try:
-            processor = AutoProcessor.from_pretrained(name)
+            processor = AutoProcessor.from_pretrained(source.path, local_files_only=source.offline)
             loaded = AutoModelForImageTextToText.from_pretrained(
-                name, dtype=torch_dtype or "auto", attn_implementation=attn_implementation, device_map=device_map
+                source.path,
+                dtype=torch_dtype or "auto",
+                attn_implementation=attn_implementation,
+                device_map=device_map,
+                local_files_only=source.offline,
             )
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, KeyError) as error:
             raise VlpruneError(
-                f"cannot load model {name!r}: {str(error).splitlines()[0]} "
+                f"cannot load model {name!r}: {str(error).strip().splitlines()[0] if str(error).strip() else error!r} "
                 f"(give a local folder, a cached Hugging Face id, or one of {sorted(BUILTIN_MODELS)})"
             ) from None
-    if device_map is not None and name in BUILTIN_MODELS:
-        raise VlpruneError(f"device_map applies to checkpoints loaded from a folder or hub id, not to {name!r}")
     if torch_dtype is not None and device_map is None:
         loaded = loaded.to(torch_dtype)
-    if device is not None:
-        loaded = loaded.to(device)
+    if torch_device is not None:
+        loaded = loaded.to(torch_device)
     return loaded.eval(), processor
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` if this machine has it; None stays None (the model stays where it loads).
+
+    Raises:
+        VlpruneError: a string torch cannot parse, or a device this machine does not have (``cuda`` without a GPU,
+            ``cuda:3`` with two).
+    """
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise VlpruneError(
+            f"device={device!r} is not a torch device; valid devices look like cpu, cuda or cuda:0"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VlpruneError(f"device={device!r}: this machine has no usable CUDA GPU; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise VlpruneError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+        return resolved
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VlpruneError(f"device={device!r} is not available on this machine ({first}); use --device cpu") from None
+    return resolved
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -227,14 +325,49 @@ def load(
     **method_options: Any,
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (a built-in name, folder or HF id, or a ``(model, processor)`` pair) with the
-    pruner ``method`` keeping ``keep`` visual tokens (an int, or a fraction in (0, 1)) and acting at ``layer``."""
+    pruner ``method`` keeping ``keep`` visual tokens (an int, or a fraction in (0, 1)) and acting at ``layer``.
+
+    Everything that can be checked without the weights is checked first (the method, its options, the device, the
+    dtype, the positions, and the budget and layers against the model's configuration when it is on disk), so that
+    a bad value fails in well under a second rather than after the model has loaded.
+    """
+    kernel_setting()
     pruner = pruners.create(method, keep=keep, layer=layer, **method_options)
+    if positions not in POSITION_MODES:
+        raise VlpruneError(f"positions={positions!r} is not valid; choose one of {POSITION_MODES}")
+    _dtype(dtype)
     if isinstance(model, tuple):
         loaded, processor = model
+        torch_device = check_device(device)
         if dtype is not None:
             loaded = loaded.to(_dtype(dtype))
-        if device is not None:
-            loaded = loaded.to(device)
+        if torch_device is not None:
+            loaded = loaded.to(torch_device)
     else:
+        if device_map is None:
+            check_device(device)
+        check_pruners_fit(str(model), [pruner])
         loaded, processor = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return Pipeline(loaded, processor, pruner, positions=positions)
+
+
+def _folder_on_disk(name: str) -> Path | None:
+    """The folder holding model ``name``'s files, if they are on disk already (a built-in model once built)."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_FOLDERS[name]() if name in BUILTIN_FOLDERS else None
+    return resolve_source(name, builtin=sorted(BUILTIN_MODELS)).local_folder
+
+
+def check_pruners_fit(model: str | os.PathLike, pruners_to_check: Sequence[pruners.Pruner]) -> None:
+    """Check each pruner's budget and layers against ``model``'s configuration, when its files are on disk, without
+    loading its weights (a fraction of a second instead of the load's seconds). A model not on disk yet is checked
+    when it has loaded.
+
+    Raises:
+        VlpruneError: a budget or layer the model does not have, or a model name that cannot be resolved.
+    """
+    shape = model_shape_on_disk(_folder_on_disk(str(model)))
+    if shape is None:
+        return
+    for pruner in pruners_to_check:
+        check_fits(pruner, shape.num_visual, shape.num_layers)

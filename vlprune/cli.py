@@ -4,24 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from vlprune import pruners
-from vlprune.api import DEFAULT_MODEL, load
+from vlprune.api import DEFAULT_MODEL, check_device, check_pruners_fit, load
 from vlprune.engine import POSITION_MODES
 from vlprune.errors import VlpruneError
+from vlprune.kernels import kernel_setting
+from vlprune.pruners import check_budget
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported like any other bad value: one line, exit status 2 (the usage block is
+    one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise VlpruneError(f"{message} (see {self.prog} --help)")
 
 
 def _budget(text: str) -> int | float:
     try:
-        return int(text)
+        value: int | float = int(text)
     except ValueError:
-        pass
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"keep={text!r} must be a count (64) or a fraction (0.25)") from None
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep={text!r} must be a count (64) or a fraction (0.25)") from None
+        return check_budget(value)
+    except VlpruneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its messages
+    return parse
+
+
+_positive = _count(1)
+_non_negative = _count(0)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -35,7 +70,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlprune", description="Visual-token pruning for vision-language models.")
+    parser = _Parser(prog="vlprune", description="Visual-token pruning for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="answer a question about an image with a pruning method")
@@ -57,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--positions", choices=POSITION_MODES, default="original", help="RoPE positions after pruning")
     run.add_argument("--config", default=None, help="JSON with method, keep and options (from `vlprune calibrate`)")
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--max-new-tokens", type=_positive, default=32)
     run.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     run.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
@@ -69,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--dataset", default="shapes", help="shapes, easy-vqa or jsonl:PATH")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--limit", type=int, default=None, help="first N questions only")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="first N questions only")
     evaluate.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
     evaluate.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction")
     evaluate.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
@@ -77,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", type=_option, action="append", default=[], metavar="NAME=VALUE", help="another method option"
     )
     evaluate.add_argument("--config", default=None, help="JSON with method, keep and options (from calibrate)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=_positive, default=8)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
 
@@ -89,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--keep", type=_budget, required=True, help="budget: a count, or a fraction in (0, 1)")
     calibrate.add_argument("--data", default="shapes", help="unlabelled samples: shapes, easy-vqa or jsonl:PATH")
     calibrate.add_argument("--split", default="validation", help="split of --data (default validation)")
-    calibrate.add_argument("--samples", type=int, default=30, help="samples to compare on (default 30)")
-    calibrate.add_argument("--trials", type=int, default=50, help="search iterations (default 50)")
+    calibrate.add_argument("--samples", type=_positive, default=30, help="samples to compare on (default 30)")
+    calibrate.add_argument("--trials", type=_positive, default=50, help="search iterations (default 50)")
     calibrate.add_argument("--seed", type=int, default=0)
-    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.add_argument("--batch-size", type=_positive, default=8)
     calibrate.add_argument("--positions", choices=POSITION_MODES, default="original")
     calibrate.add_argument("--device", default=None)
     calibrate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -104,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--split", default="test")
     sweep.add_argument("--methods", required=True, help="comma-separated methods, e.g. fastv,sparsevlm,visionzip")
     sweep.add_argument("--keep", default="llava", help="budgets: 64,128,192 or fractions, or llava (11.1/22.2/33.3%%)")
-    sweep.add_argument("--limit", type=int, default=None, help="first N samples only")
+    sweep.add_argument("--limit", type=_positive, default=None, help="first N samples only")
     sweep.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
-    sweep.add_argument("--max-new-tokens", type=int, default=8)
+    sweep.add_argument("--max-new-tokens", type=_positive, default=8)
     sweep.add_argument("--positions", choices=POSITION_MODES, default="original")
     sweep.add_argument("--device", default=None)
     sweep.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -122,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE")
     bench.add_argument("--image", default=None, help="image (default: a shipped sample)")
     bench.add_argument("--question", default="What color is the circle?")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--batch", type=_positive, default=1)
+    bench.add_argument("--warmup", type=_non_negative, default=2)
+    bench.add_argument("--repeats", type=_positive, default=7)
     bench.add_argument("--device", default=None)
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
 
@@ -186,8 +221,6 @@ def _eval(args: argparse.Namespace) -> int:
     from vlprune.eval.datasets import load_dataset
     from vlprune.eval.evaluate import evaluate
 
-    if args.limit is not None and args.limit < 1:
-        raise VlpruneError(f"--limit {args.limit} must be at least 1")
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
     method, keep, options = _method_settings(args)
     pipeline = load(
@@ -200,11 +233,19 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from vlprune.eval.calibrate import calibrate, write_config
+    from vlprune.eval.calibrate import SEARCH_SPACES, calibrate, write_config
     from vlprune.eval.datasets import load_dataset
+    from vlprune.eval.files import check_writable_file
 
-    if args.samples < 1:
-        raise VlpruneError(f"--samples {args.samples} must be at least 1")
+    # Everything that can fail is checked before the model loads and the search runs.
+    if args.method not in SEARCH_SPACES:
+        raise VlpruneError(
+            f"no calibration search space for {args.method!r}; methods with one: {', '.join(SEARCH_SPACES)}"
+        )
+    check_writable_file(args.out, "--out")
+    pruner = pruners.create(args.method, keep=args.keep)
+    check_device(args.device)
+    check_pruners_fit(args.model, [pruner])
     samples = load_dataset(args.data, split=args.split, limit=args.samples)
     pipeline = load(args.model, device=args.device, dtype=args.dtype, positions=args.positions)
     config = calibrate(
@@ -220,13 +261,11 @@ def _sweep(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from vlprune.eval.datasets import load_dataset
-    from vlprune.eval.sweep import SweepSettings, merge_shards, parse_keeps, run_sweep
+    from vlprune.eval.sweep import SweepSettings, cell_pruners, check_folder, merge_shards, parse_keeps, run_sweep
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise VlpruneError("--methods needs at least one method")
-    if args.limit is not None and args.limit < 1:
-        raise VlpruneError(f"--limit {args.limit} must be at least 1")
     settings = SweepSettings(
         model=str(args.model),
         dataset=args.dataset,
@@ -236,6 +275,12 @@ def _sweep(args: argparse.Namespace) -> int:
         keeps=parse_keeps(args.keep),
         max_new_tokens=args.max_new_tokens,
     )
+    # Every setting, the output folder and the budgets against the model's configuration are checked before the
+    # model loads and before anything is written, so that a corrected rerun is never refused.
+    check_folder(args.out, settings)
+    if args.device_map is None:
+        check_device(args.device)
+    check_pruners_fit(args.model, cell_pruners(settings))
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
     import torch
 
@@ -284,6 +329,9 @@ def _bench(args: argparse.Namespace) -> int:
     from vlprune.eval.bench import TABLE_HEADER, bench
 
     image = args.image or str(Path(vlprune.__file__).parent / "samples" / "scene1.png")
+    pruner = pruners.create(args.method, keep=args.keep, **dict(args.option))
+    check_device(args.device)
+    check_pruners_fit(args.model, [pruner])
     pipeline = load(args.model, device=args.device, dtype=args.dtype)
     result = bench(
         pipeline,
@@ -306,7 +354,7 @@ def _methods() -> int:
     from vlprune.pruners.base import Stage
     from vlprune.pruners.var import VAR
 
-    rows = [(name, cls.stage.value, cls.reference) for name, cls in ((n, pruners.get(n)) for n in pruners.available())]
+    rows = [(name, pruners.stages_of(name), pruners.get(name).reference) for name in pruners.available()]
     rows.append((VAR.name, Stage.ATTENTION.value, f"{VAR.reference}; combine as METHOD+{VAR.name}"))
     widths = [max(len(row[i]) for row in [("name", "stage", "reference"), *rows]) for i in range(2)]
     print(f"{'name':<{widths[0]}}  {'stage':<{widths[1]}}  reference")
@@ -316,21 +364,30 @@ def _methods() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    commands = {
+        "run": _run,
+        "eval": _eval,
+        "calibrate": _calibrate,
+        "sweep": _sweep,
+        "report": _report,
+        "bench": _bench,
+        "methods": lambda _: _methods(),
+    }
     try:
-        commands = {
-            "run": _run,
-            "eval": _eval,
-            "calibrate": _calibrate,
-            "sweep": _sweep,
-            "report": _report,
-            "bench": _bench,
-            "methods": lambda _: _methods(),
-        }
-        return commands[args.command](args)
+        args = build_parser().parse_args(argv)
+        kernel_setting()  # a bad VLPRUNE_KERNELS fails here, not inside the first generation
+        status = commands[args.command](args)
+        sys.stdout.flush()
+        return status
     except VlpruneError as error:
         print(f"vlprune: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`vlprune report DIR | head`): what it read is all it wanted. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ from vlprune.engine.layout import (
     prefill_mask,
     reindexed,
 )
+from vlprune.engine.plan_check import check_plan
 from vlprune.engine.redistribution import Redistribution
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.errors import VlpruneError
-from vlprune.kernels import attention_rows, gather_rows, gather_tokens
+from vlprune.kernels import attention_rows, gather_rows, gather_tokens, kernel_setting
 from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
 POSITION_MODES = ("original", "reindex")
@@ -121,6 +122,7 @@ class PruningSession:
     def __init__(
         self, model: nn.Module, pruner: Pruner, *, positions: str = "original", num_visual: int | None = None
     ) -> None:
+        kernel_setting()
         if positions not in POSITION_MODES:
             raise VlpruneError(f"positions={positions!r} is not valid; choose one of {POSITION_MODES}")
         if not isinstance(pruner, Pruner):
@@ -132,7 +134,7 @@ class PruningSession:
         self.shape = self.adapter.language_model_shape()
         # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
         probe = pruner.plan(num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
-        self._check_plan(probe, num_visual if num_visual is not None else PROBE_TOKENS)
+        check_plan(pruner.name, probe, num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
         if any(stage.vision_cls_attention for stage in probe) and not self.adapter.vision_has_cls:
             raise VlpruneError(
                 f"method {pruner.name!r} needs the vision tower's [CLS] token, and "
@@ -283,7 +285,7 @@ class PruningSession:
             raise VlpruneError(f"samples of a batch must have the same number of visual tokens, got {counts}")
         num_visual = counts[0]
         plan = self.pruner.plan(num_visual, self.shape.num_layers)
-        self._check_plan(plan, num_visual)
+        check_plan(self.pruner.name, plan, num_visual, self.shape.num_layers)
         if plan and plan[0].layer < self._first_stage_layer:
             raise RuntimeError(f"{self.pruner.name}: the plan's layers changed with the number of visual tokens")
         self._prefill = _Prefill(
@@ -301,23 +303,6 @@ class PruningSession:
         )
         self._decode = None
         self._phase = Phase.PREFILL
-
-    def _check_plan(self, plan: list[StagePlan], num_visual: int) -> None:
-        previous_layer, previous_keep = -1, num_visual
-        for stage in plan:
-            if not 0 <= stage.layer < self.shape.num_layers or stage.layer <= previous_layer:
-                raise VlpruneError(
-                    f"{self.pruner.name}: stage layers must increase within 0..{self.shape.num_layers - 1}, "
-                    f"got {[s.layer for s in plan]}"
-                )
-            if stage.query_rows is not None and stage.layer == 0 and not stage.own_layer_attention:
-                raise VlpruneError(f"{self.pruner.name}: a stage at layer 0 has no earlier attention to score with")
-            if stage.keep is not None and not 1 <= stage.keep <= previous_keep:
-                raise VlpruneError(
-                    f"{self.pruner.name}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]"
-                )
-            previous_layer = stage.layer
-            previous_keep = previous_keep if stage.keep is None else stage.keep
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from vlprune import pruners
 from vlprune.adapters import adapter_for
-from vlprune.api import load_image
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
 from vlprune.eval.datasets import VQASample
@@ -74,22 +73,17 @@ def last_token_states(model: nn.Module, batches: list[dict[str, torch.Tensor]]) 
     return torch.cat(states).float()
 
 
-def encode(
-    model: nn.Module, processor: Any, chat_prompt: Callable[[str], str], samples: Sequence[VQASample], size: int
-):
-    """The samples as model inputs, in batches of ``size``."""
-    batches = []
-    for start in range(0, len(samples), size):
-        chunk = samples[start : start + size]
-        inputs = processor(
-            images=[load_image(s.image) for s in chunk],
-            text=[chat_prompt(s.question) for s in chunk],
-            return_tensors="pt",
-            padding=True,
-        ).to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        batches.append(inputs)
-    return batches
+def encode(pipeline: Any, samples: Sequence[VQASample], size: int) -> list[dict[str, torch.Tensor]]:
+    """The samples as the pipeline's model inputs (left-padded), in batches of ``size``."""
+    if size < 1:
+        raise VlpruneError(f"batch_size={size} must be at least 1")
+    return [
+        pipeline.model_inputs(
+            [s.image for s in samples[start : start + size]],
+            [pipeline.chat_prompt(s.question) for s in samples[start : start + size]],
+        )
+        for start in range(0, len(samples), size)
+    ]
 
 
 def calibrate(
@@ -123,7 +117,7 @@ def calibrate(
     if trials < 1:
         raise VlpruneError(f"trials={trials} must be at least 1")
     model = pipeline.model
-    batches = encode(model, pipeline.processor, pipeline.chat_prompt, samples, batch_size)
+    batches = encode(pipeline, samples, batch_size)
     reference = last_token_states(model, batches)
     num_visual = int((batches[0]["input_ids"][0] == model.config.image_token_id).sum())
     share = resolve_keep(keep, num_visual) / num_visual
@@ -181,12 +175,16 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         VlpruneError: a missing or unreadable file, or one without a ``method``.
     """
+    if Path(path).is_dir():
+        raise VlpruneError(f"config file {str(path)!r} is a folder; give the JSON file `vlprune calibrate` wrote")
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise VlpruneError(f"config file {str(path)!r} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise VlpruneError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise VlpruneError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from None
     if not isinstance(config, dict) or not isinstance(config.get("method"), str):
         raise VlpruneError(f'config file {str(path)!r} must be a JSON object with a "method" name')
     if not isinstance(config.get("options", {}), dict):

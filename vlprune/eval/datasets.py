@@ -177,8 +177,8 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQASample]:
 
     Raises:
         VlpruneError: the file is missing or unreadable or has no samples, or a line is not a JSON object with
-            string values for the keys above, or its image is missing or not an image; the message names the file
-            and the line number.
+            string values for the keys above, or its image is missing or not an image, or two lines have the same
+            id; the message names the file and the line number(s).
     """
     file = Path(path)
     if not file.is_file():
@@ -189,6 +189,7 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQASample]:
     except OSError as error:
         raise VlpruneError(f"cannot read dataset file {str(file)!r}: {error}") from None
     samples: list[VQASample] = []
+    first_line_of: dict[str, int] = {}
     for number, raw in enumerate(raw_lines, start=1):
         if limit is not None and len(samples) >= limit:
             break
@@ -199,7 +200,15 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQASample]:
             raise VlpruneError(f"{where}: not valid UTF-8 text") from None
         if not line.strip():
             continue
-        samples.append(_parse_jsonl_line(line, where, file.parent, default_id=f"{file.stem}-{number}"))
+        sample = _parse_jsonl_line(line, where, file.parent, default_id=f"{file.stem}-{number}")
+        if sample.id in first_line_of:
+            # Sweeps and reports key every row by the sample id: two questions under one id would count as one.
+            raise VlpruneError(
+                f"{where}: id {sample.id!r} is already the id of line {first_line_of[sample.id]}; give each sample "
+                f"its own id"
+            )
+        first_line_of[sample.id] = number
+        samples.append(sample)
     if not samples and limit != 0:
         raise VlpruneError(f"dataset file {str(file)!r} has no samples (expected one JSON object per line)")
     return samples

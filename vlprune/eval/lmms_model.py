@@ -50,7 +50,7 @@ class VLPruneLMMS(lmms):
             positions=positions,
             **options,
         )
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = _batch_size(batch_size)
         self._device = next(self.pipeline.model.parameters()).device
 
     @property
@@ -134,3 +134,14 @@ class VLPruneLMMS(lmms):
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("vlprune's lmms-eval model answers single-round questions only")
+
+
+def _batch_size(value: int | str) -> int:
+    """lmms-eval's ``batch_size`` as a count of at least 1 (its ``auto`` is not supported: the batch is explicit)."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise VlpruneError(f"batch_size={value!r} must be a whole number of at least 1") from None
+    if size < 1:
+        raise VlpruneError(f"batch_size={value!r} must be at least 1")
+    return size

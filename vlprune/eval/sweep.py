@@ -13,27 +13,32 @@ a line cut short by a kill in the middle of a write is removed before appending,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlprune import pruners
+from vlprune.adapters import adapter_for
 from vlprune.api import Pipeline
 from vlprune.engine import attach
+from vlprune.engine.plan_check import check_fits
 from vlprune.errors import VlpruneError
 from vlprune.eval.bench import synchronize
 from vlprune.eval.datasets import VQASample, normalize_answer
-from vlprune.eval.files import write_text_atomically
+from vlprune.eval.files import check_writable_folder, write_text_atomically
+from vlprune.pruners import check_budget
 
 RESULTS = "results.jsonl"
 SETTINGS = "sweep.json"
@@ -59,13 +64,15 @@ def parse_keeps(text: str) -> list[int | float]:
     """``"64,128,192"`` or ``"0.111,0.222"`` -> budgets; the keyword ``llava`` gives LLaVA-1.5's three ratios.
 
     Raises:
-        VlpruneError: an empty list, a value that is not a number, or a non-positive one.
+        VlpruneError: an empty list, or an item that is not a valid budget (see :func:`vlprune.pruners.check_budget`).
     """
     if text.strip() == "llava":
         return list(LLAVA_RATIOS)
     keeps: list[int | float] = []
     for item in text.split(","):
         item = item.strip()
+        if not item:
+            continue
         try:
             value: int | float = int(item)
         except ValueError:
@@ -73,9 +80,10 @@ def parse_keeps(text: str) -> list[int | float]:
                 value = float(item)
             except ValueError:
                 raise VlpruneError(f"--keep item {item!r} is not a count (64) or a fraction (0.25)") from None
-        if value <= 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):
-            raise VlpruneError(f"--keep item {item!r} must be a positive count or a fraction in (0, 1)")
-        keeps.append(value)
+        try:
+            keeps.append(check_budget(value))
+        except VlpruneError as error:
+            raise VlpruneError(f"--keep item {item!r}: {error}") from None
     if not keeps:
         raise VlpruneError("--keep needs at least one budget")
     return keeps
@@ -230,22 +238,80 @@ def shard_of(samples: Sequence[VQASample], index: int, count: int) -> list[VQASa
     return list(samples[index::count])
 
 
-def check_settings(folder: Path, settings: SweepSettings) -> None:
-    """Save the settings in a new folder, or check that an existing folder's sweep is the same one."""
+def cell_pruners(settings: SweepSettings) -> list[pruners.Pruner]:
+    """The pruner of every cell, built now so that an unknown method or a bad budget or option fails before any work.
+
+    Raises:
+        VlpruneError: naming the bad method, budget or option.
+    """
+    return [pruners.create(method, keep=keep, **settings.options.get(method, {})) for method, keep in cells(settings)]
+
+
+def check_folder(folder: str | os.PathLike, settings: SweepSettings) -> None:
+    """Check, without writing anything, that ``folder`` can take this sweep: it is (or can become) a writable folder,
+    and it holds no rows of a sweep with other settings.
+
+    Raises:
+        VlpruneError: the folder cannot be written, or holds another sweep's rows.
+    """
+    folder = check_writable_folder(folder, "--out")
+    _check_saved_settings(folder, settings)
+
+
+def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
+    """Whether ``folder`` already holds these settings; raises if it holds other settings and rows measured under
+    them. Settings saved by a run that produced no row (it failed before its first cell) are no sweep to protect."""
     path = folder / SETTINGS
-    wanted = asdict(settings)
-    if path.exists():
+    if not path.exists():
+        return False
+    wanted = json.loads(json.dumps(asdict(settings)))
+    try:
         saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(wanted)):
-            changed = sorted(k for k in wanted if saved.get(k) != json.loads(json.dumps(wanted[k])))
-            raise VlpruneError(
-                f"{folder} holds a sweep with other settings ({', '.join(changed)}); use another --out folder"
-            )
+    except (OSError, ValueError):
+        saved = None
+    if saved == wanted:
+        return True
+    if not _has_rows(folder):
+        return False
+    changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
+    raise VlpruneError(
+        f"{folder} holds rows of a sweep with other settings ({', '.join(changed) or SETTINGS + ' unreadable'}); "
+        f"use another --out folder"
+    )
+
+
+def _has_rows(folder: Path) -> bool:
+    return any(path.stat().st_size > 0 for path in [folder / RESULTS, *folder.glob("results-*.jsonl")] if path.exists())
+
+
+def check_settings(folder: Path, settings: SweepSettings) -> None:
+    """Save the settings in a new folder (or over settings that produced no row), or check that an existing folder's
+    sweep is the same one."""
+    if _check_saved_settings(folder, settings):
         return
     try:
-        write_text_atomically(path, json.dumps(wanted, indent=2) + "\n")
+        write_text_atomically(folder / SETTINGS, json.dumps(asdict(settings), indent=2) + "\n")
     except OSError as error:
         raise VlpruneError(f"cannot write the sweep's output folder {str(folder)!r}: {error.strerror}") from None
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path, results_name: str) -> Iterator[None]:
+    """Hold the lock of one results file of ``folder`` for a whole sweep: two sweeps appending to one file would
+    both run every cell and write every row twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f".{results_name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise VlpruneError(
+            f"another sweep is writing {folder / results_name} right now; wait for it to finish (a rerun then resumes "
+            f"it) or use another --out folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_sweep(
@@ -264,14 +330,31 @@ def run_sweep(
             different sweep.
     """
     folder = Path(folder)
-    for method, keep in cells(settings):
-        pruners.create(method, keep=keep, **settings.options.get(method, {}))  # fail on bad input before any work
-    check_settings(folder, settings)
     index, count = shard
-    results = ResultsFile(folder / (RESULTS if count == 1 else f"results-{index}.jsonl"))
-    done = results.keys()
-    runner = CellRunner(pipeline, settings.max_new_tokens)
     mine = shard_of(samples, index, count)
+    if settings.max_new_tokens < 1:
+        raise VlpruneError(f"max_new_tokens={settings.max_new_tokens} must be at least 1")
+    check_folder(folder, settings)
+    runner = CellRunner(pipeline, settings.max_new_tokens)
+    if samples:
+        # Every budget against this model's token count, before the settings are saved or a cell runs.
+        inputs = runner.inputs(samples[0])
+        num_visual = int((inputs["input_ids"][0] == pipeline.model.config.image_token_id).sum())
+        num_layers = adapter_for(pipeline.model).language_model_shape().num_layers
+        for pruner in cell_pruners(settings):
+            check_fits(pruner, num_visual, num_layers)
+    results_name = RESULTS if count == 1 else f"results-{index}.jsonl"
+    with _exclusive(folder, results_name):
+        check_settings(folder, settings)
+        results = ResultsFile(folder / results_name)
+        _run_cells(runner, mine, settings, results, progress)
+    return results.path
+
+
+def _run_cells(
+    runner: CellRunner, mine: Sequence[VQASample], settings: SweepSettings, results: ResultsFile, progress: bool
+) -> None:
+    done = results.keys()
     todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, c[0], c[1]) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
     warmed = False
@@ -305,7 +388,6 @@ def run_sweep(
             results.append(row)
             bar.update(1)
     bar.close()
-    return results.path
 
 
 def _new_rows(paths: Iterable[Path], seen: set[tuple[str, str, str]]) -> Iterable[dict[str, Any]]:

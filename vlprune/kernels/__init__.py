@@ -13,18 +13,33 @@ from collections.abc import Sequence
 
 import torch
 
+from vlprune.errors import VlpruneError
 from vlprune.kernels import reference
 
 FORCE_VARIABLE = "VLPRUNE_KERNELS"
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
+SETTINGS = ("auto", "reference")
+
+
+def kernel_setting() -> str:
+    """The value of ``VLPRUNE_KERNELS`` (``auto`` when unset). The CLI and :func:`vlprune.attach` call it at start-up,
+    so that a bad value fails before any model runs rather than inside a generation.
+
+    Raises:
+        VlpruneError: a value other than ``auto`` or ``reference``.
+    """
+    setting = os.environ.get(FORCE_VARIABLE, "auto")
+    if setting not in SETTINGS:
+        raise VlpruneError(f"{FORCE_VARIABLE}={setting!r} is not valid; choose one of {', '.join(SETTINGS)}")
+    return setting
+
+
 def backend(*tensors: torch.Tensor) -> str:
     """``"triton"`` when every tensor is on a CUDA device, Triton is installed and ``VLPRUNE_KERNELS`` is not
     ``reference``; otherwise ``"reference"``."""
-    setting = os.environ.get(FORCE_VARIABLE, "auto")
-    if setting not in ("auto", "reference"):
-        raise ValueError(f"{FORCE_VARIABLE}={setting!r}; valid values: auto, reference")
+    setting = kernel_setting()
     if setting == "reference" or not TRITON_AVAILABLE:
         return "reference"
     return "triton" if all(t.is_cuda for t in tensors) else "reference"
@@ -79,4 +94,4 @@ def merge_tokens(
     return reference.merge_tokens(tokens, group, num_groups, weight)
 
 
-__all__ = ["attention_rows", "backend", "gather_rows", "gather_tokens", "merge_tokens"]
+__all__ = ["attention_rows", "backend", "gather_rows", "gather_tokens", "kernel_setting", "merge_tokens"]

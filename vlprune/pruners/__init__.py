@@ -27,9 +27,11 @@ from vlprune.pruners.base import (
     StageContext,
     StagePlan,
     VisionLayerContext,
+    check_budget,
     resolve_keep,
     top_k_sorted,
 )
+from vlprune.pruners.options import coerce_options
 
 _REGISTRY: dict[str, type[Pruner]] = {}
 
@@ -67,6 +69,26 @@ def available_modifiers() -> list[str]:
     return [VAR.name]
 
 
+_LISTING_LAYERS = 32  # LLaVA-1.5-7B's depth, for describing where a method's default plan acts
+
+
+def stages_of(name: str) -> str:
+    """Where the method ``name`` acts by default: its declared stage, plus "in-LLM" when its default plan on a
+    LLaVA-1.5-shaped model (at a quarter of the tokens) also prunes inside the language model, so that the listing
+    cannot drift from the code (VFlowOpt: "pre-LLM+in-LLM")."""
+    from vlprune.pruners.base import PROBE_TOKENS
+
+    cls = get(name)
+    if cls.stage not in (Stage.VISION, Stage.PRE_LLM):
+        return cls.stage.value
+    try:
+        plan = cls(keep=0.25).plan(PROBE_TOKENS, _LISTING_LAYERS)
+    except Exception:  # a user's pruner that cannot plan for this shape: its declared stage stands
+        return cls.stage.value
+    later = any(stage.layer > 0 for stage in plan)
+    return f"{cls.stage.value}+{Stage.IN_LLM.value}" if later else cls.stage.value
+
+
 def _options_of(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 
@@ -98,10 +120,25 @@ def create(name: str, **options: object) -> Pruner:
     shared = sorted(set(given) & valid & modifier_valid)
     if shared:
         raise VlpruneError(f"option {shared[0]!r} of {name!r} is ambiguous: both {base_name} and var have it")
-    pruner = cls(**{k: v for k, v in given.items() if k in valid})
+    own = coerce_options(cls, name, {k: v for k, v in given.items() if k in valid})
+    if own.get("keep") is not None:
+        own["keep"] = check_budget(own["keep"])
+    pruner = _build(cls, name, own)
     if modifier_name:
-        pruner.modifier = VAR(**{k: v for k, v in given.items() if k in modifier_valid})
+        pruner.modifier = _build(
+            VAR, name, coerce_options(VAR, name, {k: v for k, v in given.items() if k in modifier_valid})
+        )
     return pruner
+
+
+def _build(cls: type[Pruner], name: str, options: dict[str, object]) -> Pruner:
+    """``cls(**options)``; a TypeError from a pruner's own checks becomes a VlpruneError naming the method."""
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, VlpruneError):
+            raise
+        raise VlpruneError(f"method {name!r}: {error}") from None
 
 
 # Importing the built-in pruners registers them.
@@ -132,9 +169,11 @@ __all__ = [
     "VisionLayerContext",
     "available",
     "available_modifiers",
+    "check_budget",
     "create",
     "get",
     "register",
     "resolve_keep",
+    "stages_of",
     "top_k_sorted",
 ]

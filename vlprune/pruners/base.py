@@ -228,19 +228,43 @@ def is_probe(num_visual: int) -> bool:
     return num_visual >= PROBE_TOKENS
 
 
+def check_budget(keep: object) -> int | float:
+    """``keep`` if it is a valid budget: an int count of at least 1, or a float fraction in (0, 1).
+
+    A float is always a fraction, so a whole-number float (``1.0``, ``64.0``) is refused rather than read either way:
+    ``keep=1.0`` could mean "everything" or "one token".
+
+    Raises:
+        VlpruneError: another type, a count below 1, a fraction outside (0, 1), or a whole-number float; the message
+            names both readings of the last.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise VlpruneError(f"keep={keep!r} must be an int count or a float fraction in (0, 1)")
+    if isinstance(keep, float):
+        if keep.is_integer() and keep >= 1:
+            raise VlpruneError(
+                f"keep={keep!r} is ambiguous: a float is a fraction in (0, 1) and {keep!r} is not one; write "
+                f"keep={int(keep)} for {int(keep)} visual token{'s' if keep != 1 else ''}, or a fraction such as 0.25 "
+                f"(method none keeps every token)"
+            )
+        if not 0.0 < keep < 1.0:
+            raise VlpruneError(f"keep={keep!r} is a fraction outside (0, 1); pass a fraction in (0, 1) or a count")
+        return keep
+    if keep < 1:
+        raise VlpruneError(f"keep={keep} must be at least 1 visual token (or a fraction in (0, 1))")
+    return keep
+
+
 def resolve_keep(keep: int | float, num_visual: int) -> int:
     """Turn a budget into a token count: an int is a count, a float in (0, 1) a fraction of ``num_visual``.
 
     Raises:
-        VlpruneError: a count outside [1, num_visual], a fraction outside (0, 1), or another type.
+        VlpruneError: an invalid budget (see :func:`check_budget`) or a count above ``num_visual``.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
-        raise VlpruneError(f"keep={keep!r} must be an int count or a float fraction in (0, 1)")
-    if isinstance(keep, float) and not keep.is_integer():
-        if not 0.0 < keep < 1.0:
-            raise VlpruneError(f"keep={keep} is a fraction outside (0, 1); pass a fraction in (0, 1) or a count")
+    keep = check_budget(keep)
+    if isinstance(keep, float):
         return max(1, round(keep * num_visual))
-    count = int(keep)
+    count = keep
     if not 1 <= count <= num_visual:
         raise VlpruneError(
             f"keep={keep} is outside [1, {num_visual}]: the model has {num_visual} visual tokens per sample"

@@ -1,0 +1,43 @@
+"""Checking a pruner's plan against a model's shape, so that a bad budget or layer fails before any work.
+
+The engine runs these checks when a pruner is attached and at each prefill; the API and the CLI run them from a
+model's configuration alone (:func:`check_fits`), before the weights are loaded.
+"""
+
+from __future__ import annotations
+
+from vlprune.errors import VlpruneError
+from vlprune.pruners.base import Pruner, StagePlan
+
+
+def check_plan(method: str, plan: list[StagePlan], num_visual: int, num_layers: int) -> None:
+    """Stage layers increase within the model's layers, layer-0 stages need no earlier attention, and each stage's
+    count lies in [1, the previous stage's count].
+
+    Raises:
+        VlpruneError: naming the method and the stage that breaks the rule.
+    """
+    previous_layer, previous_keep = -1, num_visual
+    for stage in plan:
+        if not 0 <= stage.layer < num_layers or stage.layer <= previous_layer:
+            raise VlpruneError(
+                f"{method}: stage layers must increase within 0..{num_layers - 1}, got {[s.layer for s in plan]}"
+            )
+        if stage.query_rows is not None and stage.layer == 0 and not stage.own_layer_attention:
+            raise VlpruneError(f"{method}: a stage at layer 0 has no earlier attention to score with")
+        if stage.keep is not None and not 1 <= stage.keep <= previous_keep:
+            raise VlpruneError(f"{method}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]")
+        previous_layer = stage.layer
+        previous_keep = previous_keep if stage.keep is None else stage.keep
+
+
+def check_fits(pruner: Pruner, num_visual: int, num_layers: int) -> list[StagePlan]:
+    """The plan of ``pruner`` for a model with ``num_visual`` visual tokens per sample and ``num_layers`` decoder
+    layers, checked.
+
+    Raises:
+        VlpruneError: a budget or a layer the model does not have.
+    """
+    plan = pruner.plan(num_visual, num_layers)
+    check_plan(pruner.name, plan, num_visual, num_layers)
+    return plan
