@@ -31,12 +31,16 @@ def test_calibration_returns_options_that_reproduce_its_score(samples) -> None:
     result = calibrate(pipeline, "vflowopt", 0.25, samples, trials=4, seed=0, batch_size=2, progress=False)
     assert result["method"] == "vflowopt" and result["keep"] == 0.25 and result["samples"] == 4
     assert set(result["options"]) == {"ratios", "sensitivity", "cell", "entropy_weight"}
-    assert -1.0 <= result["score"] <= 1.0
     # The search starts from the default configuration and improves on it within four trials on this model.
     assert result["score"] > result["default_score"]
-    # Running the pruner with the returned options gives the same mean cosine: the search measured what it returns.
     batches = encode(pipeline, samples, 2)
     reference = last_token_states(pipeline.model, batches)
+    # The default's score is the mean cosine of the default pruner, computed here on its own.
+    with vlprune.attach(pipeline.model, vlprune.pruners.create("vflowopt", keep=0.25)):
+        default = last_token_states(pipeline.model, batches)
+    default_score = float(torch.nn.functional.cosine_similarity(default, reference, dim=-1).mean())
+    assert default_score == pytest.approx(result["default_score"], abs=1e-6) and default_score < 1 - 1e-4
+    # Running the pruner with the returned options gives the same mean cosine: the search measured what it returns.
     with vlprune.attach(pipeline.model, vlprune.pruners.create("vflowopt", keep=0.25, **result["options"])):
         pruned = last_token_states(pipeline.model, batches)
     score = float(torch.nn.functional.cosine_similarity(pruned, reference, dim=-1).mean())

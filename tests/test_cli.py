@@ -70,17 +70,21 @@ def random_choice(seed: int, num_visual: int, keep: int) -> list[int]:
 
 def parse_table(out: str) -> dict[str, tuple[str, str]]:
     lines = out.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["name", "stage", "reference"]
+    assert re.split(r"\s{2,}", lines[0]) == ["name", "stage", "positions", "reference"]
     rows = {}
     for line in lines[1:]:
-        name, stage, reference = re.split(r"\s{2,}", line, maxsplit=2)
+        name, stage, positions, reference = re.split(r"\s{2,}", line, maxsplit=3)
         rows[name] = (stage, reference)
+        POSITIONS_COLUMN[name] = positions
     return rows
+
+
+POSITIONS_COLUMN: dict[str, str] = {}
 
 
 def assert_aligned(table: str) -> None:
     lines = table.splitlines()
-    for pattern in (r"\S+ +", r"\S+ +\S+ +"):
+    for pattern in (r"\S+ +", r"\S+ +\S+ +", r"\S+ +\S+ +\S+ +"):
         starts = {re.match(pattern, line).end() for line in lines}  # type: ignore[union-attr]
         assert len(starts) == 1, table
 
@@ -89,7 +93,8 @@ def test_methods_lists_every_method_with_its_stage(capsys: pytest.CaptureFixture
     code, out, err = run_cli(capsys, "methods")
     assert code == 0 and err == ""
     rows = parse_table(out)
-    assert list(rows) == [*vlprune.available_pruners(), *vlprune.pruners.available_modifiers()]
+    assert list(rows) == [*vlprune.pruners.available(), *vlprune.pruners.available_modifiers()]
+    assert sorted(rows) == vlprune.available_pruners()  # "var" is a method name of its own too
     assert {"none", "random", "fastv", "fastervlm"} <= set(rows)
     expected_stage = {"none": "none", "random": "pre-LLM", "fastv": "in-LLM", "fastervlm": "pre-LLM"}
     for name, stage in expected_stage.items():
@@ -101,6 +106,7 @@ def test_methods_lists_every_method_with_its_stage(capsys: pytest.CaptureFixture
         cls = vlprune.pruners.get(name)
         assert stage == vlprune.pruners.stages_of(name) and stage.startswith(cls.stage.value)
         assert reference == cls.reference
+        assert POSITIONS_COLUMN[name] == vlprune.pruners.create(name).reference_positions()
     # Columns line up: the stage and the reference columns start at the same offset on every line.
     assert_aligned(out)
 

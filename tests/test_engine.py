@@ -3,6 +3,7 @@ cached decoding equals recomputation, and detaching restores the model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -124,7 +125,7 @@ RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3}), ("
 def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, options: dict, layer: int) -> None:
     model, processor = tiny_model(vision, kv_heads, attn)
     inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
         tokens, logits = greedy(model, inputs)
     stage = session.stats.stages[0]
     assert stage.layer == layer and stage.visual_out == options["keep"]
@@ -152,7 +153,7 @@ def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, op
 def test_multi_stage_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, options: dict) -> None:
     model, processor = tiny_model(vision, kv_heads, attn)
     inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
         tokens, logits = greedy(model, inputs)
     stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
     assert len(stages) >= 3 and all(
@@ -185,14 +186,25 @@ def test_batch_of_two_equals_samples_alone(method: str, options: dict) -> None:
             torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
 
 
+TEXT_INDEPENDENT_CASES = [
+    ("random", {"keep": 20}),
+    ("random", {"keep": 12, "layer": 2}),
+    ("visionzip", {"keep": 16}),  # with recycling: merged tokens enter the cache too
+    ("fastervlm", {"keep": 16}),
+    ("divprune", {"keep": 16}),
+    ("holov", {"keep": 16}),
+    ("flowcut", {"keep": 16}),
+]
+
+
 @pytest.mark.parametrize("positions", ["original", "reindex"])
-@pytest.mark.parametrize("options", [{"keep": 20}, {"keep": 12, "layer": 2}])
-def test_cached_decoding_equals_recomputation(positions: str, options: dict) -> None:
-    """Random selection does not depend on the text, so re-running the whole sequence without a cache prunes the same
+@pytest.mark.parametrize("method,options", TEXT_INDEPENDENT_CASES)
+def test_cached_decoding_equals_recomputation(positions: str, method: str, options: dict) -> None:
+    """These selections do not depend on the text, so re-running the whole sequence without a cache prunes the same
     tokens: each cached decode step must give the logits of that full recomputation."""
     model, processor = tiny_model("clip", 2)
     inputs = tiny_inputs(processor, 2)
-    pruner = vlprune.pruners.create("random", **options)
+    pruner = vlprune.pruners.create(method, **options)
     with vlprune.attach(model, pruner, positions=positions):
         tokens, logits = greedy(model, inputs)
         for step in range(NEW_TOKENS):
@@ -278,7 +290,7 @@ def test_a_text_only_call_inside_a_session_is_untouched() -> None:
 def test_drop_equals_mask_on_siglip_and_qwen2(attn: str, method: str, options: dict, layer: int) -> None:
     model, processor = tiny_model("siglip", 2, attn, text="qwen2")
     inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
+    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
         tokens, logits = greedy(model, inputs)
     oracle = MaskOracle(
         model, inputs["input_ids"], [(layer, session.stats.stages[0].kept_indices)], model.config.image_token_id
@@ -377,3 +389,93 @@ def test_kept_hidden_replaces_the_kept_tokens_in_place() -> None:
     positions = stays.nonzero()[:, 0]
     expected = model(inputs_embeds=sequence[stays][None], position_ids=positions[None]).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- gaps found in review
+
+
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+@pytest.mark.parametrize("method", ["random", "fastv", "visionzip"])
+def test_a_multi_token_step_through_a_pruned_cache_equals_one_token_at_a_time(positions: str, method: str) -> None:
+    """lmms-eval's log-likelihood path feeds a whole continuation in one call after a pruned prefill; each of its
+    rows must equal the same token fed alone through the same pruned cache."""
+    model, processor = tiny_model("clip", 2)
+    inputs = tiny_inputs(processor, 1)
+    length = inputs["input_ids"].shape[1]
+    steps = torch.tensor([[5, 9, 13, 2]], device=inputs["input_ids"].device)
+
+    def step(cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        return model(
+            input_ids=ids,
+            attention_mask=torch.ones(1, start + ids.shape[1], dtype=torch.long, device=ids.device),
+            position_ids=torch.arange(start, start + ids.shape[1], device=ids.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[0]
+
+    with vlprune.attach(model, vlprune.pruners.create(method, keep=16), positions=positions), torch.no_grad():
+        together = step(model(**inputs, use_cache=True).past_key_values, steps, length)
+        cache = model(**inputs, use_cache=True).past_key_values
+        alone = torch.stack([step(cache, steps[:, i : i + 1], length + i)[-1] for i in range(steps.shape[1])])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_vision_attention_map_is_the_feature_layers_eager_attention_without_cls() -> None:
+    """What PTP and VFlowOpt receive as ``vision_attention``: the head mean of the feature layer's softmax attention
+    among the image's patches (rows: queries), normalised over every token of the tower, [CLS] included."""
+    captured = {}
+
+    @dataclasses.dataclass
+    class MapReader(Pruner):
+        name = "map-reader-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_attention=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            captured["map"] = ctx.vision_attention
+            index = torch.arange(ctx.num_visual, device=ctx.visual_hidden.device).expand(ctx.batch_size, -1)
+            return Selection(keep_index=index)
+
+    model, processor = tiny_model("clip", 4, attn="eager")
+    inputs = tiny_inputs(processor, 2)
+    with vlprune.attach(model, MapReader()), torch.no_grad():
+        model(**inputs)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
+    # LLaVA reads hidden_states[-2], the output of the second-to-last layer, whose attention is attentions[-2].
+    assert model.config.vision_feature_layer == -2
+    expected = attentions[-2].mean(dim=1)[:, 1:, 1:]  # (B, N, N) without the [CLS] row and column
+    torch.testing.assert_close(captured["map"], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(captured["map"], captured["map"].transpose(1, 2), atol=1e-3)  # a transpose would fail
+    assert (captured["map"].sum(dim=-1) < 1).all()  # [CLS] holds part of every row's mass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "visionzip"])
+def test_the_engine_runs_in_half_precision(dtype: torch.dtype, method: str) -> None:
+    """The CLI offers float16 and bfloat16: keep-all equals vanilla exactly, and pruning equals masking within the
+    dtype's rounding (drop equals mask holds for the methods without recycling)."""
+    model, processor = tiny_model("clip", 2)
+    model = model.to(dtype)
+    inputs = tiny_inputs(processor, 2)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    vanilla_tokens, vanilla_logits = greedy(model, inputs)
+    with vlprune.attach(model, vlprune.pruners.create("none")):
+        tokens, logits = greedy(model, inputs)
+    assert torch.equal(tokens, vanilla_tokens) and torch.equal(logits, vanilla_logits)
+    with vlprune.attach(model, vlprune.pruners.create(method, keep=16), positions="original") as session:
+        tokens, logits = greedy(model, inputs)
+    assert next(model.parameters()).dtype == dtype and torch.isfinite(logits).all()
+    assert session.stats.stages[0].visual_out == 16
+    if method == "visionzip":
+        return  # its merged tokens exist in no mask of the original sequence
+    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
+    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
+    try:
+        _, oracle_logits = greedy(model, inputs)
+    finally:
+        oracle.remove()
+    torch.testing.assert_close(logits[0].float(), oracle_logits[0].float(), atol=5e-2, rtol=0)

@@ -142,9 +142,18 @@ def test_pyramiddrop_first_stage_keeps_what_the_last_token_attends_to_most_at_it
 
 
 def test_pyramiddrop_budgets_reproduce_the_layer_average() -> None:
-    from vlprune.pruners.pyramiddrop import geometric_ratio, layer_average
+    from vlprune.pruners.pyramiddrop import geometric_ratio, layer_average, stage_floor
 
-    assert [round(geometric_ratio(576, k, [2, 8, 16, 24], 32), 3) for k in (192, 128, 64)] == [0.581, 0.437, 0.196]
+    # The maintainer's 64-token recipe (issue #29): layers 2, 8, 16 and λ = 0.19.
+    assert round(geometric_ratio(576, 64, [2, 8, 16], 32), 2) == 0.19
+    assert [round(geometric_ratio(576, k, [2, 8, 16], 32), 3) for k in (192, 128, 64)] == [0.560, 0.420, 0.192]
+    assert vlprune.pruners.create("pyramiddrop", keep=64).schedule(576, 32) == ([2, 8, 16], [110, 21, 4])
+    # The floor: no stage keeps fewer than ceil(N / 144) tokens, so LLaVA's 11.1% never ends in one token.
+    assert stage_floor(576) == 4 and stage_floor(256) == 2
+    for num_visual, keep in ((576, 0.111), (256, 0.111), (256, 0.08)):
+        layers, counts = vlprune.pruners.create("pyramiddrop", keep=keep).schedule(num_visual, 32)
+        assert min(counts) >= stage_floor(num_visual)
+        assert abs(layer_average(num_visual, layers, counts, 32) - round(keep * num_visual)) < 1.5
     pruner = vlprune.pruners.create("pyramiddrop")
     layers, counts = pruner.schedule(576, 32)
     assert (layers, counts) == ([8, 16, 24], [288, 144, 72])
@@ -175,6 +184,19 @@ def test_sparsevlm_density_peak_clustering_merges_each_group_into_its_mean() -> 
     got = sorted(merged[0].tolist())
     torch.testing.assert_close(torch.tensor(got), torch.tensor(means))
     assert {int(c) < 4 for c in centres[0]} == {True, False}  # one centre in each group
+
+
+def test_sparsevlm_distances_are_exact_differences_with_a_zero_diagonal() -> None:
+    """The reference takes ``(x1 - x2).norm(-1)``; cdist's matrix-product path leaves a non-zero diagonal on wide
+    tokens of large norm, which changes densities."""
+    from vlprune.pruners.sparsevlm import pairwise_distance
+
+    tokens = 3 * torch.randn(2, 154, 576, generator=torch.Generator().manual_seed(0))
+    distance = pairwise_distance(tokens)
+    assert torch.equal(distance.diagonal(dim1=1, dim2=2), torch.zeros(2, 154))
+    assert torch.cdist(tokens, tokens).diagonal(dim1=1, dim2=2).abs().max() > 1e-4  # the shortcut's error
+    explicit = (tokens[:, :, None] - tokens[:, None]).norm(dim=-1)
+    torch.testing.assert_close(distance, explicit, atol=1e-4, rtol=1e-5)
 
 
 def test_sparsevlm_first_stage_keeps_what_the_raters_attend_to_at_the_pruning_layer() -> None:
@@ -328,3 +350,36 @@ def test_sparsevlm_rank_rule_runs_its_four_stages_with_the_budget_of_the_origina
     stages = session.stats.stages
     assert [s.layer for s in stages] == [3, 7, 16, 20]
     assert all(later.visual_in == earlier.visual_out for earlier, later in itertools.pairwise(stages))
+
+
+def test_sparsevlm_recycles_the_most_relevant_pruned_share_at_its_centres_position(monkeypatch) -> None:
+    """30 visual tokens, 10 kept: of the 20 pruned, the int(0.3 · 20) + 1 = 7 most relevant are merged into
+    int(7 / 10) + 1 = 1 token, their mean. With one cluster every density ties (the k = 1 nearest neighbour is the
+    token itself), so the first in relevance order is the density peak: the merged token takes the RoPE position of
+    the most relevant pruned token."""
+    import vlprune.pruners.sparsevlm as sparsevlm
+
+    monkeypatch.setattr(sparsevlm, "select_raters", lambda visual, text, mask: mask)  # every text token rates
+    generator = torch.Generator().manual_seed(0)
+    relevance = torch.randperm(30, generator=generator).float()[None] / 30  # distinct, in a shuffled order
+    hidden = torch.randn(1, 30, 8, generator=generator)
+    positions = 100 + 3 * torch.arange(30)[None]  # not the indices, so a position cannot pass for an index
+    ctx = StageContext(
+        layer=2,
+        keep=10,
+        visual_hidden=hidden,
+        visual_positions=positions,
+        visual_origin=torch.arange(30)[None],
+        query_attention=relevance[:, None, :].expand(1, 2, 30),  # two rater rows, the same relevance
+        query_mask=torch.ones(1, 2, dtype=torch.bool),
+        initial_visual_hidden=hidden,
+        initial_text_hidden=torch.randn(1, 2, 8, generator=generator),
+        initial_text_mask=torch.ones(1, 2, dtype=torch.bool),
+    )
+    selection = vlprune.pruners.create("sparsevlm", keep=0.3, schedule=[10, 8, 6]).select(ctx)
+    order = relevance[0].argsort(descending=True)
+    assert selection.keep_index[0].tolist() == sorted(order[:10].tolist())
+    merged_from = order[10:17]  # the 7 most relevant of the pruned
+    assert selection.recycled is not None and selection.recycled.hidden.shape == (1, 1, 8)
+    torch.testing.assert_close(selection.recycled.hidden[0, 0], hidden[0, merged_from].mean(dim=0))
+    assert selection.recycled.positions.tolist() == [[int(positions[0, order[10]])]]

@@ -45,7 +45,7 @@ def test_available_pruners_lists_the_built_ins_sorted() -> None:
     names = vlprune.available_pruners()
     assert set(BUILT_IN) <= set(names)
     assert names == sorted(names)
-    assert names == vlprune.pruners.available()
+    assert names == sorted([*vlprune.pruners.available(), "var"]) == vlprune.pruners.available_methods()
     for name, cls in BUILT_IN.items():
         assert vlprune.pruners.get(name) is cls
         assert cls.name == name

@@ -29,6 +29,7 @@ from vlprune.eval.sweep import (
     load_rows,
     merge_shards,
     parse_keeps,
+    parse_positions,
     run_sweep,
     shard_of,
 )
@@ -62,10 +63,23 @@ def test_a_sweep_writes_one_row_per_sample_and_cell(pipeline, samples, tmp_path:
     run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
     rows = load_rows(tmp_path)
     assert len(rows) == 3 * 5 and len(set(keys(rows))) == 15  # (none + 2 methods x 2 budgets) x 3 samples
-    reference = [r for r in rows if r["method"] == "none"]
-    assert all(
-        r["same_answer"] and r["kl_first_token"] == 0 and r["hidden_cosine"] == pytest.approx(1) for r in reference
-    )
+    # The unpruned rows hold the pipeline's own answers, computed here independently.
+    for sample in samples:
+        [row] = [r for r in rows if r["method"] == "none" and r["sample"] == sample.id]
+        assert row["prediction"] == pipeline(sample.image, sample.question, max_new_tokens=8).text
+    # A pruned row's fidelity is what the unpruned and the pruned model give on its sample, computed here on its own.
+    sample = samples[0]
+    [row] = [r for r in rows if r["method"] == "fastv" and r["keep"] == 16 and r["sample"] == sample.id]
+    inputs = pipeline.model_inputs([sample.image], [pipeline.chat_prompt(sample.question)])
+    with torch.no_grad():
+        plain = pipeline.model(**inputs, output_hidden_states=True)
+        with vlprune.attach(pipeline.model, vlprune.pruners.create("fastv", keep=16)):
+            pruned = pipeline.model(**inputs, output_hidden_states=True)
+    p_log, q_log = (torch.log_softmax(out.logits[0, -1].float(), -1) for out in (plain, pruned))
+    kl = float(torch.sum(p_log.exp() * (p_log - q_log)))
+    cosine = float(torch.cosine_similarity(plain.hidden_states[-1][0, -1], pruned.hidden_states[-1][0, -1], dim=0))
+    assert row["kl_first_token"] == pytest.approx(kl, abs=1e-5) and kl > 1e-6
+    assert row["hidden_cosine"] == pytest.approx(cosine, abs=1e-5) and cosine < 1 - 1e-6
     pruned = [r for r in rows if r["method"] == "fastv" and r["keep"] == 16]
     assert all(r["visual_tokens"] == 64 and r["equivalent_visual_tokens"] < 64 and r["flops_ratio"] < 1 for r in pruned)
     assert all(r["prefill_ms"] > 0 and r["end_to_end_ms"] > 0 and r["kv_cache_bytes"] > 0 for r in rows)
@@ -144,11 +158,11 @@ def test_report_summarises_a_synthetic_results_file(tmp_path: Path) -> None:
     assert summaries[("fastv", 128)].same_answer == 0.5  # s0 and s1 agree with the reference, s2 and s3 do not
     assert summaries[("fastv", 64)].prefill_ms == 41.5  # median of 40, 41, 42, 43
     table = accuracy_table(list(summaries.values()))
-    assert "| fastv | 50.0% (66.7%) | 75.0% (100.0%) |" in table
+    assert "| fastv | 50.0% (66.7%), 64.0 tok | 75.0% (100.0%), 128.0 tok |" in table
     (tmp_path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
     report = write_report(tmp_path)
     text = report.read_text()
-    assert "| fastv | 50.0% (66.7%) | 75.0% (100.0%) |" in text
+    assert "| fastv | 50.0% (66.7%), 64.0 tok | 75.0% (100.0%), 128.0 tok |" in text
     for name in ("accuracy_vs_tokens.png", "prefill_vs_tokens.png", "accuracy_vs_flops.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -221,7 +235,13 @@ def test_parse_keeps() -> None:
     assert parse_keeps("64,128,192") == [64, 128, 192]
     assert parse_keeps("0.25, 0.5") == [0.25, 0.5]
     assert parse_keeps("llava") == pytest.approx([64 / 576, 128 / 576, 192 / 576])
-    assert cells(SETTINGS)[0] == ("none", None) and len(cells(SETTINGS)) == 5
+    assert cells(SETTINGS)[0] == ("none", None, None) and len(cells(SETTINGS)) == 5
+    both = SweepSettings(**{**SETTINGS.__dict__, "positions": parse_positions("original, reindex")})
+    assert cells(both)[:3] == [("none", None, None), ("fastv", 16, "original"), ("fastv", 16, "reindex")]
+    assert len(cells(both)) == 9
+    for bad, shown in (("shifted", "'shifted' is not valid"), ("original,original", "at most once"), ("", "at most")):
+        with pytest.raises(VlpruneError, match=shown):
+            parse_positions(bad)
 
 
 def test_bench_reports_both_times_and_the_selection_cost(capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,3 +290,29 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path: Path) -> N
     os.umask(umask)
     assert path.read_text() == "# report\n" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_a_sweep_over_both_numberings_measures_each_and_reports_them_apart(pipeline, samples, tmp_path: Path) -> None:
+    settings = SweepSettings(
+        model="tiny-random",
+        dataset="shapes",
+        split="test",
+        limit=2,
+        methods=["fastervlm"],
+        keeps=[16],
+        max_new_tokens=2,
+        positions=["original", "reindex"],
+    )
+    run_sweep(pipeline, samples[:2], settings, tmp_path, progress=False)
+    rows = load_rows(tmp_path)
+    pruned = [r for r in rows if r["method"] == "fastervlm"]
+    assert sorted((r["sample"], r["positions_setting"], r["positions"]) for r in pruned) == sorted(
+        (s.id, mode, mode) for s in samples[:2] for mode in ("original", "reindex")
+    )
+    # The two numberings are different computations on the same kept tokens.
+    by_mode = {(r["sample"], r["positions"]): r["kl_first_token"] for r in pruned}
+    assert any(by_mode[(s.id, "original")] != by_mode[(s.id, "reindex")] for s in samples[:2])
+    labels = {s.method for s in summarise(rows)}
+    assert {"fastervlm [original]", "fastervlm [reindex]"} <= labels
+    run_sweep(pipeline, samples[:2], settings, tmp_path, progress=False)  # a rerun resumes: nothing left to do
+    assert len(load_rows(tmp_path)) == len(rows)

@@ -55,11 +55,28 @@ def test_var_with_p_one_changes_nothing() -> None:
         torch.testing.assert_close(model(**inputs).logits, vanilla, atol=1e-5, rtol=1e-5)
 
 
-def test_var_rewrites_only_the_text_rows() -> None:
+def plant_sinks(monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
+    """Make the given token indices the sinks of every layer (a random tiny model has no massive activations)."""
+    from vlprune.pruners.var import VAR
+
+    def planted(self, hidden: torch.Tensor, dimensions: list[int]) -> torch.Tensor:
+        sinks = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        sinks[:, tokens] = True
+        return sinks
+
+    monkeypatch.setattr(VAR, "sinks", planted)
+
+
+def first_visual(model, inputs) -> int:
+    return int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
+
+
+def test_var_rewrites_only_the_text_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows before the first text query never see a rewritten row (causal attention), so every hidden state there is
     the vanilla one; the text positions change."""
     model, processor = tiny_model("clip", 2, layers=6)
     inputs = tiny_inputs(processor, 1)
+    plant_sinks(monkeypatch, [0, first_visual(model, inputs) + 3])  # BOS and one visual token
     vanilla = model(**inputs, output_hidden_states=True).hidden_states[-1]
     with vlprune.attach(model, vlprune.pruners.create("var", dimensions=[5], tau=2.0, rho=1.0, summ=0.0)) as session:
         changed = model(**inputs, output_hidden_states=True).hidden_states[-1]
@@ -142,3 +159,62 @@ def test_var_output_rows_equal_the_redistributed_eager_attention_times_values() 
     torch.testing.assert_close(
         captured[0][0].view(length, heads, -1), (weights @ values).transpose(0, 1), atol=1e-5, rtol=1e-4
     )
+
+
+def _attention_output(model, inputs, layer: int, pruner=None) -> torch.Tensor:
+    """The input of layer ``layer``'s output projection (every head's attention output) in one prefill."""
+    captured = []
+    module = model.model.language_model.layers[layer].self_attn.o_proj
+    hook = module.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach().clone()))
+    try:
+        if pruner is None:
+            model(**inputs)
+        else:
+            with vlprune.attach(model, pruner):
+                model(**inputs)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def test_var_rewrites_the_last_layer_as_the_reference_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's except_last_layer never takes effect, so the last layer is redistributed too; skip_last=1
+    gives what its config meant."""
+    model, processor = tiny_model("clip", 4, layers=6)
+    inputs = tiny_inputs(processor, 1)
+    plant_sinks(monkeypatch, [0, first_visual(model, inputs) + 3])
+    options = {"dimensions": [5], "tau": 2.0, "rho": 1.0, "summ": 0.0}
+    assert vlprune.pruners.create("var").modifier.layers(6) == [2, 3, 4, 5]
+    assert vlprune.pruners.create("var", skip_last=1).modifier.layers(6) == [2, 3, 4]
+
+    def outputs(skip_last: int) -> list[torch.Tensor]:
+        pruner = lambda: vlprune.pruners.create("var", skip_last=skip_last, **options)  # noqa: E731
+        return [_attention_output(model, inputs, layer, pruner()) for layer in (4, 5)]
+
+    (default_4, default_5), (skipped_4, skipped_5) = outputs(0), outputs(1)
+    torch.testing.assert_close(default_4, skipped_4, atol=0, rtol=0)  # both rewrite layers 2..4 alike
+    assert (default_5 - skipped_5).abs().max() > 1e-4  # only the default rewrites the last layer
+
+
+def test_a_layer_whose_image_has_no_visual_sink_is_left_as_sdpa_computed_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a text token (the first, as BOS is) is a sink: the reference forks no head, so nothing moves, although the
+    rows would pass the image-centric test (no visual sink holds any share of the image's attention)."""
+    model, processor = tiny_model("clip", 4, layers=6)
+    inputs = tiny_inputs(processor, 2)
+    options = {"dimensions": [5], "tau": 2.0, "rho": 1.0, "summ": 0.0}
+    vanilla = [_attention_output(model, inputs, layer) for layer in (2, 5)]
+    plant_sinks(monkeypatch, [0])
+    with_var = [_attention_output(model, inputs, layer, vlprune.pruners.create("var", **options)) for layer in (2, 5)]
+    for before, after in zip(vanilla, with_var, strict=True):
+        torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_rewrite_selects_nothing_for_a_sample_without_visual_sinks() -> None:
+    from vlprune.pruners.var import VAR
+
+    attention = torch.softmax(torch.randn(2, 3, 2, 6), dim=-1)
+    image = torch.tensor([[False, True, True, True, True, False]] * 2)
+    sinks = torch.tensor([[True, False, False, False, False, False], [True, False, True, False, False, False]])
+    _, selected = VAR(rho=1.0, summ=0.0).rewrite(attention, image, sinks)
+    assert not selected[0].any()  # only the text sink: left alone
+    assert selected[1].all()  # a visual sink: every row passes with rho=1, summ=0

@@ -12,7 +12,7 @@ from torch import nn
 import vlprune
 from vlprune.errors import VlpruneError
 from vlprune.pruners import StageContext
-from vlprune.pruners.divprune import cosine_distance, greedy_max_min, nearest_neighbour_distance
+from vlprune.pruners.divprune import cosine_distance, greedy_max_min
 from vlprune.pruners.holov import crop_quotas, reference_crop_count, strip_crops, tile_crops
 from vlprune.pruners.visionzip import contextual_centres, merge_contextual
 from vlprune.pruners.zoo_prune import random_directions, zeroth_order_sensitivity
@@ -61,9 +61,49 @@ def test_greedy_max_min_follows_weights_and_distances() -> None:
     assert greedy_max_min(distance, torch.tensor([0]), 3, weights).tolist()[0][:2] == [0, 2]
 
 
-def test_nearest_neighbour_distance_ignores_the_token_itself() -> None:
-    distance = cosine_distance(on_circle([0, 60, 180]))
-    torch.testing.assert_close(nearest_neighbour_distance(distance), torch.tensor([[0.5, 0.5, 1.5]]))
+def reference_divprune(features: torch.Tensor, keep: int, exclude_chosen: bool = True) -> list[int]:
+    """DivPrune's official loop (``llava_arch.py``) on (N, D) features, in their dtype: ``x / ||x||``, one matrix
+    product, ``1 - cos``; the first token maximises its second-smallest distance, each next one its smallest distance
+    to the chosen ones."""
+    unit = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - torch.mm(unit, unit.t())
+    chosen: list[int] = []
+    for step in range(keep):
+        if step == 0:
+            scores = torch.topk(distance, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(distance[torch.tensor(chosen)], dim=0).values
+            if exclude_chosen:  # vlprune's one deviation: the reference may pick a token twice (see DivPrune's doc)
+                scores[torch.tensor(chosen)] = float("-inf")
+        chosen.append(int(torch.argmax(scores)))
+    return sorted(chosen)
+
+
+def near_ties(seed: int) -> torch.Tensor:
+    """(1, 48, 16) float16 features in 6 tight clusters: many distances differ only in their last bits."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, 16, generator=generator)
+    return (centres.repeat(8, 1) + 0.02 * torch.randn(48, 16, generator=generator)).half()[None]
+
+
+def test_divprune_in_float16_selects_what_the_float16_reference_selects() -> None:
+    differs = repeats = 0
+    for seed in range(12):
+        features = near_ties(seed)
+        expected = reference_divprune(features[0], 12)
+        selection = vlprune.pruners.create("divprune", keep=12).select(context(features, 12))
+        assert selection.keep_index[0].tolist() == expected, seed
+        in_float32 = vlprune.pruners.create("divprune", keep=12, float32=True).select(context(features, 12))
+        differs += in_float32.keep_index[0].tolist() != expected
+        repeats += len(set(reference_divprune(features[0], 12, exclude_chosen=False))) < 12
+    assert differs > 0, "near-ties in float16 must change some selection, or the test shows nothing"
+    assert repeats > 0, "the reference's float16 diagonal lets it choose a token twice on these inputs"
+
+
+def test_divprune_in_float32_selects_what_the_reference_selects_in_float32() -> None:
+    features = near_ties(0).float()
+    selection = vlprune.pruners.create("divprune", keep=12, float32=True).select(context(features.half(), 12))
+    assert selection.keep_index[0].tolist() == reference_divprune(features.half().float()[0], 12)
 
 
 # ---------------------------------------------------------------------------------------------- ZOO-Prune
@@ -321,7 +361,7 @@ def test_vflowopt_recycles_pruned_tokens_into_their_cells_most_important_one() -
     assert cells.view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
     importance = torch.arange(16, dtype=torch.float32)[None] / 16  # token 15 most important
     hidden = torch.arange(16, dtype=torch.float32).view(1, 16, 1)
-    kept, kept_hidden = recycle_into_cells(importance, hidden, cells, keep=6)
+    kept, kept_hidden = recycle_into_cells(importance, hidden, cells, keep=6, room=4)
     # Top 6 - 4 = 2 tokens (15, 14) stay; each cell's best pruned token represents it: 5, 7, 13, 11.
     assert kept.tolist() == [[5, 7, 11, 13, 14, 15]]
     cell_members = {5: [0, 1, 4, 5], 7: [2, 3, 6, 7], 11: [10, 11], 13: [8, 9, 12, 13]}
@@ -332,6 +372,57 @@ def test_vflowopt_recycles_pruned_tokens_into_their_cells_most_important_one() -
         torch.testing.assert_close(kept_hidden[0, position, 0], expected)
 
 
+def test_vflowopt_makes_room_for_int_n_over_m_squared_recycled_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference prunes ``int(L / m²)`` more tokens to make room (not one per cell): with 36 tokens in cells of
+    4 x 4 patches that is 2, although the 6 x 6 grid has 4 (partial) cells."""
+    cells = cell_of_tokens(6, 4.0)
+    assert int(cells.max()) + 1 == 4
+    importance = torch.arange(36, dtype=torch.float32)[None] / 36
+    hidden = torch.arange(36, dtype=torch.float32).view(1, 36, 1)
+    kept, _ = recycle_into_cells(importance, hidden, cells, keep=8, room=2)
+    direct = set(range(30, 36))  # the 8 - 2 most important stay as they are
+    assert direct <= set(kept[0].tolist())
+    # The other two represent the two cells whose best pruned token is most important: tokens 29 (cell 3) and 27
+    # (cell 2, rows 4-5, columns 0-3).
+    assert set(kept[0].tolist()) - direct == {29, 27}
+
+    import vlprune.pruners.vflowopt as vflowopt
+
+    rooms = []
+    original = vflowopt.recycle_into_cells
+    monkeypatch.setattr(
+        vflowopt,
+        "recycle_into_cells",
+        lambda importance, hidden, cells, keep, room: (
+            rooms.append((keep, room, int(cells.max()) + 1)) or original(importance, hidden, cells, keep, room)
+        ),
+    )
+    model, processor = tiny_model("clip", 4)  # 8 x 8 = 64 visual tokens
+    inputs = tiny_inputs(processor, 1)
+    side = 10.0 * 8 / 27  # m = 10 patches of the reference's 27 x 27 grid
+    with vlprune.attach(model, vlprune.pruners.create("vflowopt", keep=0.25, recycle=True, cell=10.0)) as session:
+        model(**inputs)
+    keep, room, num_cells = rooms[0]
+    assert room == int(64 / side**2) == 7 and num_cells == 9
+    assert session.stats.stages[0].visual_out == keep
+
+
+def test_vflowopt_on_an_untiled_image_is_a_plain_top_k_as_the_reference() -> None:
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 2)
+
+    def run(**options):
+        with vlprune.attach(model, vlprune.pruners.create("vflowopt", keep=0.25, **options)) as session:
+            logits = model(**inputs).logits
+        return logits, session.stats.stages[0].kept_indices
+
+    default, explicit, recycled = run(), run(recycle=False), run(recycle=True)
+    assert vlprune.pruners.create("vflowopt").recycle is False
+    torch.testing.assert_close(default[0], explicit[0], atol=0, rtol=0)
+    assert default[1] == explicit[1]
+    assert (default[0] - recycled[0]).abs().max() > 1e-4  # recycling, the multi-crop path's, changes the output
+
+
 def test_vflowopt_defaults_reproduce_the_released_last_ratios() -> None:
     # The released R3 values (0.6011, 0.87733, 0.487) come from the same constraint up to their rounding.
     assert abs(solve_last_ratio(0.10, 0.11662, 1.0, 9, 18, 28) - 0.6011) < 0.001
@@ -339,3 +430,49 @@ def test_vflowopt_defaults_reproduce_the_released_last_ratios() -> None:
     assert abs(solve_last_ratio(0.50, 0.72332, 0.74875, 9, 18, 28) - 0.487) < 0.005
     with pytest.raises(VlpruneError, match="budget"):
         solve_last_ratio(0.10, 0.5, 1.0, 9, 18, 28)
+
+
+def test_holov_hands_its_tokens_over_crop_by_crop_most_attended_first_as_the_reference() -> None:
+    """The reference concatenates each crop's ``topk`` (descending attention); a crop kept whole stays in raster
+    order. Crop 0 keeps 3 of [0.1, 0.4, 0.9, 0.6]; crop 1 (tokens 4-7) keeps 1; crops 2 and 3 none."""
+    attention = torch.tensor([[0.1, 0.4, 0.9, 0.6, 0.25, 0.2, 0.3, 0.25] + [0.15] * 4 + [0.1] * 4])
+    features = torch.randn(1, 16, 8)
+    selection = vlprune.pruners.create("holov", keep=4, crops=4).select(
+        context(features, 4, vision_cls_attention=attention)
+    )
+    assert selection.ordered and selection.keep_index.tolist() == [[2, 3, 1, 6]]
+    raster = vlprune.pruners.create("holov", keep=4, crops=4, reference_order=False)
+    plain = raster.select(context(features, 4, vision_cls_attention=attention))
+    assert not plain.ordered and plain.keep_index.tolist() == [[1, 2, 3, 6]]
+    whole = torch.tensor([[5.0, 6.0, 7.0, 8.0] + [0.1] * 12])  # crop 0 takes its whole quota of 4: raster order
+    full = vlprune.pruners.create("holov", keep=5, crops=4).select(context(features, 5, vision_cls_attention=whole))
+    assert full.keep_index.tolist()[0][:4] == [0, 1, 2, 3]
+
+
+def test_an_ordered_selection_enters_the_language_model_in_that_order() -> None:
+    """With re-indexed positions the kept tokens follow HoloV's order in the sequence, numbered contiguously: the
+    logits equal a plain run of the language model on the embeddings laid out that way."""
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 1)
+    embeddings = []
+    first = model.model.language_model.layers[0]
+    hook = first.register_forward_pre_hook(
+        lambda _, args, kwargs: embeddings.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    with vlprune.attach(model, vlprune.pruners.create("holov", keep=16)) as session, torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    [kept] = session.stats.stages[0].kept_indices
+    assert session.stats.positions == "reindex" and kept != sorted(kept)  # the order is HoloV's, not raster
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    start, end = int(visual[0]), int(visual[-1]) + 1
+    sequence = embeddings[0][0]
+    laid_out = torch.cat([sequence[:start], sequence[start:end][torch.tensor(kept)], sequence[end:]])[None]
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=laid_out).last_hidden_state
+        expected = model.lm_head(hidden)[0, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

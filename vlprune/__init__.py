@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 
 def available_pruners() -> list[str]:
-    """Names of the registered pruning methods."""
-    return pruners.available()
+    """Names of every method ``vlprune.load(method=...)`` accepts alone: the registered pruners and the attention
+    modifier VAR (which also combines with any pruner as ``METHOD+var``)."""
+    return pruners.available_methods()
 
 
 def load(*args, **kwargs):

@@ -16,8 +16,9 @@ from torch import nn
 
 from vlprune import pruners
 from vlprune.adapters import adapter_for
-from vlprune.engine import POSITION_MODES, PrefillStats, attach
+from vlprune.engine import PrefillStats, attach
 from vlprune.engine.plan_check import check_fits
+from vlprune.engine.session import resolve_positions
 from vlprune.errors import VlpruneError
 from vlprune.kernels import kernel_setting
 from vlprune.models.source import model_shape_on_disk, resolve_source
@@ -75,11 +76,16 @@ class Result:
 class Pipeline:
     """A VLM, its processor and a pruner. Call it with an image and a question."""
 
-    def __init__(self, model: nn.Module, processor: Any, pruner: pruners.Pruner, *, positions: str = "original"):
+    def __init__(
+        self, model: nn.Module, processor: Any, pruner: pruners.Pruner, *, positions: str | None = None
+    ) -> None:
         adapter_for(model)  # refuse an unsupported model now, before any call reads its config
         self.model = model
         self.processor = processor
         self.pruner = pruner
+        if positions is not None:
+            resolve_positions(pruner, positions)
+        # None: every pruner run through this pipeline (its own, a sweep's, a benchmark's) follows its reference.
         self.positions = positions
 
     @property
@@ -317,12 +323,13 @@ def load(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     *,
-    positions: str = "original",
+    positions: str | None = None,
     device_map: str | None = None,
     **method_options: Any,
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (a built-in name, folder or HF id, or a ``(model, processor)`` pair) with the
     pruner ``method`` keeping ``keep`` visual tokens (an int, or a fraction in (0, 1)) and acting at ``layer``.
+    ``positions`` ("original" or "reindex") overrides the RoPE numbering of the method's reference (None).
 
     Everything that can be checked without the weights is checked first (the method, its options, the device, the
     dtype, the positions, and the budget and layers against the model's configuration when it is on disk), so that
@@ -330,8 +337,7 @@ def load(
     """
     kernel_setting()
     pruner = pruners.create(method, keep=keep, layer=layer, **method_options)
-    if positions not in POSITION_MODES:
-        raise VlpruneError(f"positions={positions!r} is not valid; choose one of {POSITION_MODES}")
+    resolve_positions(pruner, positions)
     _dtype(dtype)
     if isinstance(model, tuple):
         loaded, processor = model

@@ -59,6 +59,15 @@ _positive = _count(1)
 _non_negative = _count(0)
 
 
+def _positions(text: str) -> list[str]:
+    from vlprune.eval.sweep import parse_positions
+
+    try:
+        return parse_positions(text)
+    except VlpruneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -90,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="another method option, e.g. --option seed=3 (repeatable)",
     )
-    run.add_argument("--positions", choices=POSITION_MODES, default="original", help="RoPE positions after pruning")
+    run.add_argument(
+        "--positions", choices=POSITION_MODES, default=None, help="RoPE positions after pruning (default: the method's)"
+    )
     run.add_argument("--config", default=None, help="JSON with method, keep and options (from `vlprune calibrate`)")
     run.add_argument("--max-new-tokens", type=_positive, default=32)
     run.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
@@ -128,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--trials", type=_positive, default=50, help="search iterations (default 50)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--batch-size", type=_positive, default=8)
-    calibrate.add_argument("--positions", choices=POSITION_MODES, default="original")
+    calibrate.add_argument("--positions", choices=POSITION_MODES, default=None, help="default: the method's")
     calibrate.add_argument("--device", default=None)
     calibrate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     calibrate.add_argument("--out", required=True, help="JSON file to write (for --config)")
@@ -142,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--limit", type=_positive, default=None, help="first N samples only")
     sweep.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
     sweep.add_argument("--max-new-tokens", type=_positive, default=8)
-    sweep.add_argument("--positions", choices=POSITION_MODES, default="original")
+    sweep.add_argument(
+        "--positions",
+        type=_positions,
+        default=None,
+        help="RoPE numbering per pruned cell: original, reindex or original,reindex (default: each method's)",
+    )
     sweep.add_argument("--device", default=None)
     sweep.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     sweep.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
@@ -274,6 +290,7 @@ def _sweep(args: argparse.Namespace) -> int:
         methods=methods,
         keeps=parse_keeps(args.keep),
         max_new_tokens=args.max_new_tokens,
+        positions=args.positions,
     )
     # Every setting, the output folder and the budgets against the model's configuration are checked before the
     # model loads and before anything is written, so that a corrected rerun is never refused.
@@ -290,11 +307,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.device_map is not None and state.num_processes > 1:
         raise VlpruneError("--device-map spreads one model over the GPUs; run it in one process, not sharded")
     pipeline = load(
-        args.model,
-        device=None if args.device_map else device,
-        dtype=args.dtype,
-        positions=args.positions,
-        device_map=args.device_map,
+        args.model, device=None if args.device_map else device, dtype=args.dtype, device_map=args.device_map
     )
     path = run_sweep(
         pipeline,
@@ -354,12 +367,15 @@ def _methods() -> int:
     from vlprune.pruners.base import Stage
     from vlprune.pruners.var import VAR
 
-    rows = [(name, pruners.stages_of(name), pruners.get(name).reference) for name in pruners.available()]
-    rows.append((VAR.name, Stage.ATTENTION.value, f"{VAR.reference}; combine as METHOD+{VAR.name}"))
-    widths = [max(len(row[i]) for row in [("name", "stage", "reference"), *rows]) for i in range(2)]
-    print(f"{'name':<{widths[0]}}  {'stage':<{widths[1]}}  reference")
-    for name, stage, reference in rows:
-        print(f"{name:<{widths[0]}}  {stage:<{widths[1]}}  {reference}")
+    rows = [
+        (name, pruners.stages_of(name), pruners.create(name).reference_positions(), pruners.get(name).reference)
+        for name in pruners.available()
+    ]
+    rows.append((VAR.name, Stage.ATTENTION.value, "-", f"{VAR.reference}; combine as METHOD+{VAR.name}"))
+    header = ("name", "stage", "positions", "reference")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row[:3], widths, strict=True)) + f"  {row[3]}")
     return 0
 
 

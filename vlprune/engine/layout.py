@@ -93,7 +93,8 @@ def order_after_stage(layout: Layout, kept_slots: torch.Tensor, num_recycled: in
 
     Args:
         layout: the current layout.
-        kept_slots: (B, k) slot indices of the visual tokens kept.
+        kept_slots: (B, k) slot indices of the visual tokens kept, in the order they take in the next layout
+            (ascending, unless a pruner ordered them).
         num_recycled: M, recycled tokens per sample; they take indices L..L+M-1 and go right after the last visual slot.
 
     Returns:
@@ -103,6 +104,8 @@ def order_after_stage(layout: Layout, kept_slots: torch.Tensor, num_recycled: in
     stays = ~layout.is_visual
     stays = stays.scatter(1, kept_slots, True)
     base = stays.nonzero()[:, 1].view(batch, -1)  # (B, L - N + k), ascending
+    # The kept visual slots take the places of the visual slots in the pruner's order (the same when ascending).
+    base = base.masked_scatter(torch.gather(layout.is_visual, 1, base), kept_slots)
     if num_recycled == 0:
         return base
     last_visual = layout.visual_slots[:, -1:]  # (B, 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -69,6 +69,14 @@ class Segment:
     real_counts: list[int]
 
 
+class _Rows(NamedTuple):
+    """A stage's query-row attention, captured at the layer before it (or computed at its own layer)."""
+
+    visual: torch.Tensor  # (B, R, N) or (B, H, R, N): to the visual tokens
+    mask: torch.Tensor  # (B, R): which rows are real
+    own: torch.Tensor | None  # (B, R, R) or (B, H, R, R): to the query rows' own tokens, when the stage asks
+
+
 @dataclass
 class _Prefill:
     """The state of the prefill in progress."""
@@ -82,7 +90,7 @@ class _Prefill:
     started: float
     segments: list[Segment]
     stage_stats: list[StageStats]
-    query_attention: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    query_attention: dict[int, _Rows]
     mask: Any = None
     stage_at: dict[int, StagePlan] = field(default_factory=dict)
     initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
@@ -110,8 +118,9 @@ class PruningSession:
     Args:
         model: a supported Hugging Face VLM (``LlavaForConditionalGeneration``), left unmodified.
         pruner: the pruner to run, from :func:`vlprune.pruners.create`.
-        positions: "original" keeps each kept token's RoPE position (the default, exact with respect to masking);
-            "reindex" renumbers the pruned sequence contiguously, as some references do.
+        positions: "original" keeps each kept token's RoPE position (exact with respect to masking); "reindex"
+            renumbers the pruned sequence contiguously; None (the default) takes the pruner's reference's handling
+            (:meth:`Pruner.reference_positions`). The mode that ran is in the statistics.
         num_visual: visual tokens per sample, when the caller knows it: the budget is then checked at attach time.
 
     Attributes:
@@ -120,13 +129,12 @@ class PruningSession:
     """
 
     def __init__(
-        self, model: nn.Module, pruner: Pruner, *, positions: str = "original", num_visual: int | None = None
+        self, model: nn.Module, pruner: Pruner, *, positions: str | None = None, num_visual: int | None = None
     ) -> None:
         kernel_setting()
-        if positions not in POSITION_MODES:
-            raise VlpruneError(f"positions={positions!r} is not valid; choose one of {POSITION_MODES}")
         if not isinstance(pruner, Pruner):
             raise VlpruneError(f"pruner must be a vlprune Pruner (see vlprune.pruners.create), got {type(pruner)}")
+        positions = resolve_positions(pruner, positions)
         self.adapter: ModelAdapter = adapter_for(model)
         self.model = model
         self.pruner = pruner
@@ -375,9 +383,10 @@ class PruningSession:
             visual_hidden=gather_tokens(hidden, slots),
             visual_positions=gather_tokens(layout.positions, slots),
             visual_origin=gather_tokens(layout.origin, slots),
-            query_attention=None if query is None else query[0],
-            query_mask=None if query is None else query[1],
+            query_attention=None if query is None else query.visual,
+            query_mask=None if query is None else query.mask,
             query_positions=None if query is None else self._query_positions(stage, layout, device),
+            query_row_attention=None if query is None else query.own,
             rotary=self._rotary_for(hidden) if stage.query_rows is not None else None,
             vision_cls_attention=self._cls_scores(layout, slots) if stage.vision_cls_attention else None,
             vision_features=self._vision_tokens(self._vision_features, layout, slots, "projector input")
@@ -397,7 +406,12 @@ class PruningSession:
         if stage.query_rows is not None and query is None:
             raise RuntimeError(f"no attention rows were captured at layer {stage.layer - 1}")
         selection = self.pruner.select(context)
-        keep_index = _checked_keep_index(selection, context, fixed=stage.keep is not None)
+        keep_index = _checked_keep_index(
+            selection,
+            context,
+            fixed=stage.keep is not None,
+            keep_order=selection.ordered and self.positions == "reindex",
+        )
         kept_slots = gather_tokens(slots, keep_index)
         recycled = selection.recycled
         num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
@@ -441,9 +455,7 @@ class PruningSession:
 
         return rotary
 
-    def _own_layer_rows(
-        self, stage: StagePlan, hidden: torch.Tensor, layout: Layout
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _own_layer_rows(self, stage: StagePlan, hidden: torch.Tensor, layout: Layout) -> _Rows:
         """(B, R, N) attention of the stage's query rows to the visual tokens, from its own layer's queries and keys."""
         rows, row_mask = _query_rows(stage.query_rows, layout, hidden.device)
         query, key = self.adapter.query_key(stage.layer, hidden, rows, layout.position_embeddings)
@@ -454,7 +466,7 @@ class PruningSession:
             mask = prefill_mask(layout.real, self._mask_style, hidden.dtype, True)
         local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
         probabilities = _rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
-        return _visual_columns(probabilities, layout), row_mask
+        return _stage_rows(stage, probabilities, layout, rows, row_mask)
 
     def _compact(
         self, layout: Layout, hidden: torch.Tensor, order: torch.Tensor, kept_slots: torch.Tensor, selection: Selection
@@ -598,6 +610,7 @@ class PruningSession:
             prefill_seconds=seconds,
             kv_cache_lengths=lengths,
             kv_cache_bytes=size,
+            positions=self.positions,
         )
         self.stats = stats
         self.history.append(stats)
@@ -634,7 +647,7 @@ class PruningSession:
             probabilities = attention_rows(
                 query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
             )  # (B, R, L) or (B, H, R, L)
-            prefill.query_attention[stage.layer] = (_visual_columns(probabilities, prefill.layout), row_mask)
+            prefill.query_attention[stage.layer] = _stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
 
     def _on_vision_attention(
         self,
@@ -742,11 +755,20 @@ def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[
     return rows.to(device), valid.to(device)
 
 
-def _visual_columns(probabilities: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The visual-token columns of (B, R, L) or (B, H, R, L) attention rows."""
-    slots = layout.visual_slots.to(probabilities.device)
+def _columns(probabilities: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The columns ``slots`` (B, K) of (B, R, L) or (B, H, R, L) attention rows."""
+    slots = slots.to(probabilities.device)
     index = slots.view(slots.shape[0], *([1] * (probabilities.dim() - 2)), slots.shape[1])
     return torch.gather(probabilities, -1, index.expand(*probabilities.shape[:-1], -1))
+
+
+def _stage_rows(
+    stage: StagePlan, probabilities: torch.Tensor, layout: Layout, rows: torch.Tensor, row_mask: torch.Tensor
+) -> _Rows:
+    """What a stage keeps of its query rows' attention: the visual columns, the row mask and, when it asks, the
+    columns of the query rows' own tokens."""
+    own = _columns(probabilities, rows) if stage.query_row_attention else None
+    return _Rows(_columns(probabilities, layout.visual_slots), row_mask, own)
 
 
 def _rows_attention(
@@ -803,9 +825,14 @@ def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | No
     ]
 
 
-def _checked_keep_index(selection: Selection, context: StageContext, fixed: bool = True) -> torch.Tensor:
-    """The pruner's indices, sorted and checked; ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the
-    count, one for the whole batch."""
+def _checked_keep_index(
+    selection: Selection, context: StageContext, fixed: bool = True, keep_order: bool = False
+) -> torch.Tensor:
+    """The pruner's indices, checked, and sorted unless ``keep_order`` (an ordered selection with re-indexed
+    positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count, one for the whole
+    batch."""
+    if selection.ordered and selection.kept_hidden is not None:
+        raise RuntimeError("a selection cannot be both ordered and carry kept_hidden (which follows ascending order)")
     keep_index = selection.keep_index.to(context.visual_hidden.device).long()
     expected = (context.batch_size, context.keep)
     shape_ok = tuple(keep_index.shape) == expected
@@ -814,12 +841,12 @@ def _checked_keep_index(selection: Selection, context: StageContext, fixed: bool
         shape_ok = shape_ok and 1 <= keep_index.shape[1] <= context.num_visual
     if not shape_ok:
         raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
-    keep_index = keep_index.sort(dim=1).values
-    out_of_range = (keep_index[:, 0] < 0) | (keep_index[:, -1] >= context.num_visual)
-    repeated = (keep_index[:, 1:] == keep_index[:, :-1]).any(dim=1)
+    ascending = keep_index.sort(dim=1).values
+    out_of_range = (ascending[:, 0] < 0) | (ascending[:, -1] >= context.num_visual)
+    repeated = (ascending[:, 1:] == ascending[:, :-1]).any(dim=1)
     if bool((out_of_range | repeated).any()):  # one device read for both checks
         raise RuntimeError(f"the pruner returned indices outside [0, {context.num_visual}) or the same index twice")
-    return keep_index
+    return keep_index if keep_order else ascending
 
 
 def _cache_size(cache: Any) -> tuple[list[int], int]:
@@ -837,8 +864,24 @@ def _cache_size(cache: Any) -> tuple[list[int], int]:
     return lengths, size
 
 
+def resolve_positions(pruner: Pruner, positions: str | None) -> str:
+    """``positions``, or the pruner's reference's handling when it is None.
+
+    Raises:
+        VlpruneError: a value other than None, "original" or "reindex".
+    """
+    if positions is None:
+        positions = pruner.reference_positions()
+    if positions not in POSITION_MODES:
+        raise VlpruneError(
+            f"positions={positions!r} is not valid; choose one of {POSITION_MODES} or None (the method's)"
+        )
+    return positions
+
+
 def attach(
-    model: nn.Module, pruner: Pruner, *, positions: str = "original", num_visual: int | None = None
+    model: nn.Module, pruner: Pruner, *, positions: str | None = None, num_visual: int | None = None
 ) -> PruningSession:
-    """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit)."""
+    """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit).
+    ``positions=None`` follows the method's reference ("original" or "reindex"; see :class:`PruningSession`)."""
     return PruningSession(model, pruner, positions=positions, num_visual=num_visual)

@@ -17,7 +17,8 @@ class StageStats:
         visual_in: visual tokens entering the stage.
         visual_out: visual tokens leaving it (kept + recycled).
         recycled: merged tokens the pruner added.
-        kept_indices: per sample, the original indices (0..N0-1) of the visual tokens kept, ascending.
+        kept_indices: per sample, the original indices (0..N0-1) of the visual tokens kept, ascending (in the
+            pruner's order when it orders them and positions are re-indexed: see ``Selection.ordered``).
     """
 
     layer: int
@@ -34,6 +35,7 @@ class PrefillStats:
     Token counts are per sample; FLOPs are summed over the batch's real (non-padding) tokens. ``prefill_seconds`` is
     the wall time of the base model's forward call (CUDA-synchronised): it includes the vision tower when the call runs
     it, which ``generate`` of transformers >= 5.18 does not (it encodes images before the first forward).
+    ``positions`` is the RoPE numbering that ran after pruning ("original" or "reindex").
     """
 
     batch_size: int
@@ -47,6 +49,7 @@ class PrefillStats:
     prefill_seconds: float = 0.0
     kv_cache_lengths: list[int] = field(default_factory=list)
     kv_cache_bytes: int = 0
+    positions: str = "original"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,10 +2,12 @@
 final state as little as possible (VFlowOpt, ICCV 2025, §3.3).
 
 The objective is the reference's: the mean cosine similarity, over a few unlabelled samples, between the last prompt
-token's last-layer hidden state with and without pruning (the state the first answer token is read from). The search
-is Bayesian, as in the reference (a Gaussian-process sampler; the reference uses scikit-optimize's GP with expected
-improvement), here with optuna's ``GPSampler``, seeded. The result is a JSON file that ``vlprune run/eval --config``
-loads::
+token's last-layer hidden state with and without pruning (the state the first answer token is read from). The search is
+Bayesian, as in the reference, here with optuna's ``GPSampler``, seeded. The reference
+(``lmms_eval/models/llava_ov_opt_all.py``) uses scikit-optimize's ``Optimizer`` with its defaults: a Gaussian-process
+surrogate with the ``gp_hedge`` acquisition (a mix of lower confidence bound, expected and probability of improvement;
+its expected-improvement line is commented out), 27 random initial points and 300 calls. The result is a JSON file that
+``vlprune run/eval --config`` loads::
 
     {"method": "vflowopt", "keep": 64, "options": {"ratios": [...], "sensitivity": ..., ...}, "score": 0.98, ...}
 """

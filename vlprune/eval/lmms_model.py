@@ -32,7 +32,7 @@ class VLPruneLMMS(lmms):
         method: str = "none",
         keep: int | float | None = None,
         layer: int | None = None,
-        positions: str = "original",
+        positions: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         batch_size: int | str = 1,

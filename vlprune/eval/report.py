@@ -46,7 +46,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[CellSummary]:
         raise VlpruneError("the sweep has no results yet")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["method"], json.dumps(row["keep"]))].append(row)
+        groups[(method_label(row), json.dumps(row["keep"]))].append(row)
     reference = {r["sample"]: r for r in groups.get(("none", "null"), [])}
     if not reference:
         raise VlpruneError("the sweep has no unpruned reference rows (method none)")
@@ -78,6 +78,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[CellSummary]:
     return sorted(summaries, key=lambda s: (s.method != "none", s.method, _keep_order(s.keep)))
 
 
+def method_label(row: dict[str, Any]) -> str:
+    """A row's method as the report names it: with the RoPE numbering in brackets when the sweep ran it in a mode
+    asked for (``--positions original,reindex``), plain when the method's own numbering ran."""
+    setting = row.get("positions_setting")
+    return row["method"] if not setting else f"{row['method']} [{setting}]"
+
+
 def _keep_order(keep: int | float | None) -> float:
     return -1.0 if keep is None else float(keep)
 
@@ -93,7 +100,8 @@ def _number(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
 
 
 def accuracy_table(summaries: list[CellSummary]) -> str:
-    """Methods x budgets: accuracy (% of the unpruned accuracy), the layout papers use."""
+    """Methods x budgets: accuracy (% of the unpruned accuracy) and the visual tokens the layers processed on
+    average (what a budget costs: multi-stage methods process more than their label in early layers)."""
     reference = next(s for s in summaries if s.method == "none")
     keeps = sorted({s.keep for s in summaries if s.method != "none"}, key=_keep_order)
     methods = sorted({s.method for s in summaries if s.method != "none"})
@@ -110,7 +118,10 @@ def accuracy_table(summaries: list[CellSummary]) -> str:
             if found is None:
                 entries.append("—")
             else:
-                entries.append(f"{found.accuracy:.1%} ({_number(found.relative_accuracy, 1, 100)}%)")
+                entries.append(
+                    f"{found.accuracy:.1%} ({_number(found.relative_accuracy, 1, 100)}%), "
+                    f"{_number(found.equivalent_visual_tokens)} tok"
+                )
         lines.append(f"| {method} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
@@ -192,7 +203,8 @@ def write_report(folder: str | os.PathLike) -> Path:
     body = [
         title.rstrip(),
         "",
-        "Exact-match accuracy (and its share of the unpruned model's accuracy on the same samples):",
+        "Exact-match accuracy, its share of the unpruned model's accuracy on the same samples, and the visual tokens "
+        "the decoder layers processed on average (layer-averaged, recycled tokens included):",
         "",
         accuracy_table(summaries),
         "",

@@ -58,6 +58,7 @@ class SweepSettings:
     keeps: list[int | float]
     max_new_tokens: int = 8
     options: dict[str, Any] = field(default_factory=dict)
+    positions: list[str] | None = None  # modes to run each pruned cell in; None: each method's reference's numbering
 
 
 def parse_keeps(text: str) -> list[int | float]:
@@ -89,13 +90,42 @@ def parse_keeps(text: str) -> list[int | float]:
     return keeps
 
 
-def cells(settings: SweepSettings) -> list[tuple[str, int | float | None]]:
-    """The (method, keep) cells of a sweep, the unpruned reference first."""
-    return [("none", None)] + [(m, k) for m in settings.methods for k in settings.keeps if m != "none"]
+def parse_positions(text: str) -> list[str]:
+    """``"original"``, ``"reindex"`` or ``"original,reindex"`` -> the RoPE numbering modes a sweep runs each pruned
+    cell in.
+
+    Raises:
+        VlpruneError: an empty list, an unknown mode, or one named twice.
+    """
+    from vlprune.engine import POSITION_MODES
+
+    modes = [item.strip() for item in text.split(",") if item.strip()]
+    for mode in modes:
+        if mode not in POSITION_MODES:
+            raise VlpruneError(f"--positions item {mode!r} is not valid; choose from {', '.join(POSITION_MODES)}")
+    if not modes or len(set(modes)) != len(modes):
+        raise VlpruneError(f"--positions {text!r} must name each of {', '.join(POSITION_MODES)} at most once")
+    return modes
 
 
-def cell_key(sample: str, method: str, keep: int | float | None) -> tuple[str, str, str]:
-    return (sample, method, json.dumps(keep))
+Cell = tuple[str, int | float | None, str | None]
+"""(method, keep, positions): positions None is the method's reference's numbering."""
+
+
+def cells(settings: SweepSettings) -> list[Cell]:
+    """The (method, keep, positions) cells of a sweep, the unpruned reference first (its numbering is moot)."""
+    modes: list[str | None] = list(settings.positions) if settings.positions else [None]
+    pruned = [(m, k, p) for m in settings.methods if m != "none" for k in settings.keeps for p in modes]
+    return [("none", None, None), *pruned]
+
+
+def cell_key(sample: str, method: str, keep: int | float | None, positions: str | None = None) -> tuple[str, ...]:
+    return (sample, method, json.dumps(keep), positions or "")
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """The cell key of a results row (rows written before positions lists have none: the method's numbering)."""
+    return cell_key(row["sample"], row["method"], row["keep"], row.get("positions_setting"))
 
 
 class ResultsFile:
@@ -121,8 +151,8 @@ class ResultsFile:
                 raise VlpruneError(f"{self.path} line {number} is not JSON; move the file away to start over") from None
         return rows
 
-    def keys(self) -> set[tuple[str, str, str]]:
-        return {cell_key(r["sample"], r["method"], r["keep"]) for r in self.rows}
+    def keys(self) -> set[tuple[str, ...]]:
+        return {row_key(r) for r in self.rows}
 
     def append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,17 +175,20 @@ class _Reference:
 class CellRunner:
     """Runs one sample through the model with one pruner (or none) and measures everything a row holds."""
 
-    def __init__(self, pipeline: Pipeline, max_new_tokens: int) -> None:
+    def __init__(self, pipeline: Pipeline, max_new_tokens: int, positions: str | None = None) -> None:
         self.pipeline = pipeline
         self.model = pipeline.model
         self.device = next(self.model.parameters()).device
         self.max_new_tokens = max_new_tokens
+        self.positions = positions if positions is not None else pipeline.positions
 
     def inputs(self, sample: VQASample) -> dict[str, torch.Tensor]:
         return self.pipeline.model_inputs([sample.image], [self.pipeline.chat_prompt(sample.question)])
 
     @torch.inference_mode()
-    def run(self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None) -> tuple[dict[str, Any], _Reference]:
+    def run(
+        self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None, positions: str | None = None
+    ) -> tuple[dict[str, Any], _Reference]:
         """(measurements, outputs) of one greedy generation; its prefill is timed up to the first token."""
         model, device = self.model, self.device
         num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -163,7 +196,8 @@ class CellRunner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         first_token = _FirstTokenClock(device)
-        with attach(model, pruner, positions=self.pipeline.positions, num_visual=num_visual) as session:
+        mode = positions if positions is not None else self.positions
+        with attach(model, pruner, positions=mode, num_visual=num_visual) as session:
             synchronize(device)
             first_token.start = time.perf_counter()
             generated = model.generate(
@@ -190,6 +224,7 @@ class CellRunner:
             "prefill_flops": None if stats is None else stats.prefill_flops,
             "flops_ratio": None if stats is None else stats.flops_ratio,
             "kv_cache_bytes": None if stats is None else stats.kv_cache_bytes,
+            "positions": None if stats is None else stats.positions,
             "prefill_ms": prefill * 1e3,
             "end_to_end_ms": end_to_end * 1e3,
             "decode_tokens_per_s": (count - 1) / decode_seconds if count > 1 and decode_seconds > 0 else None,
@@ -244,7 +279,9 @@ def cell_pruners(settings: SweepSettings) -> list[pruners.Pruner]:
     Raises:
         VlpruneError: naming the bad method, budget or option.
     """
-    return [pruners.create(method, keep=keep, **settings.options.get(method, {})) for method, keep in cells(settings)]
+    return [
+        pruners.create(method, keep=keep, **settings.options.get(method, {})) for method, keep, _ in cells(settings)
+    ]
 
 
 def check_folder(folder: str | os.PathLike, settings: SweepSettings) -> None:
@@ -355,29 +392,31 @@ def _run_cells(
     runner: CellRunner, mine: Sequence[VQASample], settings: SweepSettings, results: ResultsFile, progress: bool
 ) -> None:
     done = results.keys()
-    todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, c[0], c[1]) not in done]
+    todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, *c) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
     warmed = False
     for sample in mine:
-        pending = [c for c in cells(settings) if cell_key(sample.id, c[0], c[1]) not in done]
+        pending = [c for c in cells(settings) if cell_key(sample.id, *c) not in done]
         if not pending:
             continue
         inputs = runner.inputs(sample)
         if not warmed:  # the first calls pay for lazy initialisation; keep them out of the timings
-            for method, keep in cells(settings):
-                runner.run(inputs, pruners.create(method, keep=keep, **settings.options.get(method, {})))
+            for method, keep, positions in cells(settings):
+                pruner = pruners.create(method, keep=keep, **settings.options.get(method, {}))
+                runner.run(inputs, pruner, positions)
             warmed = True
         reference_row, reference = runner.run(inputs, None)
-        for method, keep in pending:
+        for method, keep, positions in pending:
             if method == "none":
                 row, outputs = reference_row, reference
             else:
                 pruner = pruners.create(method, keep=keep, **settings.options.get(method, {}))
-                row, outputs = runner.run(inputs, pruner)
+                row, outputs = runner.run(inputs, pruner, positions)
             row = {
                 "sample": sample.id,
                 "method": method,
                 "keep": keep,
+                "positions_setting": positions,
                 "kind": sample.kind,
                 "question": sample.question,
                 "answer": sample.answer,
@@ -390,13 +429,13 @@ def _run_cells(
     bar.close()
 
 
-def _new_rows(paths: Iterable[Path], seen: set[tuple[str, str, str]]) -> Iterable[dict[str, Any]]:
+def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]]) -> Iterable[dict[str, Any]]:
     """Rows of the existing files among ``paths`` whose cell is not in ``seen`` yet (``seen`` grows as they come)."""
     for path in paths:
         if not path.exists():
             continue
         for row in ResultsFile(path).rows:
-            key = cell_key(row["sample"], row["method"], row["keep"])
+            key = row_key(row)
             if key not in seen:
                 seen.add(key)
                 yield row

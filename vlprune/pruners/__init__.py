@@ -57,9 +57,14 @@ def get(name: str) -> type[Pruner]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        close = difflib.get_close_matches(str(name), available_methods(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise VlpruneError(f"unknown method {name!r}{hint}; available: {', '.join(available())}") from None
+        raise VlpruneError(f"unknown method {name!r}{hint}; available: {', '.join(available_methods())}") from None
+
+
+def available_methods() -> list[str]:
+    """Every name ``create`` accepts on its own, sorted: the pruners and the attention modifiers (``"var"``)."""
+    return sorted([*available(), *available_modifiers()])
 
 
 def available_modifiers() -> list[str]:
@@ -143,6 +148,7 @@ def _build(cls: type[Pruner], name: str, options: dict[str, object]) -> Pruner:
 
 # Importing the built-in pruners registers them.
 from vlprune.pruners import (  # noqa: E402, F401
+    adaptinfer,
     divprune,
     fastervlm,
     fastv,
@@ -168,6 +174,7 @@ __all__ = [
     "StagePlan",
     "VisionLayerContext",
     "available",
+    "available_methods",
     "available_modifiers",
     "check_budget",
     "create",

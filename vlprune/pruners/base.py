@@ -55,6 +55,8 @@ class StagePlan:
         own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
             pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
         per_head_attention: hand the pruner those rows per head, (B, H, R, N), instead of averaged over heads.
+        query_row_attention: also hand the pruner the attention of those rows to the query rows' own tokens
+            ((B, R, R), or (B, H, R, R) per head): the text-to-text attention of text-guided methods (AdaptInfer).
         vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
         text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
         vision_features: whether the stage needs the projector's input features of the visual tokens and the
@@ -71,6 +73,7 @@ class StagePlan:
     query_rows: QueryRows | None = None
     own_layer_attention: bool = False
     per_head_attention: bool = False
+    query_row_attention: bool = False
     vision_cls_attention: bool = False
     text_tokens: bool = False
     vision_features: bool = False
@@ -94,6 +97,10 @@ class StageContext:
             ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads
             ((B, H, R, N) per head with ``per_head_attention``), or None.
         query_positions: (B, R) RoPE positions of those query rows, or None.
+        query_row_attention: (B, R, R) attention of the query rows to the query rows' own tokens (row i, column j:
+            row i's attention to row j's token), normalised over all keys like ``query_attention`` and per head
+            alike, when the plan asked for it, else None. Columns of rows that ``query_mask`` marks unreal repeat a
+            real row's token: mask them.
         rotary: the language model's rotary embedding as a function of (B, K) positions -> (cos, sin), each
             (B, K, head_dim), for pruners that correct for RoPE, or None.
         query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
@@ -129,6 +136,7 @@ class StageContext:
     query_attention: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None
+    query_row_attention: torch.Tensor | None = None
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     vision_cls_attention: torch.Tensor | None = None
     text_hidden: torch.Tensor | None = None
@@ -205,17 +213,23 @@ class Selection:
     """A pruner's answer at one stage.
 
     Attributes:
-        keep_index: (B, keep) indices into the stage's N visual tokens; the engine sorts them to keep causal order.
+        keep_index: (B, keep) indices into the stage's N visual tokens; the engine sorts them to keep causal order,
+            unless ``ordered``.
         recycled: merged tokens to add after the kept ones, or None.
         kept_hidden: (B, keep, D) new hidden states for the kept tokens, in ``keep_index`` order sorted ascending
             (a pruner that merges pruned tokens into kept ones, in place), or None.
         scores: (B, N) the scores the selection was made from, for statistics and debugging, or None.
+        ordered: ``keep_index`` is in the pruner's own order (HoloV's reference concatenates its tokens crop by crop,
+            most attended first). When positions are re-indexed the kept tokens enter the sequence in that order,
+            numbered contiguously, so the causal order is that order; with original positions the engine sorts them
+            as always (a token's position and its place in the causal order must agree). Not with ``kept_hidden``.
     """
 
     keep_index: torch.Tensor
     recycled: RecycledTokens | None = None
     scores: torch.Tensor | None = None
     kept_hidden: torch.Tensor | None = None
+    ordered: bool = False
 
 
 PROBE_TOKENS = 1 << 30
@@ -298,9 +312,18 @@ class Pruner:
     name: ClassVar[str] = ""
     stage: ClassVar[Stage] = Stage.NONE
     reference: ClassVar[str] = ""
+    default_positions: ClassVar[str] = "original"
+    """How the method's reference numbers RoPE positions after pruning: "original" (kept tokens keep theirs) or
+    "reindex" (the shortened prompt is numbered contiguously). ``vlprune.attach(positions=None)``, the API, the CLI and
+    the lmms-eval wrapper default to it; an explicit ``positions=`` overrides it."""
 
     keep: int | float | None = None
     modifier: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def reference_positions(self) -> str:
+        """The position handling of the reference for this configuration (see :attr:`default_positions`); methods
+        whose reference numbers differently per variant override it."""
+        return self.default_positions
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         """The stages this pruner runs for a model with ``num_visual`` visual tokens and ``num_layers`` layers.

@@ -7,14 +7,21 @@ What the reference does and vlprune reproduces: on the projected visual tokens (
 embeddings that enter the language model) take the pairwise cosine distance ``1 - cos(z_i, z_j)``; the first token is
 the most isolated one (largest distance to its nearest neighbour); each next token is the one whose distance to the
 nearest already-chosen token is largest (max-min diversity); stop at ``keep`` tokens, which enter the language model
-in their original order at their original positions.
+in their original order, the shortened prompt numbered contiguously (the reference rebuilds ``inputs_embeds``;
+vlprune's default ``positions="reindex"``).
 
 Deviations, each for a reason:
 - The budget is the number of tokens kept (``keep``), not the reference's ``threshold_ratio``; ``keep=0.098`` is the
   ratio the reference's LLaVA-1.5 scripts use.
 - Pruning happens at the input of decoder layer 0 rather than by shortening ``inputs_embeds``: every decoder layer
-  sees exactly the kept tokens; positions stay the original ones unless ``positions="reindex"`` is asked for.
+  sees exactly the kept tokens; ``positions="original"`` keeps the kept tokens' positions instead.
 - The selection runs on all samples of a batch at once; each sample's choice depends only on its own tokens.
+- Distances are computed in the features' dtype, as the reference does (float16 there): greedy max-min turns
+  rounding into different choices at near-ties, so a float32 computation would select other tokens on a float16
+  model. ``float32=True`` computes them in float32 instead.
+- A token already chosen is never chosen again. The reference does not exclude them: it relies on a chosen token's
+  own distance (the diagonal) being the smallest, which float16 rounding breaks at near-duplicates (``1 - cos(x, x)``
+  rounds above a neighbour's distance), so it can choose the same token twice and keep fewer distinct tokens.
 """
 
 from __future__ import annotations
@@ -27,16 +34,12 @@ from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
 
 
-def cosine_distance(features: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, N) ``1 - cos`` between every pair of tokens, in float32."""
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+def cosine_distance(features: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """(B, N, D) -> (B, N, N) ``1 - cos`` between every pair of tokens, computed in ``dtype`` (None: the features'
+    own dtype, as DivPrune's reference computes it: ``x / ||x||``, one matrix product, ``1 - ...``)."""
+    values = features if dtype is None else features.to(dtype)
+    unit = values / values.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     return 1.0 - unit @ unit.transpose(1, 2)
-
-
-def nearest_neighbour_distance(distance: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) -> (B, N) each token's distance to its nearest other token."""
-    eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=distance.device)
-    return distance.masked_fill(eye, float("inf")).amin(dim=-1)
 
 
 def greedy_max_min(
@@ -76,12 +79,17 @@ class DivPrune(Pruner):
     name = "divprune"
     stage = Stage.PRE_LLM
     reference = "DivPrune, CVPR 2025 (vbdi/divprune)"
+    default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
+
+    float32: bool = False
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
-        distance = cosine_distance(ctx.visual_hidden)
-        isolation = nearest_neighbour_distance(distance)
+        distance = cosine_distance(ctx.visual_hidden, torch.float32 if self.float32 else None)
+        # The first token is the one whose second-smallest distance (the smallest is its own, ~0) is largest: the
+        # reference's topk(2, largest=False)[1], which also settles rounding of the diagonal as it does.
+        isolation = torch.topk(distance, 2, dim=-2, largest=False).values[:, 1, :]
         chosen = greedy_max_min(distance, isolation.argmax(dim=-1), ctx.keep)
-        return Selection(keep_index=chosen.sort(dim=-1).values, scores=isolation)
+        return Selection(keep_index=chosen.sort(dim=-1).values, scores=isolation.float())

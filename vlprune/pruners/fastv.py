@@ -42,6 +42,7 @@ class FastV(Pruner):
     name = "fastv"
     stage = Stage.IN_LLM
     reference = "FastV, ECCV 2024 (pkunlp-icler/FastV)"
+    default_positions = "original"  # the reference sets position_ids = keep_indexs
 
     layer: int = 2
 

@@ -19,6 +19,9 @@ What the reference does and vlprune reproduces (LLaVA-1.5: CLIP's 24 layers, fea
 For towers without [CLS] (SigLIP) the reference's Qwen2-VL port is followed: the global query is the mean of the
 layer's queries, ``S = a · i`` with no semantic term.
 
+The patches that survive enter the language model numbered contiguously, as the reference's rebuilt
+``inputs_embeds`` are (default ``positions="reindex"``).
+
 Deviations, each for a reason:
 - Scores come from the layer's queries, keys and values, which the engine hands over, so the tower keeps SDPA
   instead of the reference's eager attention with full attention maps.
@@ -98,6 +101,7 @@ class FlowCut(Pruner):
     name = "flowcut"
     stage = Stage.VISION
     reference = "FlowCut, NeurIPS 2025 (TungChintao/FlowCut)"
+    default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
 
     every: int = 2
     ema: float = 0.5

@@ -8,14 +8,20 @@ What the reference does and vlprune reproduces, on the projected visual tokens `
 the vision [CLS] attention ``a`` at the feature layer (head mean):
 
 1. Split the N tokens, in raster order, into C contiguous chunks ("crops") of N // C tokens, the first N % C crops one
-   longer. C follows the reference's rule ``C = max(1, int(1024 / 576 · N / keep))``: 16, 8 and 5 crops for 64, 128
-   and 192 of LLaVA-1.5's 576 tokens.
+   longer. On LLaVA-1.5 the reference hard-codes C = 16 (``llava_arch.py``: ``HoloV(..., num_patches=16,
+   new_image_token_num=64)``) and publishes only the 64-token setting. For any budget vlprune uses the rule of the
+   reference's Qwen2.5-VL file (``qwen-model-HoloV/modeling_qwen2_5_vl.py``: ``num_patches = max(1, int((1024 / 576)
+   · image_token_len / keep_num))``), which gives the same 16 crops for 64 of 576 tokens and 8 and 5 for 128 and 192.
 2. In each crop (n tokens): ``S = (1 - I) ⊙ ẑ ẑᵀ`` on unit vectors, ``μ_i = Σ_j S_ij / (n - 1)``,
    ``V_i = Σ_j (S_ij - μ_i)² / (n - 1)`` (the zeroed diagonal counted, as in the code); holistic token score
    ``H = 1000 a + α · V · mean|1000 a| / mean|V|`` with ``α = 0.09``; crop score = mean of H over the crop.
 3. Crop weights ``w_c = score_c / Σ score``; quotas ``floor(w_c · keep)``, the remainder one each to the crops of
    highest weight.
-4. In each crop keep its quota of tokens with the highest [CLS] attention.
+4. In each crop keep its quota of tokens with the highest [CLS] attention, and hand them to the language model crop by
+   crop, most attended first inside a crop (a crop kept whole stays in raster order), numbered contiguously: the
+   reference's ``torch.cat`` of each crop's ``topk`` (``llava/model/utils.py``). ``reference_order=False`` keeps the
+   tokens in raster order instead; with ``positions="original"`` they are always in raster order (each token's
+   position and its place in the causal order must agree).
 
 Note: because V is rescaled per crop to the attention's mean magnitude, a crop's score is ``1.09 · mean(1000 a)`` in
 the reference's code as in vlprune: the variance term changes no budget. vlprune keeps the formula as the code has it.
@@ -27,9 +33,6 @@ Deviations, each for a reason:
   remain.
 - A crop of one token gets the score ``1000 a`` (its variance is 0); the reference uses the unscaled ``a`` there, an
   inconsistency that only crops of one token meet.
-- Kept tokens enter the language model in their original order at their original positions (the reference
-  concatenates them crop by crop, by descending attention inside a crop, at new contiguous positions);
-  ``positions="reindex"`` renumbers them.
 - ``crops`` sets C directly; ``tiles=True`` cuts the token grid into rectangular tiles (r x C/r with r the largest
   divisor of C not above its square root) instead of the reference's raster chunks; it needs a square grid.
 - Towers without a [CLS] token (SigLIP) are refused: the method's saliency is that token's attention.
@@ -146,17 +149,38 @@ def keep_by_quota(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.T
     return kept[:, : int(quota.sum(dim=-1)[0])]
 
 
+def crop_by_crop_order(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """(B, keep) indices in the reference's order: crop after crop; inside a crop its ``quota`` most attended tokens,
+    most attended first (``torch.topk``), or the whole crop in raster order when its quota covers it."""
+    crop_of = crop_of.to(attention.device)
+    members = [(crop_of == crop).nonzero()[:, 0] for crop in range(quota.shape[1])]
+    rows = []
+    for sample in range(attention.shape[0]):
+        picked = []
+        for crop, tokens in enumerate(members):
+            take = int(quota[sample, crop])
+            if take >= len(tokens):
+                picked.append(tokens)
+            elif take > 0:
+                picked.append(tokens[torch.topk(attention[sample, tokens].float(), take).indices])
+        rows.append(torch.cat(picked))
+    return torch.stack(rows)
+
+
 @register
 @dataclass
 class HoloV(Pruner):
-    """Options: ``crops`` (C; default the reference's rule), ``tiles`` (2-D tiles instead of raster chunks)."""
+    """Options: ``crops`` (C; default the reference's rule), ``tiles`` (2-D tiles instead of raster chunks),
+    ``reference_order`` (true: crop by crop, most attended first, as the reference; false: raster order)."""
 
     name = "holov"
     stage = Stage.PRE_LLM
     reference = "HoloV, NeurIPS 2025 (obananas/HoloV)"
+    default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
 
     crops: int | None = None
     tiles: bool = False
+    reference_order: bool = True
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
@@ -174,5 +198,8 @@ class HoloV(Pruner):
         weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
         capacity = torch.bincount(crop_of, minlength=scores.shape[1])
         quota = crop_quotas(weights, capacity, ctx.keep)
-        keep_index = keep_by_quota(ctx.vision_cls_attention, crop_of, quota)
-        return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention)
+        if not self.reference_order:
+            keep_index = keep_by_quota(ctx.vision_cls_attention, crop_of, quota)
+            return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention)
+        keep_index = crop_by_crop_order(ctx.vision_cls_attention, crop_of, quota)
+        return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention, ordered=True)

@@ -20,7 +20,9 @@ From the public re-implementation (unverified), and the project's choices where 
   decoder layer 2, softmax over all keys; the fused score is ``(1 - α) · minmax(b) + α · minmax(c)`` with
   ``α = 0.5``; each region keeps its budget of the highest fused scores.
 - Pruning happens at the input of layer 3 (the layers up to 2 run on every token, FastV-style), at the tokens'
-  original RoPE positions. ``layer`` moves it (scored at ``layer - 1``); ``keep`` counts the tokens after it.
+  original RoPE positions (``default_positions``: with no official code to follow, vlprune keeps them as FastV's
+  in-LLM pruning does, which also keeps pruning equal to masking). ``layer`` moves it (scored at ``layer - 1``);
+  ``keep`` counts the tokens after it.
 - Regions: LLaVA-1.5 has one image and no tiles, so regions are spatial tiles of the token grid, ``regions=4`` (2 x 2)
   by default. Tiled inputs (LLaVA-NeXT) are not supported by vlprune's adapters yet.
 """
@@ -68,6 +70,7 @@ class PTP(Pruner):
     name = "ptp"
     stage = Stage.IN_LLM
     reference = "PTP, arXiv 2509.15704 (no official code)"
+    default_positions = "original"  # no official code: as FastV-style in-LLM pruning does
 
     layer: int = 3
     alpha: float = 0.5

@@ -10,16 +10,20 @@ instruction token at inference), softmax over all keys, average over heads, and 
 original order. Stage ``s`` keeps ``int(N · ratio_s)`` of the N original visual tokens, ratios ``[0.5, 0.25, 0.125]``
 (λ = 0.5): 576 -> 288 -> 144 -> 72, 270 tokens per layer on average.
 
-Budgets: the reference publishes no settings for 192, 128 or 64 tokens (its issue #10 asks and is unanswered), and
-its default layers cannot go below N/4 on average. With ``keep`` given, vlprune follows the reproduction that hits
-those budgets exactly under the layer-average accounting the comparison papers use: stages at layers
-``[2, 8, 16, 24]`` with ratios ``λ, λ², λ³, λ⁴``, λ solved so that the layer-averaged number of visual tokens equals
-``keep`` (0.581 / 0.437 / 0.196 for 192 / 128 / 64 of 576). ``keep=None`` gives the reference's own default.
-``layers`` and ``ratios`` set a schedule explicitly. Layers scale with the model's depth (``round(l · L / 32)``).
+Budgets: the repository's scripts all use the default above (``scripts/v1_5/pdrop_eval/*.sh``: ``--layer_list
+'[8,16,24]' --image_token_ratio_list "[0.5,0.25,0.125]"``), whose layers cannot go below N/4 tokens on average (its
+issue #10). The only published setting for a LLaVA-1.5 budget is the maintainer's answer in issue #29 for 64 tokens:
+keep the λ, λ², λ³ structure and solve λ for the layer-averaged budget, with stages at layers ``[2, 8, 16]`` (λ = 0.19:
+576 · (2 + 6λ + 8λ² + 16λ³) / 32 ≈ 64). With ``keep`` given, vlprune applies that recipe to every budget (λ = 0.192 /
+0.420 / 0.560 for 64 / 128 / 192 of 576: stages of 110, 21, 4 / 241, 101, 42 / 322, 180, 100 tokens; no setting for 128
+or 192 is published), with one floor: no stage keeps fewer than ``ceil(N / 144)`` tokens (4 of 576, the size of the last
+stage of the maintainer's own 64-token recipe, 576 · 0.19³ ≈ 3.95), so a small budget never ends in a single token; λ is
+solved with the floor counted. ``keep=None`` gives the reference's own default. ``layers`` and ``ratios`` set a schedule
+explicitly. Layers scale with the model's depth (``round(l · L / 32)``).
 
 Deviations, each for a reason:
-- Kept tokens keep their original RoPE positions by default (the reference renumbers them); ``positions="reindex"``
-  gives the reference's numbering.
+- Kept tokens are renumbered contiguously after each stage by default, as the reference does (``pdrop_rank_drop``:
+  ``position_ids = arange``); ``positions="original"`` keeps their positions, which makes pruning equal to masking.
 - The attention row is computed by the engine from the layer's queries and keys (any attention backend), with
   grouped-query attention handled (the reference assumes as many key heads as query heads).
 - Batches of more than one sample work; each sample is scored on its own last token.
@@ -46,7 +50,13 @@ from vlprune.pruners.base import (
 REFERENCE_DEPTH = 32
 DEFAULT_LAYERS = (8, 16, 24)
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
-BUDGET_LAYERS = (2, 8, 16, 24)
+BUDGET_LAYERS = (2, 8, 16)  # the maintainer's 64-token recipe (issue #29)
+FLOOR_DIVISOR = 144  # no stage below ceil(N / 144): 4 of 576, the last stage of that recipe (576 · 0.19³ ≈ 3.95)
+
+
+def stage_floor(num_visual: int) -> int:
+    """The fewest tokens a budgeted stage keeps: ``ceil(N / 144)``."""
+    return max(1, -(-num_visual // FLOOR_DIVISOR))
 
 
 def scaled_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -68,11 +78,11 @@ def layer_average(num_visual: int, layers: list[int], counts: list[int], num_lay
     return sum(n * (bounds[i + 1] - bounds[i]) for i, n in enumerate(per_stage)) / num_layers
 
 
-def geometric_ratio(num_visual: int, keep: int, layers: list[int], num_layers: int) -> float:
-    """λ such that stages keeping ``N · λ^s`` (s = 1, 2, ...) average ``keep`` visual tokens per layer."""
+def geometric_ratio(num_visual: int, keep: int, layers: list[int], num_layers: int, floor: int = 0) -> float:
+    """λ such that stages keeping ``max(floor, N · λ^s)`` (s = 1, 2, ...) average ``keep`` visual tokens per layer."""
 
     def average(ratio: float) -> float:
-        counts = [num_visual * ratio ** (s + 1) for s in range(len(layers))]
+        counts = [max(floor, num_visual * ratio ** (s + 1)) for s in range(len(layers))]
         return layer_average(num_visual, layers, counts, num_layers)
 
     low, high = 0.0, 1.0
@@ -96,6 +106,7 @@ class PyramidDrop(Pruner):
     name = "pyramiddrop"
     stage = Stage.IN_LLM
     reference = "PyramidDrop, CVPR 2025 (Cooperx521/PyramidDrop)"
+    default_positions = "reindex"  # pdrop_rank_drop renumbers with arange after each stage
 
     layers: list[int] | None = None
     ratios: list[float] | None = None
@@ -118,8 +129,9 @@ class PyramidDrop(Pruner):
                 raise VlpruneError(f"layers={self.layers} needs ratios=[...] (the default ratios are for 3 stages)")
             return layers, [max(1, int(num_visual * r)) for r in DEFAULT_RATIOS]
         keep = resolve_keep(self.keep, num_visual)
-        ratio = geometric_ratio(num_visual, keep, layers, num_layers)
-        return layers, [max(1, int(num_visual * ratio ** (s + 1))) for s in range(len(layers))]
+        floor = stage_floor(num_visual)
+        ratio = geometric_ratio(num_visual, keep, layers, num_layers, floor)
+        return layers, [max(floor, int(num_visual * ratio ** (s + 1))) for s in range(len(layers))]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         if is_probe(num_visual):

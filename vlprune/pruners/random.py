@@ -22,9 +22,14 @@ class RandomPruner(Pruner):
     name = "random"
     stage = Stage.PRE_LLM
     reference = "uniform random subset (baseline)"
+    default_positions = "reindex"  # at layer 0; see reference_positions
 
     layer: int = 0
     seed: int = 0
+
+    def reference_positions(self) -> str:
+        # No reference: numbered like the methods it stands in for (pre-LLM ones renumber, in-LLM FastV keeps).
+        return "reindex" if self.layer == 0 else "original"
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         layer = check_layer(self.layer, num_layers, method=self.name)

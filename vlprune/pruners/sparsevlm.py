@@ -24,8 +24,9 @@ Choices and deviations, each with its reason:
 - Budgets other than 64/96/128/192 of 576 interpolate the tables linearly (below 64 the 64 row scaled, above 192
   towards no pruning at 576); other token counts scale the tables by ``N / 576``. Layers scale with the depth
   (``round(l · L / 32)``). ``schedule=[...]`` and ``layers=[...]`` set them directly.
-- Kept and merged tokens keep RoPE positions (a merged token takes its cluster centre's) by default; the reference
-  v1.5 renumbers positions contiguously, which ``positions="reindex"`` reproduces.
+- Positions follow the reference by default: v1.5 renumbers the shortened sequence contiguously after each stage
+  (``position_ids[:, :len(kept)]``), SparseVLM+ keeps the kept tokens' ids; ``positions="original"`` keeps every
+  kept token's position (a merged token then takes its cluster centre's), which makes pruning equal to masking.
 - The rater relevance is computed in float32 (the reference uses float16), and tokens of equal density are ordered by
   index where the reference adds unseeded noise of 1e-6 (which makes its runs irreproducible).
 - The attention rows come from the layer's queries and keys (any attention backend; the reference materialises
@@ -138,6 +139,14 @@ def rater_relevance(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tens
     return (attention * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
+def pairwise_distance(values: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) -> (B, M, M) Euclidean distances from the differences themselves, as the reference computes them
+    (``(x1 - x2).norm(dim=-1)``): exactly 0 on the diagonal, where ``cdist``'s matrix-product shortcut leaves rounding
+    errors (4e-4 on a 154-token input) that move the density peaks. Unlike the reference's broadcast it never holds
+    the (B, M, M, D) differences."""
+    return torch.cdist(values, values, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-KNN clustering of (B, M, D) tokens into ``clusters`` groups, each replaced by its mean.
 
@@ -145,7 +154,7 @@ def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tenso
     """
     values = tokens.float()
     count = values.shape[1]
-    distance = torch.cdist(values, values) / math.sqrt(values.shape[-1])  # (B, M, M)
+    distance = pairwise_distance(values) / math.sqrt(values.shape[-1])  # (B, M, M)
     neighbours = distance.topk(min(clusters, count), dim=-1, largest=False).values
     density = (-(neighbours**2).mean(dim=-1)).exp()  # (B, M)
     # [b, i, j]: token j is denser than token i. Equal densities (identical neighbourhoods) are ordered by index, as
@@ -174,6 +183,7 @@ class SparseVLM(Pruner):
     name = "sparsevlm"
     stage = Stage.IN_LLM
     reference = "SparseVLM, ICML 2025 (Gumpest/SparseVLMs)"
+    default_positions = "reindex"  # of v1.5; see reference_positions
 
     version: int = 1
     rule: str = "table"
@@ -191,6 +201,10 @@ class SparseVLM(Pruner):
             raise VlpruneError(f"rule={self.rule!r} must be 'table' (v1.5) or 'rank' (the first version's rank rule)")
         if self.rule == "rank" and self.version != 1:
             raise VlpruneError("the rank rule belongs to the first version; use it with version=1")
+
+    def reference_positions(self) -> str:
+        # v1.5 slices position_ids to a prefix of arange after each stage; SparseVLM+ keeps the kept tokens' ids.
+        return "original" if self.version == 2 else "reindex"
 
     @property
     def recycles(self) -> bool:

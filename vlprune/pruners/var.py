@@ -6,14 +6,19 @@ Reference: Kang et al., "See What You Are Told: Visual Attention Sink in Large M
 (arXiv 2503.03321); official code github.com/MICV-yonsei/VisAttnSink (``src/logic/logic.py``: DimProspector,
 HeadFork, VARProcessor; ``A_exps/lv1.5_7b.yml``: tau 20, rho 0.5, p 0.6, summ 0.2, except_last_layer 1).
 
-What the reference does and vlprune reproduces, at every decoder layer from 2 to the last-but-one:
+What the reference does and vlprune reproduces, at every decoder layer from 2 to the last one included: the config's
+``except_last_layer: 1`` never takes effect, because ``LogicEngine.activate`` sets it on ``LogicEngine`` while
+``VARProcessor`` declares its own class attribute ``except_last_layer = False``, which shadows it (``logic.py``);
+``skip_last=1`` gives what the config meant.
 
 1. **Sink tokens**: with the model's massive-activation dimensions ``D`` (LLaVA-1.5-7B / LLaMA-2-7B: 1415 and 2533),
    ``φ(x) = max_{d in D} |x_d| / RMS(x)`` on the layer's input hidden state; tokens with ``φ >= τ = 20`` are sinks
    (found during the prefill and kept for decoding); the visual sinks are those among the image's tokens.
 2. **Image-centric heads**, per sample, head and text query (the tokens after the image in the prefill, the new token
    while decoding): selected when the visual sinks hold at most ``ρ = 0.5`` of the row's attention to the image and
-   the image holds at least ``summ = 0.2`` of the row.
+   the image holds at least ``summ = 0.2`` of the row. A layer at which a sample's image has no visual sink is left
+   exactly as the attention computed it for that sample (``HeadFork.run_logic`` forks no head there), text sinks
+   included.
 3. **Redistribution** in a selected row: every sink's attention is multiplied by ``p = 0.6`` and the removed mass
    ``(1 - p) Σ_sinks α`` goes to the image's non-sink tokens in proportion to their attention; the row still sums to 1.
 
@@ -94,7 +99,8 @@ def redistributed(attention: torch.Tensor, image: torch.Tensor, sinks: torch.Ten
 class VAR:
     """Options: ``tau`` (sink threshold, 20), ``rho`` (largest sink share of an image-centric row, 0.5), ``p`` (share
     of sink attention kept, 0.6), ``summ`` (least image attention of a row, 0.2), ``dimensions`` (sink dimensions;
-    default the built-in table, else found on the first prefill), ``first_layer`` (2), ``skip_last`` (1)."""
+    default the built-in table, else found on the first prefill), ``first_layer`` (2), ``skip_last`` (0: the last
+    layer too, as the reference runs)."""
 
     name: ClassVar[str] = "var"
     reference: ClassVar[str] = "VAR, ICLR 2025 (MICV-yonsei/VisAttnSink)"
@@ -105,7 +111,7 @@ class VAR:
     summ: float = 0.2
     dimensions: list[int] | None = None
     first_layer: int = 2
-    skip_last: int = 1
+    skip_last: int = 0
 
     def __post_init__(self) -> None:
         for option, value, low, high in (
@@ -145,6 +151,9 @@ class VAR:
     def rewrite(
         self, attention: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new rows (B, H, R, L), selected (B, H, R)): the redistributed rows of the image-centric heads."""
-        selected = image_centric(attention, image, sinks & image, self.rho, self.summ)
+        """(new rows (B, H, R, L), selected (B, H, R)): the redistributed rows of the image-centric heads; nothing is
+        selected for a sample whose image has no visual sink at this layer."""
+        visual_sinks = sinks & image
+        selected = image_centric(attention, image, visual_sinks, self.rho, self.summ)
+        selected &= visual_sinks.any(dim=-1)[:, None, None]
         return redistributed(attention, image, sinks, self.p), selected

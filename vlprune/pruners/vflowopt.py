@@ -11,10 +11,12 @@ What the reference does and vlprune reproduces:
    ``a_j = mean_i A_ij`` the attention each token receives, the relatively important tokens are
    ``K = {j : a_j > t · mean(a)}`` and ``I_j = mean_{k in K} A_kj + α · softmax_j(H_j)``, ``H_j`` the entropy (bits) of
    the 256-bin histogram of patch j's grey levels.
-2. **Pre-LLM stage** keeping ``R1 · N`` tokens, with **recycling**: the tokens outside the most important ones are
-   grouped by square grid cells of side ``m`` patches; each cell's pruned tokens are averaged, weighted by
-   importance, into the place of the cell's most important pruned token (which stays, in spatial order). Room for the
-   cells is made by pruning as many more tokens.
+2. **Pre-LLM stage** keeping ``R1 · N`` tokens. On an untiled image (the reference's single-tensor path, which
+   LLaVA-1.5 is) it is a plain top-k by importance. **Recycling** belongs to the reference's multi-crop path and is
+   an option here (``recycle=True``): ``int(N / m²)`` more tokens are pruned to make room (``num_merged_tokens =
+   int(image_token_length / (a * a))``), the pruned tokens are grouped by square grid cells of side ``m`` patches, and
+   each cell's pruned tokens are averaged, weighted by importance, into the place of the cell's most important
+   pruned token (which stays, in spatial order).
 3. **Two stages inside the language model** (layers 9 and 18 of Qwen2-7B's 28, scaled to the depth) keeping
    ``R2`` and then ``R3`` of the tokens present, the least important by the same map dropped; kept tokens keep their
    original RoPE positions. ``R3`` follows from the layer-averaged budget: ``R̄ · L = R1 · l1 + R1 R2 (l2 - l1) +
@@ -32,8 +34,10 @@ Deviations, each for a reason:
   ``m`` is given on that grid and scaled to the model's (``m · g / 27``), the map is read at the feature layer
   (the reference's layer 25 is the last layer LLaVA-OneVision uses), and towers with a [CLS] token leave it out of
   the map's rows and columns (the softmax still spans it).
-- The pre-LLM stage keeps exactly ``R1 · N`` tokens: when a cell has no pruned token left, the next most important
-  pruned tokens stay instead of its merged token (the reference's count then varies).
+- With recycling the pre-LLM stage keeps exactly ``R1 · N`` tokens: the reference re-keeps one token per non-empty
+  cell, so its count varies with the image; vlprune keeps the representatives of the ``int(N / m²)`` most important
+  cells and, when fewer cells are non-empty, the next most important pruned tokens instead (a batch needs one count).
+  Multi-crop inputs (LLaVA-NeXT, OneVision tiles) are not supported by vlprune's adapters yet.
 - Grey levels are clamped to [0, 255] before the histogram (the reference casts the normalised pixels x 255 to
   uint8, which wraps negative values around).
 - Batches of more than one sample work (the reference is batch 1 and passes the map through an environment variable).
@@ -102,12 +106,14 @@ def cell_of_tokens(grid: int, cell: float) -> torch.Tensor:
 
 
 def recycle_into_cells(
-    importance: torch.Tensor, hidden: torch.Tensor, cells: torch.Tensor, keep: int
+    importance: torch.Tensor, hidden: torch.Tensor, cells: torch.Tensor, keep: int, room: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VFlowOpt's pre-LLM selection with recycling, per sample.
 
     Args:
-        importance: (B, N); hidden: (B, N, D); cells: (N,) cell of each token; keep: tokens to keep.
+        importance: (B, N); hidden: (B, N, D); cells: (N,) cell of each token; keep: tokens to keep; room: how many
+            of them are cell representatives (the reference's ``int(N / m²)``): the ``keep - room`` most important
+            tokens stay as they are.
 
     Returns:
         (B, keep) ascending kept indices and (B, keep, D) their hidden states, where each cell's kept representative
@@ -121,7 +127,7 @@ def recycle_into_cells(
         score, tokens = importance[sample], hidden[sample]
         order = score.argsort(descending=True, stable=True)
         kept = torch.zeros(count, dtype=torch.bool, device=score.device)
-        kept[order[: max(keep - num_cells, 0)]] = True
+        kept[order[: max(keep - room, 0)]] = True
         # Each cell's most important pruned token represents it; the next best pruned tokens fill empty cells' room.
         pruned_order = order[~kept[order]]
         first_in_cell = torch.ones_like(pruned_order, dtype=torch.bool)
@@ -149,19 +155,21 @@ def recycle_into_cells(
 @dataclass
 class VFlowOpt(Pruner):
     """Options: ``ratios`` ([R1, R2, R3]), ``sensitivity`` (t), ``cell`` (m, in patches of a 27 x 27 grid),
-    ``entropy_weight`` (α), ``layers`` (the two in-LLM stage layers of a 28-layer model), ``recycle`` (true);
+    ``entropy_weight`` (α), ``layers`` (the two in-LLM stage layers of a 28-layer model), ``recycle`` (false: the
+    reference's untiled path does not recycle);
     ``keep`` is the layer-averaged number of visual tokens."""
 
     name = "vflowopt"
     stage = Stage.PRE_LLM
     reference = "VFlowOpt, ICCV 2025 (sihany077/VFlowOpt)"
+    default_positions = "original"  # forward_illava keeps position_ids[:, del_musk]
 
     ratios: list[float] | None = None
     sensitivity: float | None = None
     cell: float | None = None
     entropy_weight: float | None = None
     layers: list[int] | None = None
-    recycle: bool = True
+    recycle: bool = False
 
     def stage_layers(self, num_layers: int) -> list[int]:
         layers = self.layers or REFERENCE_LAYERS
@@ -223,8 +231,10 @@ class VFlowOpt(Pruner):
             return Selection(keep_index=top_k_sorted(current, ctx.keep), scores=current)
         if grid * grid != importance.shape[1]:
             raise VlpruneError(f"recycling needs a square token grid, got {importance.shape[1]} tokens")
-        cells = cell_of_tokens(grid, m * grid / REFERENCE_GRID)
-        keep_index, kept_hidden = recycle_into_cells(current, ctx.visual_hidden, cells, ctx.keep)
+        side = m * grid / REFERENCE_GRID
+        cells = cell_of_tokens(grid, side)
+        room = min(int(importance.shape[1] / side**2), ctx.keep)
+        keep_index, kept_hidden = recycle_into_cells(current, ctx.visual_hidden, cells, ctx.keep, room)
         return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=current)
 
 

@@ -24,9 +24,9 @@ Deviations, each for a reason:
   slot with one more dominant patch (54 = 54 patches here, 53 patches + [CLS] in the reference).
 - The [CLS] row and the keys are computed by the engine from the feature layer's queries and keys, so the tower keeps
   SDPA instead of running with ``output_attentions=True``.
-- Contextual tokens (token recycling) enter right after the dominant ones. With the default ``positions="original"``
-  each takes the RoPE position of its centre, dominant tokens keep theirs; ``positions="reindex"`` gives the
-  reference's contiguous numbering.
+- Contextual tokens (token recycling) enter right after the dominant ones, numbered contiguously with them (the
+  reference's rebuilt ``inputs_embeds``; default ``positions="reindex"``). With ``positions="original"`` each takes
+  the RoPE position of its centre and dominant tokens keep theirs.
 - Towers without a [CLS] token (SigLIP) are refused: dominant tokens are defined by that token's attention.
 """
 
@@ -82,6 +82,7 @@ class VisionZip(Pruner):
     name = "visionzip"
     stage = Stage.PRE_LLM
     reference = "VisionZip, CVPR 2025 (dvlab-research/VisionZip)"
+    default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
 
     contextual: int | None = None
 

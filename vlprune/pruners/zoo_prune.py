@@ -15,6 +15,8 @@ What the paper does and vlprune reproduces, before the language model:
    weighted by sensitivity), until ``keep`` tokens; they enter the language model in their original order.
 
 Choices the paper leaves open, and deviations, each with its reason:
+- Positions: no official code says; the shortened prompt is numbered contiguously (``default_positions``), as the
+  pre-LLM LLaVA references (FasterVLM, DivPrune, VisionZip) do by rebuilding ``inputs_embeds``.
 - The perturbed projector runs in float32 whatever the model's dtype: in bfloat16 a step of ``h`` along a unit
   direction (about 1e-3 per component for 1024 features) is below the resolution of typical activations and the
   difference would read rounding noise.
@@ -127,6 +129,7 @@ class ZOOPrune(Pruner):
     name = "zoo-prune"
     stage = Stage.PRE_LLM
     reference = "ZOO-Prune, CVPR 2026 (arXiv 2509.24837; no official code)"
+    default_positions = "reindex"  # no official code: as the pre-LLM LLaVA references do
 
     directions: int = 64
     step: float = 0.01
