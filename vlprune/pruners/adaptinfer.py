@@ -73,6 +73,7 @@ from vlprune.pruners.base import (
     resolve_keep,
     top_k_sorted,
 )
+from vlprune.pruners.schedules import interpolated_schedule
 
 REFERENCE_TOKENS = 576
 REFERENCE_DEPTH = 32
@@ -83,16 +84,7 @@ SCHEDULES = {32: (40, 12, 0), 48: (80, 24, 2), 64: (133, 27, 3), 128: (290, 72, 
 def reference_schedule(budget: float) -> tuple[float, ...]:
     """Tokens kept per stage of a 576-token model for a layer-averaged ``budget``: the reference's table, linear
     between its rows, the 32 row scaled below 32, and towards no pruning (576) above 128."""
-    known = sorted(SCHEDULES)
-    if budget <= known[0]:
-        return tuple(c * budget / known[0] for c in SCHEDULES[known[0]])
-    if budget >= known[-1]:
-        share = (budget - known[-1]) / (REFERENCE_TOKENS - known[-1])
-        return tuple(c + share * (REFERENCE_TOKENS - c) for c in SCHEDULES[known[-1]])
-    upper = next(k for k in known if k >= budget)
-    lower = known[known.index(upper) - 1] if upper != budget else upper
-    share = 0.0 if upper == lower else (budget - lower) / (upper - lower)
-    return tuple(a + share * (b - a) for a, b in zip(SCHEDULES[lower], SCHEDULES[upper], strict=True))
+    return interpolated_schedule(SCHEDULES, budget, REFERENCE_TOKENS)
 
 
 def default_stage_layers(num_layers: int) -> list[int]:

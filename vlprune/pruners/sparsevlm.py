@@ -65,6 +65,7 @@ from vlprune.pruners.base import (
     top_k_sorted,
 )
 from vlprune.pruners.pyramiddrop import scaled_layers
+from vlprune.pruners.schedules import interpolated_schedule
 
 REFERENCE_TOKENS = 576
 PRUNE_AFTER = (2, 6, 15)
@@ -79,17 +80,7 @@ TOKENS_PER_CLUSTER = 10
 
 def reference_schedule(budget: float, version: int = 1) -> tuple[float, ...]:
     """Tokens kept per stage for a layer-averaged ``budget`` of 576, from the reference's tables."""
-    table = SCHEDULES if version == 1 else SCHEDULES_V2
-    known = sorted(table)
-    if budget <= known[0]:
-        return tuple(v * budget / known[0] for v in table[known[0]])
-    if budget >= known[-1]:
-        share = (budget - known[-1]) / (REFERENCE_TOKENS - known[-1])
-        return tuple(v + share * (REFERENCE_TOKENS - v) for v in table[known[-1]])
-    upper = next(k for k in known if k >= budget)
-    lower = known[known.index(upper) - 1] if upper != budget else upper
-    share = 0.0 if upper == lower else (budget - lower) / (upper - lower)
-    return tuple(a + share * (b - a) for a, b in zip(table[lower], table[upper], strict=True))
+    return interpolated_schedule(SCHEDULES if version == 1 else SCHEDULES_V2, budget, REFERENCE_TOKENS)
 
 
 def rope_gravity(
