@@ -383,3 +383,48 @@ def test_sparsevlm_recycles_the_most_relevant_pruned_share_at_its_centres_positi
     assert selection.recycled is not None and selection.recycled.hidden.shape == (1, 1, 8)
     torch.testing.assert_close(selection.recycled.hidden[0, 0], hidden[0, merged_from].mean(dim=0))
     assert selection.recycled.positions.tolist() == [[int(positions[0, order[10]])]]
+
+
+def test_sparsevlm_merged_tokens_keep_their_centres_positions_through_the_later_stages() -> None:
+    """With original positions, the layers after the first stage see the kept tokens at their own positions and each
+    merged token at its centre's (its rotary cos/sin), and the next stage scores the merged tokens as visual ones."""
+    model, processor = tiny_model("clip", 4)
+    inputs = tiny_inputs(processor, 1)
+    pruner = vlprune.pruners.create("sparsevlm", keep=0.3)
+    selections, seen = [], {}
+    select = pruner.select
+
+    def recording(ctx):
+        selection = select(ctx)
+        selections.append((ctx, selection))
+        return selection
+
+    pruner.select = recording
+    with vlprune.attach(model, pruner, positions="original") as session:
+        first_layer = session.pruner.plan(64, 4)[0].layer
+        layer = model.model.language_model.layers[first_layer]
+        hook = layer.register_forward_pre_hook(
+            lambda _, args, kwargs: seen.update(cos=kwargs["position_embeddings"][0]), with_kwargs=True
+        )
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            hook.remove()
+    ctx, selection = selections[0]
+    assert selection.recycled is not None and selection.recycled.positions.shape[1] >= 1
+    kept_positions = torch.gather(ctx.visual_positions, 1, selection.keep_index.sort(dim=-1).values)
+    visual_positions = torch.cat([kept_positions, selection.recycled.positions], dim=1)[0]
+    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
+    expected = torch.cat(
+        [torch.arange(start), visual_positions, torch.arange(start + 64, inputs["input_ids"].shape[1])]
+    )
+    probe = torch.zeros(1, 1, model.config.text_config.hidden_size)
+    cos, _ = model.model.language_model.rotary_emb(probe, expected[None])
+    torch.testing.assert_close(seen["cos"][0], cos[0])
+    # The merged tokens are visual tokens of the next stage: it sees kept + merged, flagged as recycled (origin -1).
+    second_ctx, _ = selections[1]
+    recycled = selection.recycled.positions.shape[1]
+    assert second_ctx.num_visual == selection.keep_index.shape[1] + recycled
+    assert (second_ctx.visual_origin[0, -recycled:] == -1).all()
+    torch.testing.assert_close(second_ctx.visual_positions[0], visual_positions)
