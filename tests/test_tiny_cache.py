@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from vlprune.errors import VlpruneError
+from vlprune.models import cache as cache_folders
 from vlprune.models import tiny, train_tiny
 
 FILES = {
@@ -36,7 +37,7 @@ def _publish_folder(target: Path, manifest: dict[str, Any] | None = None) -> Pat
     for name, content in FILES.items():
         (built / name).parent.mkdir(parents=True, exist_ok=True)
         (built / name).write_bytes(content)
-    tiny._publish(built, target, {"format": tiny._FORMAT, **(manifest or {})})
+    cache_folders._publish(built, target, {"format": cache_folders._FORMAT, **(manifest or {})})
     return target
 
 
@@ -46,7 +47,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / tiny.MANIFEST).read_text())
+    return json.loads((folder / cache_folders.MANIFEST).read_text())
 
 
 def _damage_file(path: Path, how: str) -> None:
@@ -69,8 +70,8 @@ def test_the_manifest_fingerprints_every_file(folder: Path) -> None:
     for name, content in FILES.items():
         assert files[name]["size"] == len(content)
         assert len(files[name]["sha256"]) == 64
-    assert tiny._damage(folder, _manifest(folder)) is None
-    assert tiny._problem(folder, {}) is None
+    assert cache_folders._damage(folder, _manifest(folder)) is None
+    assert cache_folders._problem(folder, {}) is None
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "sub/extra_config.json"])
@@ -78,11 +79,12 @@ def test_the_manifest_fingerprints_every_file(folder: Path) -> None:
 @pytest.mark.parametrize("memoised", [True, False])
 def test_a_damaged_file_is_named(folder: Path, name: str, how: str, memoised: bool) -> None:
     if memoised:
-        assert tiny._damage(folder, _manifest(folder)) is None  # hashed once; the next check compares stats only
+        # Hashed once; the next check compares stats only.
+        assert cache_folders._damage(folder, _manifest(folder)) is None
     else:
-        tiny._VERIFIED.clear()
+        cache_folders._VERIFIED.clear()
     _damage_file(folder / name, how)
-    problem = tiny._damage(folder, _manifest(folder))
+    problem = cache_folders._damage(folder, _manifest(folder))
     assert problem is not None
     assert str(folder / name) in problem
     assert ("missing" if how == "delete" else "damaged") in problem
@@ -90,40 +92,40 @@ def test_a_damaged_file_is_named(folder: Path, name: str, how: str, memoised: bo
 
 def test_an_overwrite_that_restores_the_mtime_is_still_caught(folder: Path) -> None:
     path = folder / "model.safetensors"
-    assert tiny._damage(folder, _manifest(folder)) is None
+    assert cache_folders._damage(folder, _manifest(folder)) is None
     stat = path.stat()
     _damage_file(path, "overwrite")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the ctime still moves, and the memo keys on it
-    assert "model.safetensors is damaged" in (tiny._damage(folder, _manifest(folder)) or "")
+    assert "model.safetensors is damaged" in (cache_folders._damage(folder, _manifest(folder)) or "")
 
 
 def test_the_full_hash_runs_once_per_process(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tiny._VERIFIED.clear()
+    cache_folders._VERIFIED.clear()
     hashed: list[Path] = []
-    sha256 = tiny._sha256
-    monkeypatch.setattr(tiny, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    sha256 = cache_folders._sha256
+    monkeypatch.setattr(cache_folders, "_sha256", lambda path: hashed.append(path) or sha256(path))
     for _ in range(3):
-        assert tiny._damage(folder, _manifest(folder)) is None
+        assert cache_folders._damage(folder, _manifest(folder)) is None
     assert len(hashed) == len(FILES)
 
 
 def test_a_file_the_manifest_does_not_list_is_reported_and_hidden_ones_are_not(folder: Path) -> None:
     (folder / ".nfs0001").write_bytes(b"x")
-    assert tiny._damage(folder, _manifest(folder)) is None
+    assert cache_folders._damage(folder, _manifest(folder)) is None
     (folder / "adapter_config.json").write_text("{}")  # transformers would load a PEFT adapter from it
-    assert "adapter_config.json does not belong" in (tiny._damage(folder, _manifest(folder)) or "")
+    assert "adapter_config.json does not belong" in (cache_folders._damage(folder, _manifest(folder)) or "")
 
 
 def test_a_folder_from_an_older_vlprune_is_rebuilt(folder: Path) -> None:
     manifest = _manifest(folder)
-    (folder / tiny.MANIFEST).write_text(json.dumps({**manifest, "format": 2}))
-    assert "format=2" in (tiny._problem(folder, {}) or "")
+    (folder / cache_folders.MANIFEST).write_text(json.dumps({**manifest, "format": 2}))
+    assert "format=2" in (cache_folders._problem(folder, {}) or "")
     del manifest["files"]
-    (folder / tiny.MANIFEST).write_text(json.dumps(manifest))
-    assert "lists no file fingerprints" in (tiny._problem(folder, {}) or "")
-    (folder / tiny.MANIFEST).write_text('{"format": ')
-    assert "missing or unreadable" in (tiny._problem(folder, {}) or "")
-    assert tiny._problem(folder.with_name("absent"), {}) == "it does not exist"
+    (folder / cache_folders.MANIFEST).write_text(json.dumps(manifest))
+    assert "lists no file fingerprints" in (cache_folders._problem(folder, {}) or "")
+    (folder / cache_folders.MANIFEST).write_text('{"format": ')
+    assert "missing or unreadable" in (cache_folders._problem(folder, {}) or "")
+    assert cache_folders._problem(folder.with_name("absent"), {}) == "it does not exist"
 
 
 @pytest.fixture
@@ -137,7 +139,7 @@ def test_publish_follows_the_umask(tmp_path: Path, umask: None) -> None:
     folder = _publish_folder(tmp_path / "model")
     assert folder.stat().st_mode & 0o777 == 0o750
     assert (folder / "sub").stat().st_mode & 0o777 == 0o750
-    for path in [folder / tiny.MANIFEST, *(folder / name for name in FILES)]:
+    for path in [folder / cache_folders.MANIFEST, *(folder / name for name in FILES)]:
         assert path.stat().st_mode & 0o777 == 0o640, path
     assert os.umask(0o027) == 0o027  # reading the umask left it as it was
 
@@ -201,7 +203,7 @@ class FakeBuilds:
 @pytest.fixture
 def cache(tmp_path: Path) -> Path:
     """A cache whose vlprune-tiny folder is complete (fake files) for the shipped adapter."""
-    _publish_folder(tmp_path / tiny.TRAINED_FOLDER, {"adapter_sha256": tiny._sha256(tiny.ADAPTER_FILE)})
+    _publish_folder(tmp_path / tiny.TRAINED_FOLDER, {"adapter_sha256": cache_folders._sha256(tiny.ADAPTER_FILE)})
     _publish_folder(tmp_path / tiny.BASE_FOLDER, {"image_size": tiny.DEFAULT_IMAGE_SIZE})
     return tmp_path
 
@@ -228,7 +230,7 @@ def test_a_damaged_trained_folder_is_logged_and_rebuilt_once(
     assert (builds.trained, builds.base, builds.loads) == (1, 0, 1)
     (line,) = _log_lines(capsys)
     assert line.startswith(f"vlprune-tiny: rebuilding {target}: {target / name} is damaged")
-    assert tiny._problem(target, {}) is None  # healed
+    assert cache_folders._problem(target, {}) is None  # healed
 
 
 def test_a_damaged_base_folder_is_rebuilt_from_the_wheels(
@@ -320,7 +322,7 @@ def test_concurrent_builds_run_once(
 
 
 def test_the_lock_is_reentrant(tmp_path: Path) -> None:
-    with tiny._build_lock(tmp_path), tiny._build_lock(tmp_path):
+    with cache_folders._build_lock(tmp_path), cache_folders._build_lock(tmp_path):
         pass
 
 
@@ -334,7 +336,7 @@ def test_a_build_waits_for_another_process(
             "-c",
             "import sys, time, filelock\n"
             "lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(1.5)",
-            str(tmp_path / tiny.LOCK_FILE),
+            str(tmp_path / cache_folders.LOCK_FILE),
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.models import cache as cache_folders
 from vlprune.models import tiny
 from vlprune.testing import build_tiny_tokenizer, make_test_image
 
@@ -169,12 +170,12 @@ def test_assemble_base_rejects_an_image_size_off_the_patch_grid(image_size: obje
 
 
 def test_a_folder_without_its_manifest_is_not_reused(tmp_path: Path) -> None:
-    assert not tiny._is_complete(tmp_path, 224)
-    (tmp_path / tiny.MANIFEST).write_text(f'{{"format": {tiny._FORMAT}, "image_size": 336}}')
-    assert not tiny._is_complete(tmp_path, 224)
-    assert tiny._is_complete(tmp_path, 336)
-    (tmp_path / tiny.MANIFEST).write_text(f'{{"format": {tiny._FORMAT - 1}, "image_size": 336}}')
-    assert not tiny._is_complete(tmp_path, 336)  # an older layout is rebuilt
+    assert not cache_folders._is_complete(tmp_path, 224)
+    (tmp_path / cache_folders.MANIFEST).write_text(f'{{"format": {cache_folders._FORMAT}, "image_size": 336}}')
+    assert not cache_folders._is_complete(tmp_path, 224)
+    assert cache_folders._is_complete(tmp_path, 336)
+    (tmp_path / cache_folders.MANIFEST).write_text(f'{{"format": {cache_folders._FORMAT - 1}, "image_size": 336}}')
+    assert not cache_folders._is_complete(tmp_path, 336)  # an older layout is rebuilt
 
 
 @pytest.fixture(scope="session")
