@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MODEL_KINDS, tiny_inputs, tiny_model
-from test_engine import MaskOracle, greedy
+from test_engine import MaskOracle, greedy, greedy_under_mask
 
 import vlprune
 from vlprune.errors import VlpruneError
@@ -125,11 +125,7 @@ def test_drop_equals_mask_with_original_positions(vision: str, kv_heads: int, at
         tokens, logits = greedy(model, inputs)
     stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
     assert [(layer, len(kept[0])) for layer, kept in stages] == [(1, 32), (2, 16), (3, 8)]
-    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
-    try:
-        oracle_tokens, oracle_logits = greedy(model, inputs)
-    finally:
-        oracle.remove()
+    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, stages)
     _, vanilla_logits = greedy(model, inputs)
     assert torch.equal(tokens, oracle_tokens)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)

@@ -96,6 +96,16 @@ class MaskOracle:
             handle.remove()
 
 
+def greedy_under_mask(model, inputs, stages: list[tuple[int, list[list[int]]]]):
+    """``greedy`` on the unpruned model with the pruned tokens masked from each stage layer on (``stages``: the
+    (layer, kept_indices) of a pruned run's statistics): what pruning must equal with original positions."""
+    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
+    try:
+        return greedy(model, inputs)
+    finally:
+        oracle.remove()
+
+
 PRUNING_CASES = [
     ("fastv", {"keep": 16, "layer": 2}, 2),
     ("random", {"keep": 20}, 0),
@@ -130,11 +140,7 @@ def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, op
     stage = session.stats.stages[0]
     assert stage.layer == layer and stage.visual_out == options["keep"]
     stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
-    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
-    try:
-        oracle_tokens, oracle_logits = greedy(model, inputs)
-    finally:
-        oracle.remove()
+    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, stages)
     _, vanilla_logits = greedy(model, inputs)
     assert torch.equal(tokens, oracle_tokens)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
@@ -159,11 +165,7 @@ def test_multi_stage_drop_equals_mask(vision: str, kv_heads: int, attn: str, met
     assert len(stages) >= 3 and all(
         len(k[0]) == s.visual_out for (_, k), s in zip(stages, session.stats.stages, strict=True)
     )
-    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
-    try:
-        oracle_tokens, oracle_logits = greedy(model, inputs)
-    finally:
-        oracle.remove()
+    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, stages)
     assert torch.equal(tokens, oracle_tokens)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
 
@@ -292,13 +294,7 @@ def test_drop_equals_mask_on_siglip_and_qwen2(attn: str, method: str, options: d
     inputs = tiny_inputs(processor, 2)
     with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
         tokens, logits = greedy(model, inputs)
-    oracle = MaskOracle(
-        model, inputs["input_ids"], [(layer, session.stats.stages[0].kept_indices)], model.config.image_token_id
-    )
-    try:
-        oracle_tokens, oracle_logits = greedy(model, inputs)
-    finally:
-        oracle.remove()
+    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, [(layer, session.stats.stages[0].kept_indices)])
     assert torch.equal(tokens, oracle_tokens)
     torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
 
@@ -472,10 +468,5 @@ def test_the_engine_runs_in_half_precision(dtype: torch.dtype, method: str) -> N
     assert session.stats.stages[0].visual_out == 16
     if method == "visionzip":
         return  # its merged tokens exist in no mask of the original sequence
-    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
-    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
-    try:
-        _, oracle_logits = greedy(model, inputs)
-    finally:
-        oracle.remove()
+    _, oracle_logits = greedy_under_mask(model, inputs, [(s.layer, s.kept_indices) for s in session.stats.stages])
     torch.testing.assert_close(logits[0].float(), oracle_logits[0].float(), atol=5e-2, rtol=0)

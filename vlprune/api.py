@@ -347,9 +347,7 @@ def load(
         if torch_device is not None:
             loaded = loaded.to(torch_device)
     else:
-        if device_map is None:
-            check_device(device)
-        check_pruners_fit(str(model), [pruner])
+        check_before_loading(str(model), [pruner], device=device, device_map=device_map)
         loaded, processor = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return Pipeline(loaded, processor, pruner, positions=positions)
 
@@ -361,14 +359,23 @@ def _folder_on_disk(name: str) -> Path | None:
     return resolve_source(name, builtin=sorted(BUILTIN_MODELS)).local_folder
 
 
-def check_pruners_fit(model: str | os.PathLike, pruners_to_check: Sequence[pruners.Pruner]) -> None:
-    """Check each pruner's budget and layers against ``model``'s configuration, when its files are on disk, without
-    loading its weights (a fraction of a second instead of the load's seconds). A model not on disk yet is checked
-    when it has loaded.
+def check_before_loading(
+    model: str | os.PathLike,
+    pruners_to_check: Sequence[pruners.Pruner],
+    *,
+    device: str | None = None,
+    device_map: str | None = None,
+) -> None:
+    """What can be checked before ``model``'s weights load: the device (unless ``device_map`` places the model), and
+    each pruner's budget and layers against the model's configuration when its files are on disk (a fraction of a
+    second instead of the load's seconds; a model not on disk yet is checked when it has loaded).
 
     Raises:
-        VlpruneError: a budget or layer the model does not have, or a model name that cannot be resolved.
+        VlpruneError: a device this machine lacks, a budget or layer the model does not have, or a model name that
+            cannot be resolved.
     """
+    if device_map is None:
+        check_device(device)
     shape = model_shape_on_disk(_folder_on_disk(str(model)))
     if shape is None:
         return

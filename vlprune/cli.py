@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from vlprune import pruners
-from vlprune.api import DEFAULT_MODEL, check_device, check_pruners_fit, load
+from vlprune.api import DEFAULT_MODEL, check_before_loading, load
 from vlprune.engine import POSITION_MODES
 from vlprune.errors import VlpruneError
 from vlprune.kernels import kernel_setting
-from vlprune.pruners import check_budget
+from vlprune.pruners import parse_budget
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,14 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _budget(text: str) -> int | float:
     try:
-        value: int | float = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"keep={text!r} must be a count (64) or a fraction (0.25)") from None
-    try:
-        return check_budget(value)
+        return parse_budget(text)
     except VlpruneError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -259,9 +252,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"no calibration search space for {args.method!r}; methods with one: {', '.join(SEARCH_SPACES)}"
         )
     check_writable_file(args.out, "--out")
-    pruner = pruners.create(args.method, keep=args.keep)
-    check_device(args.device)
-    check_pruners_fit(args.model, [pruner])
+    check_before_loading(args.model, [pruners.create(args.method, keep=args.keep)], device=args.device)
     samples = load_dataset(args.data, split=args.split, limit=args.samples)
     pipeline = load(args.model, device=args.device, dtype=args.dtype, positions=args.positions)
     config = calibrate(
@@ -295,9 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
     # Every setting, the output folder and the budgets against the model's configuration are checked before the
     # model loads and before anything is written, so that a corrected rerun is never refused.
     check_folder(args.out, settings)
-    if args.device_map is None:
-        check_device(args.device)
-    check_pruners_fit(args.model, cell_pruners(settings))
+    check_before_loading(args.model, cell_pruners(settings), device=args.device, device_map=args.device_map)
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
     import torch
 
@@ -343,8 +332,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     image = args.image or str(Path(vlprune.__file__).parent / "samples" / "scene1.png")
     pruner = pruners.create(args.method, keep=args.keep, **dict(args.option))
-    check_device(args.device)
-    check_pruners_fit(args.model, [pruner])
+    check_before_loading(args.model, [pruner], device=args.device)
     pipeline = load(args.model, device=args.device, dtype=args.dtype)
     result = bench(
         pipeline,

@@ -38,7 +38,7 @@ from vlprune.errors import VlpruneError
 from vlprune.eval.bench import synchronize
 from vlprune.eval.datasets import VQASample, normalize_answer
 from vlprune.eval.files import check_writable_folder, write_text_atomically
-from vlprune.pruners import check_budget
+from vlprune.pruners import parse_budget
 
 RESULTS = "results.jsonl"
 SETTINGS = "sweep.json"
@@ -65,7 +65,7 @@ def parse_keeps(text: str) -> list[int | float]:
     """``"64,128,192"`` or ``"0.111,0.222"`` -> budgets; the keyword ``llava`` gives LLaVA-1.5's three ratios.
 
     Raises:
-        VlpruneError: an empty list, or an item that is not a valid budget (see :func:`vlprune.pruners.check_budget`).
+        VlpruneError: an empty list, or an item that is not a valid budget (see :func:`vlprune.pruners.parse_budget`).
     """
     if text.strip() == "llava":
         return list(LLAVA_RATIOS)
@@ -75,14 +75,7 @@ def parse_keeps(text: str) -> list[int | float]:
         if not item:
             continue
         try:
-            value: int | float = int(item)
-        except ValueError:
-            try:
-                value = float(item)
-            except ValueError:
-                raise VlpruneError(f"--keep item {item!r} is not a count (64) or a fraction (0.25)") from None
-        try:
-            keeps.append(check_budget(value))
+            keeps.append(parse_budget(item))
         except VlpruneError as error:
             raise VlpruneError(f"--keep item {item!r}: {error}") from None
     if not keeps:
@@ -175,12 +168,11 @@ class _Reference:
 class CellRunner:
     """Runs one sample through the model with one pruner (or none) and measures everything a row holds."""
 
-    def __init__(self, pipeline: Pipeline, max_new_tokens: int, positions: str | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, max_new_tokens: int) -> None:
         self.pipeline = pipeline
         self.model = pipeline.model
         self.device = next(self.model.parameters()).device
         self.max_new_tokens = max_new_tokens
-        self.positions = positions if positions is not None else pipeline.positions
 
     def inputs(self, sample: VQASample) -> dict[str, torch.Tensor]:
         return self.pipeline.model_inputs([sample.image], [self.pipeline.chat_prompt(sample.question)])
@@ -196,7 +188,7 @@ class CellRunner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         first_token = _FirstTokenClock(device)
-        mode = positions if positions is not None else self.positions
+        mode = positions if positions is not None else self.pipeline.positions
         with attach(model, pruner, positions=mode, num_visual=num_visual) as session:
             synchronize(device)
             first_token.start = time.perf_counter()

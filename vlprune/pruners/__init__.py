@@ -28,6 +28,7 @@ from vlprune.pruners.base import (
     StagePlan,
     VisionLayerContext,
     check_budget,
+    parse_budget,
     resolve_keep,
     top_k_sorted,
 )
@@ -179,6 +180,7 @@ __all__ = [
     "check_budget",
     "create",
     "get",
+    "parse_budget",
     "register",
     "resolve_keep",
     "stages_of",

@@ -269,6 +269,22 @@ def check_budget(keep: object) -> int | float:
     return keep
 
 
+def parse_budget(text: str) -> int | float:
+    """A budget from text (the CLI's ``--keep``, a sweep's list): ``"64"`` a count, ``"0.25"`` a fraction.
+
+    Raises:
+        VlpruneError: text that is no number, or a number that is no valid budget (see :func:`check_budget`).
+    """
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise VlpruneError(f"keep={text!r} must be a count (64) or a fraction (0.25)") from None
+    return check_budget(value)
+
+
 def resolve_keep(keep: int | float, num_visual: int) -> int:
     """Turn a budget into a token count: an int is a count, a float in (0, 1) a fraction of ``num_visual``.
 
