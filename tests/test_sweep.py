@@ -107,6 +107,19 @@ def test_a_folder_holding_another_sweep_is_refused(pipeline, samples, tmp_path: 
         run_sweep(pipeline, samples, other, tmp_path, progress=False)
 
 
+def test_a_larger_limit_extends_a_sweep_and_a_smaller_one_is_refused(pipeline, samples, tmp_path: Path) -> None:
+    two = SweepSettings(**{**SETTINGS.__dict__, "limit": 2})
+    run_sweep(pipeline, samples[:2], two, tmp_path, progress=False)
+    first = (tmp_path / RESULTS).read_text()
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    extended = (tmp_path / RESULTS).read_text()
+    assert extended.startswith(first)  # the first two samples' rows are kept, not measured again
+    assert {json.loads(line)["sample"] for line in extended[len(first) :].splitlines()} == {samples[2].id}
+    assert json.loads((tmp_path / "sweep.json").read_text())["limit"] == 3
+    with pytest.raises(VlpruneError, match="limit"):
+        run_sweep(pipeline, samples[:2], two, tmp_path, progress=False)
+
+
 def test_fidelity_against_hand_computations() -> None:
     p = torch.tensor([0.5, 0.25, 0.25])
     q = torch.tensor([0.25, 0.5, 0.25])

@@ -300,13 +300,22 @@ def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
         saved = None
     if saved == wanted:
         return True
-    if not _has_rows(folder):
+    if not _has_rows(folder) or _extends(saved, wanted):
         return False
     changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
     raise VlpruneError(
         f"{folder} holds rows of a sweep with other settings ({', '.join(changed) or SETTINGS + ' unreadable'}); "
         f"use another --out folder"
     )
+
+
+def _extends(saved: Any, wanted: dict[str, Any]) -> bool:
+    """Whether ``wanted`` is the saved sweep over more samples: a dataset's first N samples are a prefix of its first
+    M > N, so every saved row stays valid and a rerun with the larger ``--limit`` only runs the new samples."""
+    if not isinstance(saved, dict) or {**saved, "limit": wanted["limit"]} != wanted:
+        return False
+    old, new = saved.get("limit"), wanted["limit"]
+    return old is not None and (new is None or new > old)
 
 
 def _has_rows(folder: Path) -> bool:
