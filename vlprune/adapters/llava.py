@@ -1,79 +1,31 @@
-"""Model adapters: where a VLM family keeps its vision tower, projector, decoder layers and image tokens.
-
-The engine and the pruners only talk to a :class:`ModelAdapter`, so supporting another family (LLaVA-NeXT, Qwen2-VL)
-means adding an adapter here, not touching the pruners.
-"""
+"""LLaVA-1.5: ``LlavaForConditionalGeneration`` (or a bare ``LlavaModel``), one square patch grid per image."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from vlprune.adapters.base import LanguageModelShape, ModelAdapter, innermost_attention, vision_encoder_layers
 from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry, batch_geometry, single_view
 from vlprune.kernels import gather_tokens
-
-SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 # Vision towers that put a [CLS] token first. SigLIP has none.
 _TOWERS_WITH_CLS = {"clip_vision_model": True, "dinov2": True, "siglip_vision_model": False}
-
-
-@dataclass(frozen=True)
-class LanguageModelShape:
-    """The sizes the statistics need (FLOPs, KV-cache bytes)."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    gated_mlp: bool
-
-
-class ModelAdapter:
-    """Base of the per-family adapters. Subclasses fill in the attributes in ``__init__``."""
-
-    model: nn.Module
-    base_model: nn.Module  # the module whose forward receives input_ids and runs vision + language model
-    language_model: nn.Module
-    decoder_layers: nn.ModuleList
-    rotary_embedding: nn.Module
-    projector: nn.Module  # vision features -> language-model embeddings
-    image_token_id: int
-    vision_has_cls: bool
-    vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
-
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool, True at the image placeholder tokens."""
-        return input_ids == self.image_token_id
-
-    def vision_feature_attention(self) -> nn.Module:
-        """The vision attention module whose layer produces the features that reach the projector."""
-        raise NotImplementedError
-
-    def vision_feature_layer_index(self) -> int:
-        raise NotImplementedError
-
-    def language_model_shape(self) -> LanguageModelShape:
-        raise NotImplementedError
-
-    def attention_implementations(self) -> set[str]:
-        raise NotImplementedError
 
 
 class LlavaAdapter(ModelAdapter):
     """``LlavaForConditionalGeneration`` (or a bare ``LlavaModel``) with a CLIP, SigLIP or DINOv2 tower and a
     Llama/Qwen2-style decoder, with or without grouped-query attention."""
 
-    def __init__(self, model: nn.Module) -> None:
-        from transformers import LlavaModel
+    family = "llava"
 
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.base_model = model if isinstance(model, LlavaModel) else model.model
+        self.base_model = model if isinstance(model, self.base_model_class()) else model.model
         self.config = model.config
         self.language_model = self.base_model.language_model
         self.decoder_layers = self.language_model.layers
@@ -101,9 +53,30 @@ class LlavaAdapter(ModelAdapter):
             if getattr(layer.self_attn, "layer_idx", index) != index:
                 raise VlpruneError(f"decoder layer {index} reports layer_idx={layer.self_attn.layer_idx}")
 
+    @staticmethod
+    def base_model_class() -> type[nn.Module]:
+        from transformers import LlavaModel
+
+        return LlavaModel
+
+    def visual_geometry(
+        self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
+    ) -> VisualGeometry:
+        """One square grid per image (the tower's image size over its patch size, per side), after the [CLS] token
+        when the "full" strategy keeps it."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        image = single_view(side, side, leading_cls=self.vision_has_cls and not self.vision_drops_cls)
+        total = sum(per_sample)
+        if total % len(image):
+            raise VlpruneError(
+                f"the prompts hold {total} visual tokens, not a multiple of the {len(image)} of one image"
+            )
+        return batch_geometry([image] * (total // len(image)), per_sample, device)
+
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return _vision_encoder_layers(self.base_model.vision_tower)
+        return vision_encoder_layers(self.base_model.vision_tower)
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -125,7 +98,7 @@ class LlavaAdapter(ModelAdapter):
 
     def vision_attention(self, index: int) -> nn.Module:
         """The module of vision encoder layer ``index`` that calls the attention function."""
-        return _innermost_attention(self.vision_layers[index])
+        return innermost_attention(self.vision_layers[index])
 
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""
@@ -174,42 +147,3 @@ class LlavaAdapter(ModelAdapter):
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}
-
-
-def _vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    """The tower's list of transformer layers: the ModuleList as long as the config's layer count."""
-    count = tower.config.num_hidden_layers
-    for module in tower.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise VlpruneError(f"cannot find the {count} encoder layers of vision tower {type(tower).__name__}")
-
-
-def _innermost_attention(layer: nn.Module) -> nn.Module:
-    """The module of an encoder layer that calls the attention function: the deepest one named '*Attention'."""
-    candidates = [m for m in layer.modules() if "Attention" in type(m).__name__]
-    innermost = [m for m in candidates if not any("Attention" in type(c).__name__ for c in m.children())]
-    if len(innermost) != 1:
-        raise VlpruneError(f"cannot find the attention module of vision layer {type(layer).__name__}")
-    return innermost[0]
-
-
-def adapter_for(model: object) -> ModelAdapter:
-    """The adapter of a supported model.
-
-    Raises:
-        VlpruneError: the model family is not supported, or its attention implementation is not.
-    """
-    from transformers import LlavaForConditionalGeneration, LlavaModel
-
-    if not isinstance(model, LlavaForConditionalGeneration | LlavaModel):
-        raise VlpruneError(
-            f"unsupported model family {type(model).__name__}; vlprune supports LlavaForConditionalGeneration"
-        )
-    adapter = LlavaAdapter(model)
-    unsupported = sorted(adapter.attention_implementations() - set(SUPPORTED_ATTENTION))
-    if unsupported:
-        raise VlpruneError(
-            f"attn_implementation {unsupported} is not supported yet; load the model with one of {SUPPORTED_ATTENTION}"
-        )
-    return adapter

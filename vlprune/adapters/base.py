@@ -1,0 +1,92 @@
+"""What every model adapter provides: where a VLM keeps its vision tower, projector, decoder layers and image tokens,
+the language model's sizes, and where each visual token came from (:mod:`vlprune.geometry`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class LanguageModelShape:
+    """The sizes the statistics need (FLOPs, KV-cache bytes)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    gated_mlp: bool
+
+
+class ModelAdapter:
+    """Base of the per-family adapters. Subclasses fill in the attributes in ``__init__``.
+
+    Attributes:
+        family: the family's name in messages and in ``vlprune methods`` ("llava", "llava-next", ...).
+        multi_crop: whether the vision tower may encode several crops (base view and tiles) per image.
+    """
+
+    family: str
+    multi_crop: bool = False
+    model: nn.Module
+    config: Any
+    base_model: nn.Module  # the module whose forward receives input_ids and runs vision + language model
+    language_model: nn.Module
+    decoder_layers: nn.ModuleList
+    rotary_embedding: nn.Module
+    projector: nn.Module  # vision features -> language-model embeddings
+    image_token_id: int
+    vision_has_cls: bool
+    vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, True at the image placeholder tokens."""
+        return input_ids == self.image_token_id
+
+    def visual_geometry(
+        self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
+    ) -> VisualGeometry:
+        """Where each visual token of a prefill came from, from the model call's keyword arguments (``pixel_values``,
+        ``image_sizes``, ...) and the visual tokens per sample."""
+        raise NotImplementedError
+
+    def vision_feature_attention(self) -> nn.Module:
+        """The vision attention module whose layer produces the features that reach the projector."""
+        raise NotImplementedError
+
+    def vision_feature_layer_index(self) -> int:
+        raise NotImplementedError
+
+    def language_model_shape(self) -> LanguageModelShape:
+        raise NotImplementedError
+
+    def attention_implementations(self) -> set[str]:
+        raise NotImplementedError
+
+
+def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The tower's list of transformer layers: the ModuleList as long as the config's layer count."""
+    count = tower.config.num_hidden_layers
+    for module in tower.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise VlpruneError(f"cannot find the {count} encoder layers of vision tower {type(tower).__name__}")
+
+
+def innermost_attention(layer: nn.Module) -> nn.Module:
+    """The module of an encoder layer that calls the attention function: the deepest one named '*Attention'."""
+    candidates = [m for m in layer.modules() if "Attention" in type(m).__name__]
+    innermost = [m for m in candidates if not any("Attention" in type(c).__name__ for c in m.children())]
+    if len(innermost) != 1:
+        raise VlpruneError(f"cannot find the attention module of vision layer {type(layer).__name__}")
+    return innermost[0]

@@ -1,0 +1,77 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres images, a base view and a grid of tiles per image.
+
+The model encodes each image as a base view (the whole image resized to the tower's input) and the tiles of the
+best-fitting grid from ``image_grid_pinpoints``, stitches the tiles' patch grids into one grid, unpads it to the
+image's aspect ratio and ends every row with the learned ``image_newline`` token; the base view's patches come first.
+The adapter reproduces that layout per token with the family's own grid and unpadding functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlprune.adapters.llava import LlavaAdapter
+from vlprune.errors import VlpruneError
+from vlprune.geometry import ImageTokens, VisualGeometry, batch_geometry, single_view, tiled_view
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """``LlavaNextForConditionalGeneration`` (or a bare ``LlavaNextModel``) with a CLIP or SigLIP tower."""
+
+    family = "llava-next"
+    multi_crop = True
+
+    @staticmethod
+    def base_model_class() -> type[nn.Module]:
+        from transformers import LlavaNextModel
+
+        return LlavaNextModel
+
+    @staticmethod
+    def _family_module() -> Any:
+        from transformers.models.llava_next import modeling_llava_next
+
+        return modeling_llava_next
+
+    def visual_geometry(
+        self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
+    ) -> VisualGeometry:
+        sizes = model_kwargs.get("image_sizes")
+        if sizes is None:
+            raise VlpruneError(
+                f"{type(self.model).__name__} needs image_sizes with pixel_values; pass the processor's outputs whole"
+            )
+        images = [self._image_tokens((int(h), int(w)), patched) for (h, w), patched in self._images(model_kwargs)]
+        try:
+            return batch_geometry(images, per_sample, device)
+        except ValueError as error:
+            raise VlpruneError(f"{self.family}: {error}; were the prompts and pixel values made together?") from None
+
+    def _images(self, model_kwargs: dict[str, Any]) -> list[tuple[tuple[int, int], bool]]:
+        """(size, whether it is tiled) of every image of the batch, in the order the model encodes them."""
+        return [(tuple(size), True) for size in model_kwargs["image_sizes"].tolist()]
+
+    def _image_tokens(self, size: tuple[int, int], tiled: bool) -> ImageTokens:
+        vision = self.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        if not tiled:
+            return single_view(patches, patches, newline=True)
+        family = self._family_module()
+        tiles_down, tiles_across = family.get_anyres_image_grid_shape(
+            list(size), self.config.image_grid_pinpoints, vision.image_size
+        )
+        height, width = tiles_down * patches, tiles_across * patches
+        # Unpadding an index map with the family's own function says which rows and columns it keeps.
+        index = torch.arange(height * width).view(1, height, width)
+        kept = family.unpad_image(index, torch.tensor(size))
+        kept_rows, kept_cols = kept[0, :, 0] // width, kept[0, 0, :] % width
+        return tiled_view(
+            patches, (tiles_down, tiles_across), kept_rows, kept_cols, self._shrunk(len(kept_rows), len(kept_cols))
+        )
+
+    def _shrunk(self, height: int, width: int) -> tuple[int, int] | None:
+        """The grid's size after down-scaling, when the family shrinks it (LLaVA-NeXT never does)."""
+        return None

@@ -1,0 +1,52 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): LLaVA-NeXT's anyres layout with a SigLIP tower, a
+stitched tile grid shrunk by bilinear interpolation when it exceeds ``vision_aspect_ratio`` ("anyres_max_9": nine
+views' worth of patches), and images of multi-image samples encoded as one view without tiles."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from vlprune.adapters.llava_next import LlavaNextAdapter
+from vlprune.errors import VlpruneError
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """``LlavaOnevisionForConditionalGeneration`` (or a bare ``LlavaOnevisionModel``), images only (videos are
+    pooled by another path that vlprune does not prune)."""
+
+    family = "llava-onevision"
+
+    @staticmethod
+    def base_model_class() -> type[nn.Module]:
+        from transformers import LlavaOnevisionModel
+
+        return LlavaOnevisionModel
+
+    @staticmethod
+    def _family_module() -> Any:
+        from transformers.models.llava_onevision import modeling_llava_onevision
+
+        return modeling_llava_onevision
+
+    def _images(self, model_kwargs: dict[str, Any]) -> list[tuple[tuple[int, int], bool]]:
+        sizes = model_kwargs["image_sizes"].tolist()
+        counts = model_kwargs.get("batch_num_images")
+        if counts is None:  # the model then treats every image as a sample's only one
+            return [(tuple(size), True) for size in sizes]
+        tiled = [int(n) == 1 for n in counts.tolist() for _ in range(int(n))]
+        return [(tuple(size), flag) for size, flag in zip(sizes, tiled, strict=True)]
+
+    def _shrunk(self, height: int, width: int) -> tuple[int, int] | None:
+        """The family's rule: shrink by the ratio of the grid's area to ``max`` views' patches when it exceeds 1.1."""
+        setting = self.config.vision_aspect_ratio
+        if not setting.startswith("anyres_max_"):
+            raise VlpruneError(f"vision_aspect_ratio={setting!r} is not supported; vlprune reads 'anyres_max_<n>'")
+        vision = self.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        ratio = math.sqrt(height * width / (int(setting.removeprefix("anyres_max_")) * patches**2))
+        if ratio <= 1.1:
+            return None
+        return int(height // ratio), int(width // ratio)

@@ -1,0 +1,229 @@
+"""Where each visual token of a prompt came from: image, view (base image, tile or line break), grid place, and the
+vision-tower crop and patch its features were computed from.
+
+LLaVA-1.5 turns one image into one square grid of patches. LLaVA-NeXT and LLaVA-OneVision ("anyres") encode a base
+view of the whole image and a grid of tiles, stitch the tiles' patch grids into one large grid, cut away the rows or
+columns that only show the padding added to fit the image into the tile grid, end every row of that grid with an
+``image_newline`` token and, for OneVision, shrink the grid by bilinear interpolation when it holds more than
+``anyres_max_9`` allows. The adapters describe the result per token with a :class:`VisualGeometry`, so that pruners
+needing spatial structure read it instead of assuming a square grid, and the engine maps per-crop values of the vision
+tower (its [CLS] attention, keys, features) onto the visual tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+NEWLINE = -1
+"""``view`` of an ``image_newline`` token."""
+
+BASE = 0
+"""``view`` of the base view (the whole image resized to the tower's input); tiles are 1, 2, ... row by row."""
+
+
+@dataclass(frozen=True)
+class VisualGeometry:
+    """Per-token facts of the visual tokens of a batch; every field is a (B, N) long tensor, N visual tokens per
+    sample, in prompt order.
+
+    Attributes:
+        image: which image of the sample the token belongs to (0 for the first).
+        view: :data:`BASE`, a tile number 1.. (row-major in the tile grid), or :data:`NEWLINE`.
+        tile_row, tile_col: the tile's place in the tile grid; -1 for the base view and line breaks.
+        row, col: the token's place in its view's patch grid (a tile's own grid); -1 for line breaks and for a
+            [CLS] token kept by the "full" strategy.
+        full_row, full_col: for tile tokens, the place in the stitched grid of all tiles after unpadding (and after
+            OneVision's down-scaling), the grid the language model reads row by row; for a line break, the row it
+            ends and the grid's width; -1 for the base view.
+        crop: index of the vision-tower input (base view or tile) the token's features come from, counted over the
+            whole batch as the tower receives them; -1 for line breaks.
+        crop_token: index of the patch among that crop's tokens as they reach the projector; where OneVision
+            interpolates, the nearest source patch (its centre-aligned nearest neighbour); -1 for line breaks.
+        num_crops: the crops the vision tower encodes for the whole batch.
+    """
+
+    image: torch.Tensor
+    view: torch.Tensor
+    tile_row: torch.Tensor
+    tile_col: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    full_row: torch.Tensor
+    full_col: torch.Tensor
+    crop: torch.Tensor
+    crop_token: torch.Tensor
+    num_crops: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.view.shape)
+
+    @property
+    def is_newline(self) -> torch.Tensor:
+        return self.view == NEWLINE
+
+    @property
+    def is_base(self) -> torch.Tensor:
+        return self.view == BASE
+
+    @property
+    def is_tile(self) -> torch.Tensor:
+        return self.view > BASE
+
+    def take(self, origin: torch.Tensor) -> VisualGeometry:
+        """The geometry of the tokens ``origin`` (B, K): indices among the original visual tokens, -1 for tokens
+        that have none (recycled ones), which get -1 in every field."""
+        index = origin.clamp(min=0).to(self.view.device)
+        missing = origin.to(self.view.device) < 0
+        values = {
+            name: torch.gather(getattr(self, name), 1, index).masked_fill(missing, -1) for name in _GEOMETRY_FIELDS
+        }
+        return VisualGeometry(**values, num_crops=self.num_crops)
+
+    def to(self, device: torch.device) -> VisualGeometry:
+        if self.view.device == device:
+            return self
+        values = {name: getattr(self, name).to(device) for name in _GEOMETRY_FIELDS}
+        return VisualGeometry(**values, num_crops=self.num_crops)
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The visual tokens of one image, in the order the model feeds them; (T,) long tensors, fields as in
+    :class:`VisualGeometry` with ``crop`` counted from this image's first crop."""
+
+    view: torch.Tensor
+    tile_row: torch.Tensor
+    tile_col: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    full_row: torch.Tensor
+    full_col: torch.Tensor
+    crop: torch.Tensor
+    crop_token: torch.Tensor
+    num_crops: int
+
+    def __len__(self) -> int:
+        return int(self.view.shape[0])
+
+
+def single_view(height: int, width: int, leading_cls: bool = False, newline: bool = False) -> ImageTokens:
+    """One crop's ``height`` x ``width`` patches in raster order (LLaVA-1.5, or an anyres image encoded without
+    tiles), optionally after a [CLS] token the projector keeps and followed by one line break (the anyres models
+    append one ``image_newline`` to an image encoded without tiles)."""
+    count = height * width
+    index = torch.arange(count)
+    row, col, token = index // width, index % width, index
+    if leading_cls:
+        row, col = torch.cat([torch.tensor([-1]), row]), torch.cat([torch.tensor([-1]), col])
+        token = torch.arange(count + 1)
+    length = len(token)
+    minus = torch.full((length,), -1)
+    parts = {
+        "view": torch.full((length,), BASE),
+        "tile_row": minus,
+        "tile_col": minus,
+        "row": row,
+        "col": col,
+        "full_row": minus,
+        "full_col": minus,
+        "crop": torch.zeros(length, dtype=torch.long),
+        "crop_token": token,
+    }
+    if newline:
+        parts = {name: torch.cat([value, torch.tensor([-1])]) for name, value in parts.items()}
+        parts["view"][-1] = NEWLINE
+        parts["full_row"][-1], parts["full_col"][-1] = height - 1, width
+    return ImageTokens(**parts, num_crops=1)
+
+
+def tiled_view(
+    patches: int,
+    tile_grid: tuple[int, int],
+    kept_rows: torch.Tensor,
+    kept_cols: torch.Tensor,
+    shrunk_to: tuple[int, int] | None = None,
+) -> ImageTokens:
+    """An anyres image: the base view's ``patches`` x ``patches`` grid, then the stitched tile grid row by row, each
+    row ending with a line break.
+
+    Args:
+        patches: patches per side of one view (the tower's image size over its patch size).
+        tile_grid: (rows, columns) of tiles.
+        kept_rows, kept_cols: the stitched grid's rows and columns that unpadding keeps (ascending).
+        shrunk_to: OneVision's (rows, columns) after down-scaling, when it shrinks the grid; each token then takes
+            its centre-aligned nearest source patch.
+    """
+    base = single_view(patches, patches)
+    tiles_down, tiles_across = tile_grid
+    rows, cols = kept_rows, kept_cols
+    if shrunk_to is not None:
+        rows = rows[_nearest_source(len(rows), shrunk_to[0])]
+        cols = cols[_nearest_source(len(cols), shrunk_to[1])]
+    height, width = len(rows), len(cols)
+    source_row = rows[:, None].expand(height, width)
+    source_col = cols[None, :].expand(height, width)
+    tile_row, tile_col = source_row // patches, source_col // patches
+    within_row, within_col = source_row % patches, source_col % patches
+    line = torch.arange(height)[:, None].expand(height, width)
+    column = torch.arange(width)[None, :].expand(height, width)
+
+    def with_breaks(grid: torch.Tensor, fill: torch.Tensor | int) -> torch.Tensor:
+        end = fill if isinstance(fill, torch.Tensor) else torch.full((height, 1), fill)
+        return torch.cat([grid, end.reshape(height, 1)], dim=1).reshape(-1)
+
+    tiles = {
+        "view": with_breaks(1 + tile_row * tiles_across + tile_col, NEWLINE),
+        "tile_row": with_breaks(tile_row, -1),
+        "tile_col": with_breaks(tile_col, -1),
+        "row": with_breaks(within_row, -1),
+        "col": with_breaks(within_col, -1),
+        "full_row": with_breaks(line, torch.arange(height)),
+        "full_col": with_breaks(column, width),
+        "crop": with_breaks(1 + tile_row * tiles_across + tile_col, -1),
+        "crop_token": with_breaks(within_row * patches + within_col, -1),
+    }
+    parts = {name: torch.cat([getattr(base, name), value]) for name, value in tiles.items()}
+    return ImageTokens(**parts, num_crops=1 + tiles_down * tiles_across)
+
+
+def _nearest_source(source: int, target: int) -> torch.Tensor:
+    """(target,) index of the source cell nearest to each target cell's centre when ``source`` cells are resampled to
+    ``target`` (the centre alignment of bilinear interpolation without ``align_corners``)."""
+    grid = torch.arange(source, dtype=torch.float32)[None, None, :]
+    picked = torch.nn.functional.interpolate(grid, size=target, mode="nearest-exact")
+    return picked[0, 0].long()
+
+
+def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], device: torch.device) -> VisualGeometry:
+    """The geometry of a batch whose samples hold ``per_sample`` visual tokens each (all equal), filled by
+    ``images`` in order, as the model scatters image features into the image tokens row by row.
+
+    Raises:
+        ValueError: the images' tokens do not add up to the samples' (the processor and the model disagree).
+    """
+    total = sum(len(image) for image in images)
+    if total != sum(per_sample):
+        raise ValueError(f"the images give {total} visual tokens, the prompts hold {sum(per_sample)}")
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in ("image", *_TOKEN_FIELDS)}
+    crop_offset, image_index, filled, sample = 0, 0, 0, 0
+    for image in images:
+        if filled == per_sample[sample]:
+            sample, filled, image_index = sample + 1, 0, 0
+        for name in _TOKEN_FIELDS:
+            value = getattr(image, name)
+            columns[name].append(torch.where(value >= 0, value + crop_offset, value) if name == "crop" else value)
+        columns["image"].append(torch.full((len(image),), image_index))
+        crop_offset += image.num_crops
+        filled += len(image)
+        image_index += 1
+    batch = len(per_sample)
+    tensors = {name: torch.cat(parts).view(batch, -1).to(device) for name, parts in columns.items()}
+    return VisualGeometry(**tensors, num_crops=crop_offset)
+
+
+_TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token")
+_GEOMETRY_FIELDS = ("image", *_TOKEN_FIELDS)
