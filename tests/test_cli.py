@@ -70,21 +70,23 @@ def random_choice(seed: int, num_visual: int, keep: int) -> list[int]:
 
 def parse_table(out: str) -> dict[str, tuple[str, str]]:
     lines = out.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["name", "stage", "positions", "reference"]
+    assert re.split(r"\s{2,}", lines[0]) == ["name", "stage", "positions", "families", "reference"]
     rows = {}
     for line in lines[1:]:
-        name, stage, positions, reference = re.split(r"\s{2,}", line, maxsplit=3)
+        name, stage, positions, families, reference = re.split(r"\s{2,}", line, maxsplit=4)
         rows[name] = (stage, reference)
         POSITIONS_COLUMN[name] = positions
+        FAMILIES_COLUMN[name] = families
     return rows
 
 
 POSITIONS_COLUMN: dict[str, str] = {}
+FAMILIES_COLUMN: dict[str, str] = {}
 
 
 def assert_aligned(table: str) -> None:
     lines = table.splitlines()
-    for pattern in (r"\S+ +", r"\S+ +\S+ +", r"\S+ +\S+ +\S+ +"):
+    for pattern in (r"\S+ +", r"\S+ +\S+ +", r"\S+ +\S+ +\S+ +", r"\S+ +\S+ +\S+ +\S+ +"):
         starts = {re.match(pattern, line).end() for line in lines}  # type: ignore[union-attr]
         assert len(starts) == 1, table
 
@@ -107,6 +109,8 @@ def test_methods_lists_every_method_with_its_stage(capsys: pytest.CaptureFixture
         assert stage == vlprune.pruners.stages_of(name) and stage.startswith(cls.stage.value)
         assert reference == cls.reference
         assert POSITIONS_COLUMN[name] == vlprune.pruners.create(name).reference_positions()
+        assert FAMILIES_COLUMN[name] == ",".join(vlprune.pruners.families_of(name))
+    assert FAMILIES_COLUMN["flowcut"] == "llava" and "llava-onevision" not in FAMILIES_COLUMN["visionzip"]
     # Columns line up: the stage and the reference columns start at the same offset on every line.
     assert_aligned(out)
 

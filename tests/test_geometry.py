@@ -141,6 +141,7 @@ def test_llava_geometry_is_one_square_grid_per_image() -> None:
     inputs = build_tiny_inputs(processor, [make_test_image(1), make_test_image(2)], ["What?", "Where is it?"])
     geometry = adapter_for(model).visual_geometry(dict(inputs), [64, 64], torch.device("cpu"))
     index = torch.arange(64)
-    assert torch.equal(geometry.row, (index // 8).expand(2, -1)) and torch.equal(geometry.col, (index % 8).expand(2, -1))
+    assert torch.equal(geometry.row, (index // 8).expand(2, -1))
+    assert torch.equal(geometry.col, (index % 8).expand(2, -1))
     assert torch.equal(geometry.crop, torch.tensor([[0], [1]]).expand(-1, 64))
     assert torch.equal(geometry.crop_token, index.expand(2, -1)) and bool(geometry.is_base.all())

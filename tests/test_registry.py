@@ -344,3 +344,16 @@ def test_the_readme_method_table_names_the_stages_the_code_runs() -> None:
         stages = vlprune.pruners.stages_of(name)
         assert rows[name].startswith(stages), f"README says {rows[name]!r} for {name}, the code runs {stages!r}"
     assert vlprune.pruners.stages_of("vflowopt") == "pre-LLM+in-LLM"
+
+
+def test_the_readme_family_table_matches_vlprune_methods() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(llava[\w-]*)` \| `\w+` \| [^|]+ \| ([^|]+) \|", readme, flags=re.MULTILINE)
+    assert [family for family, _ in rows] == list(vlprune.pruners.FAMILY_NAMES)
+    for family, listed in rows:
+        runs = {n for n in [*vlprune.pruners.available(), "var"] if family in vlprune.pruners.families_of(n)} - {"none"}
+        said = runs if listed.strip() == "every method" else set(re.findall(r"`([\w-]+)`", listed))
+        assert said == runs, family

@@ -356,14 +356,21 @@ def _methods() -> int:
     from vlprune.pruners.var import VAR
 
     rows = [
-        (name, pruners.stages_of(name), pruners.create(name).reference_positions(), pruners.get(name).reference)
+        (
+            name,
+            pruners.stages_of(name),
+            pruners.create(name).reference_positions(),
+            ",".join(pruners.families_of(name)),
+            pruners.get(name).reference,
+        )
         for name in pruners.available()
     ]
-    rows.append((VAR.name, Stage.ATTENTION.value, "-", f"{VAR.reference}; combine as METHOD+{VAR.name}"))
-    header = ("name", "stage", "positions", "reference")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    families = ",".join(pruners.families_of(VAR.name))
+    rows.append((VAR.name, Stage.ATTENTION.value, "-", families, f"{VAR.reference}; combine as METHOD+{VAR.name}"))
+    header = ("name", "stage", "positions", "families", "reference")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row[:3], widths, strict=True)) + f"  {row[3]}")
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row[:4], widths, strict=True)) + f"  {row[4]}")
     return 0
 
 

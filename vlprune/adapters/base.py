@@ -34,10 +34,13 @@ class ModelAdapter:
     Attributes:
         family: the family's name in messages and in ``vlprune methods`` ("llava", "llava-next", ...).
         multi_crop: whether the vision tower may encode several crops (base view and tiles) per image.
+        geometry_inputs: the keyword arguments of the base model's ``get_image_features`` that
+            :meth:`visual_geometry` reads (the engine records them each time images are encoded).
     """
 
     family: str
     multi_crop: bool = False
+    geometry_inputs: tuple[str, ...] = ()
     model: nn.Module
     config: Any
     base_model: nn.Module  # the module whose forward receives input_ids and runs vision + language model

@@ -23,6 +23,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava-next"
     multi_crop = True
+    geometry_inputs = ("image_sizes",)
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:
@@ -39,10 +40,10 @@ class LlavaNextAdapter(LlavaAdapter):
     def visual_geometry(
         self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
     ) -> VisualGeometry:
-        sizes = model_kwargs.get("image_sizes")
-        if sizes is None:
+        if model_kwargs.get("image_sizes") is None:
             raise VlpruneError(
-                f"{type(self.model).__name__} needs image_sizes with pixel_values; pass the processor's outputs whole"
+                f"the {self.family} model encoded no image_sizes for this prefill: pass pixel_values with the "
+                f"processor's image_sizes (image features computed before attaching vlprune cannot be placed)"
             )
         images = [self._image_tokens((int(h), int(w)), patched) for (h, w), patched in self._images(model_kwargs)]
         try:

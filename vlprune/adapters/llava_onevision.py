@@ -18,6 +18,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     pooled by another path that vlprune does not prune)."""
 
     family = "llava-onevision"
+    geometry_inputs = ("image_sizes", "batch_num_images")
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:

@@ -40,7 +40,9 @@ from vlprune.engine.plan_check import check_plan
 from vlprune.engine.redistribution import Redistribution
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
+from vlprune.engine.vision_bridge import VisionBridge
 from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
 from vlprune.kernels import attention_rows, gather_rows, gather_tokens, kernel_setting
 from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
@@ -83,6 +85,8 @@ class _Prefill:
 
     plan: list[StagePlan]
     layout: Layout
+    visual_counts: list[int]
+    image_inputs: dict[str, Any]  # what the call itself carries of the adapter's geometry inputs
     original_real: torch.Tensor
     original_counts: list[int]
     padded: bool
@@ -95,6 +99,7 @@ class _Prefill:
     stage_at: dict[int, StagePlan] = field(default_factory=dict)
     initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
     initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
+    geometry: VisualGeometry | None = None  # computed when a stage first needs it
 
 
 @dataclass
@@ -143,19 +148,11 @@ class PruningSession:
         # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
         probe = pruner.plan(num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
         check_plan(pruner.name, probe, num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
-        if any(stage.vision_cls_attention for stage in probe) and not self.adapter.vision_has_cls:
-            raise VlpruneError(
-                f"method {pruner.name!r} needs the vision tower's [CLS] token, and "
-                f"{self.adapter.config.vision_config.model_type} has none"
-            )
+        self._bridge = VisionBridge(self.adapter, pruner.name, probe)
         self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
         self._score_layers = sorted(
             {stage.layer - 1 for stage in probe if stage.query_rows is not None and not stage.own_layer_attention}
         )
-        self._needs_cls = any(stage.vision_cls_attention for stage in probe)
-        self._needs_keys = any(stage.vision_keys for stage in probe)
-        self._needs_map = any(stage.vision_attention for stage in probe)
-        self._needs_features = any(stage.vision_features for stage in probe)
         self._needs_initial = any(stage.initial_embeddings for stage in probe)
         self._vision_stages = VisionStages(self.adapter, pruner)
         modifier = getattr(pruner, "modifier", None)
@@ -166,11 +163,6 @@ class PruningSession:
         self._phase = Phase.IDLE
         self._prefill: _Prefill | None = None
         self._decode: _Decode | None = None
-        self._vision_cls: torch.Tensor | None = None
-        self._vision_keys: torch.Tensor | None = None
-        self._vision_features: torch.Tensor | None = None
-        self._vision_map: torch.Tensor | None = None
-        self._pixels: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[nn.Module] = []
         self._attach()
@@ -196,13 +188,9 @@ class PruningSession:
             watched: dict[nn.Module, observer.Observer] = {}
             for index in self._score_layers:
                 watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
-            if self._needs_cls or self._needs_keys or self._needs_map:
-                watched[self.adapter.vision_feature_attention()] = self._on_vision_attention
-            if self._needs_map:
-                tower = self.adapter.vision_tower
-                self._handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
-            if self._needs_features:
-                self._handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
+            if self._bridge.watches_feature_layer:
+                watched[self.adapter.vision_feature_attention()] = self._bridge.on_attention
+            self._handles.extend(self._bridge.install())
             if self._vision_stages.active:
                 handles, vision_watched = self._vision_stages.install()
                 self._handles.extend(handles)
@@ -267,7 +255,7 @@ class PruningSession:
         if self._redistribution is not None:
             self._redistribution.decoding = cache is not None and cache is self._redistribution.cache
         if visual is not None and visual.shape[1] > 1 and not _has_past(cache) and bool(visual.any()):
-            self._start_prefill(visual, attention_mask)
+            self._start_prefill(visual, attention_mask, kwargs)
         elif self._decode is not None and cache is not None and cache is self._decode.cache:
             self._start_decode_step(attention_mask, input_ids.shape[1] if input_ids is not None else 1)
 
@@ -285,7 +273,7 @@ class PruningSession:
 
     # ------------------------------------------------------------------ prefill
 
-    def _start_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _start_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, model_kwargs: dict) -> None:
         layout = initial_layout(visual, attention_mask)
         # One transfer for every count the prefill needs on the host (each .tolist() on a GPU is a synchronisation).
         counts, real_counts = torch.stack([visual.sum(1), layout.real.sum(1)]).tolist()
@@ -299,6 +287,10 @@ class PruningSession:
         self._prefill = _Prefill(
             plan=plan,
             layout=layout,
+            visual_counts=counts,
+            image_inputs={
+                name: model_kwargs[name] for name in self.adapter.geometry_inputs if model_kwargs.get(name) is not None
+            },
             original_real=layout.real,
             original_counts=real_counts,
             padded=any(count != visual.shape[1] for count in real_counts),
@@ -377,28 +369,30 @@ class PruningSession:
         if stage.query_rows is not None and stage.own_layer_attention:
             prefill.query_attention[stage.layer] = self._own_layer_rows(stage, hidden, layout)
         query = prefill.query_attention.pop(stage.layer, None)
+        bridge, origin, geometry = self._bridge, gather_tokens(layout.origin, slots), self._geometry()
         context = StageContext(
             layer=stage.layer,
             keep=stage.keep if stage.keep is not None else int(slots.shape[1]),
             visual_hidden=gather_tokens(hidden, slots),
             visual_positions=gather_tokens(layout.positions, slots),
-            visual_origin=gather_tokens(layout.origin, slots),
+            visual_origin=origin,
+            geometry=geometry.take(origin),
             query_attention=None if query is None else query.visual,
             query_mask=None if query is None else query.mask,
             query_positions=None if query is None else self._query_positions(stage, layout, device),
             query_row_attention=None if query is None else query.own,
             rotary=self._rotary_for(hidden) if stage.query_rows is not None else None,
-            vision_cls_attention=self._cls_scores(layout, slots) if stage.vision_cls_attention else None,
-            vision_features=self._vision_tokens(self._vision_features, layout, slots, "projector input")
+            vision_cls_attention=bridge.cls_scores(geometry, layout, slots) if stage.vision_cls_attention else None,
+            vision_features=bridge.tokens(bridge.features, geometry, layout, slots, "projector input")
             if stage.vision_features
             else None,
             projector=self.adapter.projector if stage.vision_features else None,
-            vision_keys=self._vision_tokens(self._vision_keys, layout, slots, "vision keys", with_cls=True)
+            vision_keys=bridge.tokens(bridge.keys, geometry, layout, slots, "vision keys", with_cls=True)
             if stage.vision_keys
             else None,
             vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
             **self._initial_embeddings(slots, stage.initial_embeddings),
-            **self._vision_map_inputs(hidden.shape[0], stage.vision_attention),
+            **bridge.map_inputs(hidden.shape[0], prefill.num_visual, stage.vision_attention),
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,
@@ -444,6 +438,16 @@ class PruningSession:
             )
         )
         return new_hidden
+
+    def _geometry(self) -> VisualGeometry:
+        """The prefill's visual-token geometry, from the call's arguments or, when ``generate`` encoded the images
+        before the call, from what the bridge recorded then."""
+        prefill = self._prefill
+        if prefill.geometry is None:
+            inputs = {**self._bridge.image_inputs, **prefill.image_inputs}
+            device = prefill.layout.is_visual.device
+            prefill.geometry = self.adapter.visual_geometry(inputs, prefill.visual_counts, device)
+        return prefill.geometry
 
     def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
         rows, _ = _query_rows(stage.query_rows, layout, device)
@@ -497,25 +501,6 @@ class PruningSession:
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
 
-    def _vision_map_inputs(self, batch: int, wanted: bool) -> dict[str, torch.Tensor]:
-        if not wanted:
-            return {}
-        attention, pixels = self._vision_map, self._pixels
-        if attention is None or pixels is None:
-            raise RuntimeError("the vision tower's attention map was not captured for this prefill")
-        if attention.shape[0] != batch:
-            raise VlpruneError(
-                f"{self.pruner.name} reads the vision attention map of one image per sample, got "
-                f"{attention.shape[0]} images for {batch} samples"
-            )
-        if self.adapter.vision_drops_cls:
-            attention = attention[:, 1:, 1:]
-        if attention.shape[1] != self._prefill.num_visual:
-            raise VlpruneError(
-                f"the vision attention map covers {attention.shape[1]} tokens, not {self._prefill.num_visual}"
-            )
-        return {"vision_attention": attention, "pixel_values": pixels}
-
     def _initial_embeddings(self, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:
             return {}
@@ -535,37 +520,8 @@ class PruningSession:
         rows, valid = _query_rows(QueryRows.TEXT, layout, hidden.device)
         return {"text_hidden": gather_tokens(hidden, rows), "text_mask": valid}
 
-    def _cls_scores(self, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
-        """(B, N) [CLS] attention of the current visual tokens (0 for recycled ones)."""
-        scores = None if self._vision_cls is None else self._vision_cls[..., None]
-        return self._vision_tokens(scores, layout, slots, "[CLS] attention", with_cls=True)[..., 0]
-
-    def _vision_tokens(
-        self, values: torch.Tensor | None, layout: Layout, slots: torch.Tensor, what: str, with_cls: bool = False
-    ) -> torch.Tensor:
-        """(B, N, F) per-token values the vision side produced, for the current visual tokens (0 for recycled ones).
-
-        ``values`` is (images, tokens, F) as the vision tower or the projector saw them; ``with_cls`` says the tokens
-        include the [CLS] token, which LLaVA drops before the projector when the strategy is "default".
-        """
-        if values is None:
-            raise RuntimeError(f"the {what} of the vision side was not captured for this prefill")
-        if with_cls and self.adapter.vision_drops_cls:
-            values = values[:, 1:]
-        batch = slots.shape[0]
-        expected = self._prefill.num_visual
-        if values.shape[0] * values.shape[1] != batch * expected:
-            raise VlpruneError(
-                f"the vision side produced {values.shape[0]} x {values.shape[1]} token {what} values for {batch} "
-                f"samples of {expected} visual tokens"
-            )
-        per_sample = values.reshape(batch, expected, values.shape[-1]).to(slots.device)
-        origin = gather_tokens(layout.origin.to(slots.device), slots)
-        picked = gather_tokens(per_sample, origin.clamp(min=0))
-        return picked.masked_fill((origin < 0)[..., None], 0.0)
-
     def _forget_vision(self) -> None:
-        self._vision_cls = self._vision_keys = self._vision_features = self._vision_map = self._pixels = None
+        self._bridge.forget()
         self._vision_stages.forget()
 
     def _vision_kept(self, batch: int) -> torch.Tensor | None:
@@ -648,34 +604,6 @@ class PruningSession:
                 query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
             )  # (B, R, L) or (B, H, R, L)
             prefill.query_attention[stage.layer] = _stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
-
-    def _on_vision_attention(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: Any,
-        scaling: float | None,
-    ) -> None:
-        # The vision tower may run before the language model's call (generate encodes images first), so what it
-        # produces is kept until the next prefill uses it, whatever the phase.
-        if self._needs_cls:
-            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)  # row 0 is [CLS]
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            self._vision_cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
-        if self._needs_keys:
-            self._vision_keys = key.float().mean(dim=1)  # (images, tokens, d)
-        if self._needs_map:
-            rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            self._vision_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (images, T, T)
-
-    def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._pixels = args[0] if args else kwargs.get("pixel_values")
-
-    def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
-        self._vision_features = args[0]
 
     # ------------------------------------------------------------------ decode
 

@@ -58,6 +58,11 @@ class VisionStages:
                 f"{pruner.name}: vision pruning layers {self.stage_layers} must lie in 0..{self.feature_layer - 1}, "
                 f"before the feature layer {self.feature_layer}"
             )
+        if self.stage_layers and adapter.multi_crop:
+            raise VlpruneError(
+                f"{pruner.name} prunes inside the vision tower image by image; {adapter.family} encodes a base view "
+                f"and tiles per image, and this method's multi-crop path is not implemented yet"
+            )
         self.has_cls = adapter.vision_has_cls
         if self.stage_layers and self.has_cls and not adapter.vision_drops_cls:
             raise VlpruneError(

@@ -95,6 +95,32 @@ def stages_of(name: str) -> str:
     return f"{cls.stage.value}+{Stage.IN_LLM.value}" if later else cls.stage.value
 
 
+FAMILY_NAMES = ("llava", "llava-next", "llava-onevision")
+"""The model families vlprune runs on (see :mod:`vlprune.adapters`)."""
+
+
+def families_of(name: str) -> list[str]:
+    """The families the method ``name`` runs on with its defaults: a method pruning inside the vision tower or reading
+    its attention map image by image has no multi-crop path yet (LLaVA-NeXT, OneVision), and one reading the [CLS]
+    token's attention cannot run on OneVision's SigLIP tower, which has none."""
+    from vlprune.pruners.base import PROBE_TOKENS
+    from vlprune.pruners.var import VAR
+
+    if name == VAR.name:
+        return list(FAMILY_NAMES)
+    cls = get(name)
+    pruner = cls() if cls.name == "none" else cls(keep=0.25)
+    plan = pruner.plan(PROBE_TOKENS, _LISTING_LAYERS)
+    per_image = type(pruner).vision_layers is not Pruner.vision_layers or any(s.vision_attention for s in plan)
+    needs_cls = any(stage.vision_cls_attention for stage in plan)
+    families = ["llava"]
+    if not per_image:
+        families.append("llava-next")
+        if not needs_cls:
+            families.append("llava-onevision")
+    return families
+
+
 def _options_of(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 

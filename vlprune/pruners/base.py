@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
 
 
 class Stage(enum.StrEnum):
@@ -93,6 +94,8 @@ class StageContext:
         visual_positions: (B, N) RoPE positions of those tokens.
         visual_origin: (B, N) index of each token among the original visual tokens of its sample (0..N0-1), -1 for a
             recycled token.
+        geometry: where each of the N tokens came from (image, base view, tile or ``image_newline`` line break, grid
+            places, crop and patch; -1 in every field for recycled tokens); see :mod:`vlprune.geometry`.
         query_attention: (B, R, N) softmax attention of the requested query rows to the visual tokens at layer
             ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads
             ((B, H, R, N) per head with ``per_head_attention``), or None.
@@ -133,6 +136,7 @@ class StageContext:
     visual_hidden: torch.Tensor
     visual_positions: torch.Tensor
     visual_origin: torch.Tensor
+    geometry: VisualGeometry | None = None
     query_attention: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None

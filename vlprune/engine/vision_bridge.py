@@ -1,0 +1,196 @@
+"""The vision bridge: what the vision tower and the projector produce during a prefill, mapped onto the visual tokens
+of the language model's prompt.
+
+The tower runs on crops (one per image for LLaVA-1.5; the base view and the tiles for the anyres families), and its
+per-crop values ([CLS] attention, keys, projector inputs, the attention map) are captured by hooks and the attention
+observer. A stage needs them per visual token: :class:`VisionBridge` picks each token's crop and patch from the
+prefill's :class:`~vlprune.geometry.VisualGeometry` (line breaks and recycled tokens get zeros).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlprune.adapters import ModelAdapter
+from vlprune.engine.layout import Layout
+from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
+from vlprune.kernels import attention_rows, gather_tokens
+from vlprune.pruners.base import StagePlan
+
+
+class VisionBridge:
+    """Captures the vision side's outputs for the next prefill and hands them to stages per visual token."""
+
+    def __init__(self, adapter: ModelAdapter, pruner_name: str, plan: list[StagePlan]) -> None:
+        self.adapter = adapter
+        self.pruner_name = pruner_name
+        self.needs_cls = any(stage.vision_cls_attention for stage in plan)
+        self.needs_keys = any(stage.vision_keys for stage in plan)
+        self.needs_map = any(stage.vision_attention for stage in plan)
+        self.needs_features = any(stage.vision_features for stage in plan)
+        if self.needs_cls and not adapter.vision_has_cls:
+            raise VlpruneError(
+                f"method {pruner_name!r} needs the vision tower's [CLS] token, and "
+                f"{adapter.config.vision_config.model_type} has none"
+            )
+        if self.needs_map and adapter.multi_crop:
+            raise VlpruneError(
+                f"{pruner_name} reads one vision attention map per image; {adapter.family} encodes a base view and "
+                f"tiles per image, and this method's multi-crop path is not implemented yet"
+            )
+        self.cls: torch.Tensor | None = None  # (crops, T) [CLS] attention over the tower's tokens
+        self.keys: torch.Tensor | None = None  # (crops, T, d) head-mean keys
+        self.features: torch.Tensor | None = None  # (crops, T', F) projector input
+        self.attention_map: torch.Tensor | None = None  # (crops, T, T)
+        self.pixels: torch.Tensor | None = None
+        self.image_inputs: dict[str, Any] = {}  # what the adapter's geometry reads, from the last image encoding
+
+    @property
+    def watches_feature_layer(self) -> bool:
+        return self.needs_cls or self.needs_keys or self.needs_map
+
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register the tower and projector hooks; the caller observes the feature layer's attention (see
+        :meth:`on_attention`) when :attr:`watches_feature_layer`."""
+        handles: list[Any] = []
+        if self.adapter.geometry_inputs:
+            handles.append(_record_image_inputs(self.adapter, self.image_inputs))
+        if self.needs_map:
+            tower = self.adapter.vision_tower
+            handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
+        if self.needs_features:
+            handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
+        return handles
+
+    def forget(self) -> None:
+        self.cls = self.keys = self.features = self.attention_map = self.pixels = None
+        self.image_inputs.clear()
+
+    # ------------------------------------------------------------------ capture
+
+    def on_attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        scaling: float | None,
+    ) -> None:
+        # The vision tower may run before the language model's call (generate encodes images first), so what it
+        # produces is kept until the next prefill uses it, whatever the phase.
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if self.needs_cls:
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)  # row 0 is [CLS]
+            self.cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
+        if self.needs_keys:
+            self.keys = key.float().mean(dim=1)  # (crops, tokens, d)
+        if self.needs_map:
+            rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
+            self.attention_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (crops, T, T)
+
+    def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.pixels = args[0] if args else kwargs.get("pixel_values")
+
+    def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
+        self.features = args[0]
+
+    # ------------------------------------------------------------------ per visual token
+
+    def cls_scores(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N) [CLS] attention of the current visual tokens (0 for line breaks and recycled tokens)."""
+        scores = None if self.cls is None else self.cls[..., None]
+        return self.tokens(scores, geometry, layout, slots, "[CLS] attention", with_cls=True)[..., 0]
+
+    def tokens(
+        self,
+        values: torch.Tensor | None,
+        geometry: VisualGeometry,
+        layout: Layout,
+        slots: torch.Tensor,
+        what: str,
+        with_cls: bool = False,
+    ) -> torch.Tensor:
+        """(B, N, F) per-token values the vision side produced, for the current visual tokens (0 for line breaks
+        and recycled tokens).
+
+        ``values`` is (crops, tokens, F) as the vision tower or the projector saw them; ``with_cls`` says the tokens
+        include the [CLS] token, which LLaVA drops before the projector when the strategy is "default".
+        """
+        if values is None:
+            raise RuntimeError(f"the {what} of the vision side was not captured for this prefill")
+        if with_cls and self.adapter.vision_drops_cls:
+            values = values[:, 1:]
+        crops, per_crop = values.shape[:2]
+        if crops != geometry.num_crops:
+            raise VlpruneError(
+                f"the vision side produced {what} values for {crops} crops; the prompts' images have "
+                f"{geometry.num_crops}"
+            )
+        device = slots.device
+        geometry = geometry.to(device)
+        has_source = (geometry.crop >= 0) & (geometry.crop_token >= 0)
+        flat = geometry.crop.clamp(min=0) * per_crop + geometry.crop_token.clamp(min=0)  # (B, N0)
+        per_token = values.reshape(crops * per_crop, values.shape[-1]).to(device)[flat]  # (B, N0, F)
+        per_token = per_token.masked_fill(~has_source[..., None], 0.0)
+        origin = gather_tokens(layout.origin.to(device), slots)
+        picked = gather_tokens(per_token, origin.clamp(min=0))
+        return picked.masked_fill((origin < 0)[..., None], 0.0)
+
+    def map_inputs(self, batch: int, num_visual: int, wanted: bool) -> dict[str, torch.Tensor]:
+        """The attention map among the original visual tokens and the pixels, for pruners that read one square
+        map per sample (PTP, VFlowOpt)."""
+        if not wanted:
+            return {}
+        attention, pixels = self.attention_map, self.pixels
+        if attention is None or pixels is None:
+            raise RuntimeError("the vision tower's attention map was not captured for this prefill")
+        if attention.shape[0] != batch:
+            raise VlpruneError(
+                f"{self.pruner_name} reads the vision attention map of one image per sample, got "
+                f"{attention.shape[0]} crops for {batch} samples ({self.adapter.family} encodes a base view and "
+                f"tiles per image; this method's multi-crop path is not implemented yet)"
+            )
+        if self.adapter.vision_drops_cls:
+            attention = attention[:, 1:, 1:]
+        if attention.shape[1] != num_visual:
+            raise VlpruneError(f"the vision attention map covers {attention.shape[1]} tokens, not {num_visual}")
+        return {"vision_attention": attention, "pixel_values": pixels}
+
+
+class _Restore:
+    """A hook handle for an instance attribute this session set: ``remove`` deletes it, so the class's method shows
+    through again."""
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        if self.name in vars(self.owner):
+            delattr(self.owner, self.name)
+
+
+def _record_image_inputs(adapter: ModelAdapter, record: dict[str, Any]) -> _Restore:
+    """Record the keyword arguments the geometry reads (``image_sizes``, ...) each time the base model encodes
+    images. ``generate`` encodes them before the language model's call and passes only the features to it, so the
+    call itself no longer carries them; the wrapper is an attribute of this model instance only, and detaching
+    removes it."""
+    owner = adapter.base_model
+    encode = owner.get_image_features  # the bound method of the model's class
+    names = adapter.geometry_inputs
+
+    @functools.wraps(encode)
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(encode).bind_partial(*args, **kwargs)
+        record.clear()
+        record.update({name: bound.arguments[name] for name in names if bound.arguments.get(name) is not None})
+        return encode(*args, **kwargs)
+
+    owner.get_image_features = get_image_features
+    return _Restore(owner, "get_image_features")
