@@ -12,6 +12,7 @@ from test_engine import greedy, greedy_under_mask, hook_count
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import vlprune
+import vlprune.adapters
 from vlprune.errors import VlpruneError
 from vlprune.pruners import available_methods, create, families_of
 from vlprune.testing import build_tiny_inputs, make_test_image
@@ -148,3 +149,30 @@ def test_every_method_runs_or_refuses_with_its_reason(family: str) -> None:
         assert family in message or "[CLS]" in message, (method, message)
     assert {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "zoo-prune", "adaptinfer"} <= set(ran)
     assert len(ran) >= 8 if family == "llava-next" else len(ran) >= 7
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_count_tokens_per_view(family: str) -> None:
+    model, processor = anyres_model(family)
+    inputs = anyres_inputs(processor, 2)
+    with vlprune.attach(model, create("divprune", keep=0.25)) as session:
+        greedy(model, inputs, new_tokens=1)
+    stats = session.stats
+    geometry = vlprune.adapters.adapter_for(model).visual_geometry(
+        {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs},
+        [stats.visual_tokens] * 2,
+        torch.device("cpu"),
+    )
+    for sample in range(2):
+        view = geometry.view[sample]
+        expected = {
+            "base": int((view == 0).sum()),
+            "tiles": int((view > 0).sum()),
+            "newlines": int((view == -1).sum()),
+            "recycled": 0,
+        }
+        assert stats.visual_views[sample] == expected and expected["newlines"] > 0
+        kept = torch.tensor(stats.stages[0].kept_indices[sample])
+        out = stats.stages[0].views_out[sample]
+        assert out["base"] == int((view[kept] == 0).sum()) and out["newlines"] == int((view[kept] == -1).sum())
+        assert sum(out.values()) == stats.stages[0].visual_out

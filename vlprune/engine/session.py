@@ -42,7 +42,7 @@ from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.engine.vision_bridge import VisionBridge
 from vlprune.errors import VlpruneError
-from vlprune.geometry import VisualGeometry
+from vlprune.geometry import BASE, NEWLINE, VisualGeometry
 from vlprune.kernels import attention_rows, gather_rows, gather_tokens, kernel_setting
 from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
@@ -100,6 +100,7 @@ class _Prefill:
     initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
     initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
     geometry: VisualGeometry | None = None  # computed when a stage first needs it
+    host_views: list[list[int]] | None = None  # geometry.view on the host, for the statistics
 
 
 @dataclass
@@ -427,14 +428,15 @@ class PruningSession:
                 real_counts=real_counts,
             )
         )
-        kept_origin = gather_tokens(context.visual_origin, keep_index)
+        kept_origin = gather_tokens(context.visual_origin, keep_index).tolist()
         prefill.stage_stats.append(
             StageStats(
                 layer=stage.layer,
                 visual_in=context.num_visual,
                 visual_out=kept + num_recycled,
                 recycled=num_recycled,
-                kept_indices=[[i for i in row if i >= 0] for row in kept_origin.tolist()],
+                kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
+                views_out=self._view_counts(kept_origin, num_recycled),
             )
         )
         return new_hidden
@@ -445,9 +447,28 @@ class PruningSession:
         prefill = self._prefill
         if prefill.geometry is None:
             inputs = {**self._bridge.image_inputs, **prefill.image_inputs}
-            device = prefill.layout.is_visual.device
-            prefill.geometry = self.adapter.visual_geometry(inputs, prefill.visual_counts, device)
+            on_host = self.adapter.visual_geometry(inputs, prefill.visual_counts, torch.device("cpu"))
+            prefill.host_views = on_host.view.tolist()
+            prefill.geometry = on_host.to(prefill.layout.is_visual.device)
         return prefill.geometry
+
+    def _view_counts(self, origins: list[list[int]], recycled: int) -> list[dict[str, int]]:
+        """Per sample, how many of the tokens ``origins`` (original indices, -1 for recycled ones) are base-view,
+        tile and line-break tokens, and how many are recycled (plus ``recycled`` new ones)."""
+        self._geometry()
+        views = self._prefill.host_views
+        counts = []
+        for sample, row in enumerate(origins):
+            kinds = [views[sample][i] if i >= 0 else None for i in row]
+            counts.append(
+                {
+                    "base": sum(kind == BASE for kind in kinds),
+                    "tiles": sum(kind is not None and kind > BASE for kind in kinds),
+                    "newlines": sum(kind == NEWLINE for kind in kinds),
+                    "recycled": sum(kind is None for kind in kinds) + recycled,
+                }
+            )
+        return counts
 
     def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
         rows, _ = _query_rows(stage.query_rows, layout, device)
@@ -557,6 +578,7 @@ class PruningSession:
         stats = PrefillStats(
             batch_size=batch,
             visual_tokens=prefill.num_visual,
+            visual_views=self._view_counts([list(range(prefill.num_visual))] * batch, 0),
             stages=prefill.stage_stats,
             visual_tokens_per_layer=visual_per_layer,
             equivalent_visual_tokens=sum(visual_per_layer) / len(visual_per_layer),

@@ -19,6 +19,8 @@ class StageStats:
         recycled: merged tokens the pruner added.
         kept_indices: per sample, the original indices (0..N0-1) of the visual tokens kept, ascending (in the
             pruner's order when it orders them and positions are re-indexed: see ``Selection.ordered``).
+        views_out: per sample, the tokens leaving the stage by view: ``base`` (the base view; LLaVA-1.5's only
+            one), ``tiles``, ``newlines`` (LLaVA-NeXT's ``image_newline`` line breaks) and ``recycled``.
     """
 
     layer: int
@@ -26,6 +28,7 @@ class StageStats:
     visual_out: int
     recycled: int
     kept_indices: list[list[int]]
+    views_out: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class PrefillStats:
 
     batch_size: int
     visual_tokens: int
+    visual_views: list[dict[str, int]] = field(default_factory=list)  # per sample, the prompt's tokens by view
     stages: list[StageStats] = field(default_factory=list)
     visual_tokens_per_layer: list[int] = field(default_factory=list)
     equivalent_visual_tokens: float = 0.0
