@@ -176,3 +176,52 @@ def test_statistics_count_tokens_per_view(family: str) -> None:
         out = stats.stages[0].views_out[sample]
         assert out["base"] == int((view[kept] == 0).sum()) and out["newlines"] == int((view[kept] == -1).sum())
         assert sum(out.values()) == stats.stages[0].visual_out
+
+
+RAGGED_CASES = [
+    ("fastv", {"keep": 0.25}),
+    ("random", {"keep": 0.3}),
+    ("divprune", {"keep": 0.25}),
+    ("sparsevlm", {"keep": 0.3}),  # three stages with recycling
+    ("pyramiddrop", {"keep": 0.3}),
+    ("visionzip", {"keep": 0.25}),  # recycling at layer 0
+    ("random", {"keep": 30, "layer": 2}),  # a count per sample
+]
+
+
+@pytest.mark.parametrize("method,options", RAGGED_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_ragged_batch_equals_its_samples_alone(family: str, method: str, options: dict) -> None:
+    """Images of different aspect ratios give different numbers of visual tokens per sample; each sample keeps its
+    own share (or count) and computes what it computes alone."""
+    model, processor = anyres_model(family)
+    if method == "visionzip" and family == "llava-onevision":
+        pytest.skip("SigLIP has no [CLS] token for VisionZip")
+    images = [make_test_image(1, 96).resize((40, 20)), make_test_image(2, 96).resize((30, 60))]
+    batch = build_tiny_inputs(processor, images, list(QUESTIONS))
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts[0] != counts[1]
+    with vlprune.attach(model, create(method, **options)) as session:
+        tokens, logits = greedy(model, batch)
+        together = session.stats
+        for index in range(2):
+            single_tokens, single_logits = greedy(
+                model, build_tiny_inputs(processor, [images[index]], [QUESTIONS[index]])
+            )
+            alone = session.stats
+            assert torch.equal(single_tokens[0], tokens[index])
+            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
+            for stage, single in zip(together.stages, alone.stages, strict=True):
+                assert stage.kept_indices[index] == single.kept_indices[0]
+                assert stage.visual_out_per_sample[index] == single.visual_out
+    assert together.visual_tokens_per_sample == counts
+    first = together.stages[0].visual_out_per_sample
+    assert first[0] != first[1] or (method == "random" and "layer" in options)
+
+
+def test_a_count_larger_than_a_samples_tokens_names_the_sample() -> None:
+    model, processor = anyres_model("llava-next")
+    images = [make_test_image(1, 96).resize((40, 20)), make_test_image(2, 96).resize((30, 60))]
+    batch = build_tiny_inputs(processor, images, list(QUESTIONS))
+    with vlprune.attach(model, create("random", keep=158)), pytest.raises(VlpruneError, match="154 visual tokens"):
+        greedy(model, batch, new_tokens=1)

@@ -20,6 +20,9 @@ import torch
 NEWLINE = -1
 """``view`` of an ``image_newline`` token."""
 
+PADDING = -2
+"""``view`` of the entries that fill a sample with fewer visual tokens to the width of a ragged batch."""
+
 BASE = 0
 """``view`` of the base view (the whole image resized to the tower's input); tiles are 1, 2, ... row by row."""
 
@@ -199,8 +202,8 @@ def _nearest_source(source: int, target: int) -> torch.Tensor:
 
 
 def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], device: torch.device) -> VisualGeometry:
-    """The geometry of a batch whose samples hold ``per_sample`` visual tokens each (all equal), filled by
-    ``images`` in order, as the model scatters image features into the image tokens row by row.
+    """The geometry of a batch whose samples hold ``per_sample`` visual tokens each, filled by ``images`` in order,
+    as the model scatters image features into the image tokens row by row; (B, max(per_sample)) fields.
 
     Raises:
         ValueError: the images' tokens do not add up to the samples' (the processor and the model disagree).
@@ -220,8 +223,16 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
         crop_offset += image.num_crops
         filled += len(image)
         image_index += 1
-    batch = len(per_sample)
-    tensors = {name: torch.cat(parts).view(batch, -1).to(device) for name, parts in columns.items()}
+    width = max(per_sample)
+    tensors = {}
+    for name, parts in columns.items():
+        # A sample with fewer tokens than the batch's largest (a ragged batch) is filled to the width; no token of
+        # the sample points there (its view says PADDING).
+        samples = torch.cat(parts).split(list(per_sample))
+        fill = PADDING if name == "view" else -1
+        tensors[name] = torch.stack(
+            [torch.cat([row, torch.full((width - len(row),), fill, dtype=torch.long)]) for row in samples]
+        ).to(device)
     return VisualGeometry(**tensors, num_crops=crop_offset)
 
 

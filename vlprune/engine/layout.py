@@ -43,9 +43,10 @@ class Layout:
 
     @property
     def visual_slots(self) -> torch.Tensor:
-        """(B, N) slot indices of the visual tokens, ascending (computed once: ``nonzero`` synchronises a GPU)."""
+        """(B, N) slot indices of the visual tokens, ascending; in a ragged batch N is the largest sample's count and
+        a sample with fewer repeats its last one (computed once: finding them synchronises a GPU)."""
         if self._visual_slots is None:
-            self._visual_slots = self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
+            self._visual_slots, _ = padded_visual_slots(self.is_visual)
         return self._visual_slots
 
     @property
@@ -78,6 +79,19 @@ class Layout:
             positions=self.positions.to(device),
             position_embeddings=None if embeddings is None else (embeddings[0].to(device), embeddings[1].to(device)),
         )
+
+
+def padded_visual_slots(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Nmax) slot indices of each sample's visual tokens, ascending, and (B, Nmax) validity; a sample with fewer
+    tokens repeats its last one (so gathers stay in range). One device read (the largest count)."""
+    length = is_visual.shape[1]
+    columns = torch.arange(length, device=is_visual.device).expand_as(is_visual)
+    ranked = torch.where(is_visual, columns, columns + length).sort(dim=1).values
+    width = int(is_visual.sum(dim=1).max())
+    ranked = ranked[:, :width]
+    valid = ranked < length
+    last = torch.gather(ranked, 1, (valid.sum(dim=1, keepdim=True) - 1).clamp(min=0))
+    return torch.where(valid, ranked, last), valid
 
 
 def initial_layout(visual_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> Layout:

@@ -37,6 +37,7 @@ from vlprune.engine.layout import (
     reindexed,
 )
 from vlprune.engine.plan_check import check_plan
+from vlprune.engine.ragged import ragged_order, sample_context, stacked_recycled
 from vlprune.engine.redistribution import Redistribution
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
@@ -85,7 +86,9 @@ class _Prefill:
 
     plan: list[StagePlan]
     layout: Layout
-    visual_counts: list[int]
+    visual_counts: list[int]  # per sample, visual tokens of the prompt
+    current_counts: list[int]  # per sample, visual tokens now (they differ after a stage of a ragged batch)
+    sample_plans: list[list[StagePlan]]  # per sample, its plan for its own count
     image_inputs: dict[str, Any]  # what the call itself carries of the adapter's geometry inputs
     original_real: torch.Tensor
     original_counts: list[int]
@@ -278,24 +281,21 @@ class PruningSession:
         layout = initial_layout(visual, attention_mask)
         # One transfer for every count the prefill needs on the host (each .tolist() on a GPU is a synchronisation).
         counts, real_counts = torch.stack([visual.sum(1), layout.real.sum(1)]).tolist()
-        if any(count != counts[0] for count in counts):
-            raise VlpruneError(f"samples of a batch must have the same number of visual tokens, got {counts}")
-        num_visual = counts[0]
-        plan = self.pruner.plan(num_visual, self.shape.num_layers)
-        check_plan(self.pruner.name, plan, num_visual, self.shape.num_layers)
-        if plan and plan[0].layer < self._first_stage_layer:
-            raise RuntimeError(f"{self.pruner.name}: the plan's layers changed with the number of visual tokens")
+        plans = self._sample_plans(counts)
+        plan = plans[0]
         self._prefill = _Prefill(
             plan=plan,
             layout=layout,
             visual_counts=counts,
+            current_counts=list(counts),
+            sample_plans=plans,
             image_inputs={
                 name: model_kwargs[name] for name in self.adapter.geometry_inputs if model_kwargs.get(name) is not None
             },
             original_real=layout.real,
             original_counts=real_counts,
             padded=any(count != visual.shape[1] for count in real_counts),
-            num_visual=num_visual,
+            num_visual=max(counts),
             stage_at={stage.layer: stage for stage in plan},
             started=_now(visual.device),
             segments=[],
@@ -304,6 +304,28 @@ class PruningSession:
         )
         self._decode = None
         self._phase = Phase.PREFILL
+
+    def _sample_plans(self, counts: list[int]) -> list[list[StagePlan]]:
+        """Each sample's plan for its own visual-token count (one plan per distinct count): a budget is per sample,
+        so the samples of a ragged batch keep their own numbers of tokens, at the same layers."""
+        plans: dict[int, list[StagePlan]] = {}
+        for count in sorted(set(counts)):
+            plan = self.pruner.plan(count, self.shape.num_layers)
+            where = "" if len(set(counts)) == 1 else f" (a sample of this batch has {count} visual tokens)"
+            try:
+                check_plan(self.pruner.name, plan, count, self.shape.num_layers)
+            except VlpruneError as error:
+                raise VlpruneError(f"{error}{where}") from None
+            if plan and plan[0].layer < self._first_stage_layer:
+                raise RuntimeError(f"{self.pruner.name}: the plan's layers changed with the number of visual tokens")
+            plans[count] = plan
+        layers = {tuple(stage.layer for stage in plan) for plan in plans.values()}
+        if len(layers) > 1:
+            raise VlpruneError(
+                f"{self.pruner.name} prunes at layers {sorted(layers)} for the samples' visual-token counts "
+                f"{sorted(plans)}; one batch needs the same layers for every sample: batch images of one size"
+            )
+        return [plans[count] for count in counts]
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -400,6 +422,8 @@ class PruningSession:
         )
         if stage.query_rows is not None and query is None:
             raise RuntimeError(f"no attention rows were captured at layer {stage.layer - 1}")
+        if len(set(prefill.current_counts)) > 1 or len(set(prefill.visual_counts)) > 1:
+            return self._run_ragged_stage(stage, hidden, context, slots)
         selection = self.pruner.select(context)
         keep_index = _checked_keep_index(
             selection,
@@ -429,6 +453,7 @@ class PruningSession:
             )
         )
         kept_origin = gather_tokens(context.visual_origin, keep_index).tolist()
+        prefill.current_counts = [kept + num_recycled] * len(real_counts)
         prefill.stage_stats.append(
             StageStats(
                 layer=stage.layer,
@@ -437,8 +462,76 @@ class PruningSession:
                 recycled=num_recycled,
                 kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
                 views_out=self._view_counts(kept_origin, num_recycled),
+                visual_in_per_sample=[context.num_visual] * len(real_counts),
+                visual_out_per_sample=list(prefill.current_counts),
             )
         )
+        return new_hidden
+
+    def _run_ragged_stage(
+        self, stage: StagePlan, hidden: torch.Tensor, context: StageContext, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """A stage of a batch whose samples hold different numbers of visual tokens: the pruner runs on each sample
+        alone (see :mod:`vlprune.engine.ragged`), and the shorter samples of the next sequence are left-filled."""
+        prefill = self._prefill
+        layout, device = prefill.layout, hidden.device
+        stage_index = len(prefill.stage_stats)
+        keep_order = self.positions == "reindex"
+        kept_slots, kept_origin, selections = [], [], []
+        for sample, (count, original) in enumerate(zip(prefill.current_counts, prefill.visual_counts, strict=True)):
+            budget = prefill.sample_plans[sample][stage_index].keep
+            alone = sample_context(context, sample, count, original, budget if budget is not None else count)
+            selection = self.pruner.select(alone)
+            index = _checked_keep_index(
+                selection, alone, fixed=budget is not None, keep_order=selection.ordered and keep_order
+            )[0]
+            kept_slots.append(slots[sample, index])
+            kept_origin.append(alone.visual_origin[0, index].tolist())
+            selections.append(selection)
+        merged = [s for s in selections if s.kept_hidden is not None]
+        if merged:  # in-place merges replace the kept tokens' states before the gather
+            hidden = hidden.clone()
+            for sample, selection in enumerate(selections):
+                if selection.kept_hidden is not None:
+                    hidden[sample, kept_slots[sample]] = selection.kept_hidden[0].to(hidden.dtype)
+        recycled = stacked_recycled(selections, hidden.shape[-1], hidden)
+        recycled_counts = [0 if s.recycled is None else s.recycled.hidden.shape[1] for s in selections]
+        order, filler = ragged_order(layout.is_visual, kept_slots, recycled_counts)
+        new_hidden, new_layout = self._compact(
+            layout, hidden, order, slots, Selection(keep_index=slots, recycled=recycled), filler=filler
+        )
+        prefill.layout = new_layout
+        prefill.padded = prefill.padded or bool(filler.any())
+        prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
+        out = [len(kept) + extra for kept, extra in zip(kept_slots, recycled_counts, strict=True)]
+        removed = [count - now for count, now in zip(prefill.current_counts, out, strict=True)]
+        previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
+        real_counts = [count - gone for count, gone in zip(previous_counts, removed, strict=True)]
+        shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
+        prefill.segments.append(
+            Segment(
+                first_layer=stage.layer,
+                real=new_layout.real,
+                position_shift=torch.tensor(shift if self.positions == "reindex" else [0] * len(shift), device=device),
+                real_counts=real_counts,
+            )
+        )
+        prefill.stage_stats.append(
+            StageStats(
+                layer=stage.layer,
+                visual_in=max(prefill.current_counts),
+                visual_out=max(out),
+                recycled=max(recycled_counts),
+                kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
+                views_out=[
+                    self._sample_view_counts(sample, row, extra)
+                    for sample, (row, extra) in enumerate(zip(kept_origin, recycled_counts, strict=True))
+                ],
+                visual_in_per_sample=list(prefill.current_counts),
+                visual_out_per_sample=out,
+            )
+        )
+        prefill.current_counts = out
         return new_hidden
 
     def _geometry(self) -> VisualGeometry:
@@ -455,20 +548,18 @@ class PruningSession:
     def _view_counts(self, origins: list[list[int]], recycled: int) -> list[dict[str, int]]:
         """Per sample, how many of the tokens ``origins`` (original indices, -1 for recycled ones) are base-view,
         tile and line-break tokens, and how many are recycled (plus ``recycled`` new ones)."""
+        return [self._sample_view_counts(sample, row, recycled) for sample, row in enumerate(origins)]
+
+    def _sample_view_counts(self, sample: int, origins: list[int], recycled: int) -> dict[str, int]:
         self._geometry()
-        views = self._prefill.host_views
-        counts = []
-        for sample, row in enumerate(origins):
-            kinds = [views[sample][i] if i >= 0 else None for i in row]
-            counts.append(
-                {
-                    "base": sum(kind == BASE for kind in kinds),
-                    "tiles": sum(kind is not None and kind > BASE for kind in kinds),
-                    "newlines": sum(kind == NEWLINE for kind in kinds),
-                    "recycled": sum(kind is None for kind in kinds) + recycled,
-                }
-            )
-        return counts
+        views = self._prefill.host_views[sample]
+        kinds = [views[i] if i >= 0 else None for i in origins]
+        return {
+            "base": sum(kind == BASE for kind in kinds),
+            "tiles": sum(kind is not None and kind > BASE for kind in kinds),
+            "newlines": sum(kind == NEWLINE for kind in kinds),
+            "recycled": sum(kind is None for kind in kinds) + recycled,
+        }
 
     def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
         rows, _ = _query_rows(stage.query_rows, layout, device)
@@ -494,10 +585,17 @@ class PruningSession:
         return _stage_rows(stage, probabilities, layout, rows, row_mask)
 
     def _compact(
-        self, layout: Layout, hidden: torch.Tensor, order: torch.Tensor, kept_slots: torch.Tensor, selection: Selection
+        self,
+        layout: Layout,
+        hidden: torch.Tensor,
+        order: torch.Tensor,
+        kept_slots: torch.Tensor,
+        selection: Selection,
+        filler: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Layout]:
         """The hidden states and layout after a stage: hidden states, position ids and (with original positions) RoPE
-        cos/sin gathered in one fused call, recycled tokens read from their own tensors instead of concatenated."""
+        cos/sin gathered in one fused call, recycled tokens read from their own tensors instead of concatenated.
+        ``filler`` (B, L'): slots that left-fill the shorter samples of a ragged batch, made padding."""
         recycled = selection.recycled
         if selection.kept_hidden is not None:  # in-place merges replace the kept tokens' states before the gather
             hidden = hidden.scatter(
@@ -514,6 +612,13 @@ class PruningSession:
         gathered = gather_rows(order, sources, extras)
         new_hidden, positions = gathered[0], gathered[1]
         new_layout = apply_order(layout, order, recycled_positions, positions=positions)
+        if filler is not None:
+            new_layout = replace(
+                new_layout,
+                real=new_layout.real & ~filler,
+                is_visual=new_layout.is_visual & ~filler,
+                origin=new_layout.origin.masked_fill(filler, -1),
+            )
         if gathers_rope:
             return new_hidden, replace(new_layout, position_embeddings=(gathered[2], gathered[3]))
         new_layout = reindexed(new_layout)
@@ -568,17 +673,18 @@ class PruningSession:
         for segment_index in segment_of_layer:
             if segment_index is None:
                 real_per_layer.append(prefill.original_counts)
-                visual_per_layer.append(prefill.num_visual)
+                visual_per_layer.append(_sample_mean(prefill.visual_counts))
             else:
                 real_per_layer.append(prefill.segments[segment_index].real_counts)
-                visual_per_layer.append(prefill.stage_stats[segment_index].visual_out)
+                visual_per_layer.append(_sample_mean(prefill.stage_stats[segment_index].visual_out_per_sample))
         unpruned = [prefill.original_counts] * self.shape.num_layers
         flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)
         lengths, size = _cache_size(cache)
         stats = PrefillStats(
             batch_size=batch,
             visual_tokens=prefill.num_visual,
-            visual_views=self._view_counts([list(range(prefill.num_visual))] * batch, 0),
+            visual_tokens_per_sample=list(prefill.visual_counts),
+            visual_views=self._view_counts([list(range(count)) for count in prefill.visual_counts], 0),
             stages=prefill.stage_stats,
             visual_tokens_per_layer=visual_per_layer,
             equivalent_visual_tokens=sum(visual_per_layer) / len(visual_per_layer),
@@ -671,6 +777,11 @@ class PruningSession:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _sample_mean(counts: list[int]) -> int | float:
+    """The samples' count: the count itself when they agree (an int, as before ragged batches), else their mean."""
+    return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
 
 
 def _cache_argument(kwargs: dict) -> Any:

@@ -10,7 +10,7 @@ from vlprune.adapters import LanguageModelShape
 
 @dataclass
 class StageStats:
-    """One pruning stage. Counts are per sample (equal across the batch).
+    """One pruning stage. Counts are per sample.
 
     Attributes:
         layer: decoder layer whose input was pruned (0 = pre-LLM).
@@ -21,6 +21,8 @@ class StageStats:
             pruner's order when it orders them and positions are re-indexed: see ``Selection.ordered``).
         views_out: per sample, the tokens leaving the stage by view: ``base`` (the base view; LLaVA-1.5's only
             one), ``tiles``, ``newlines`` (LLaVA-NeXT's ``image_newline`` line breaks) and ``recycled``.
+        visual_in_per_sample, visual_out_per_sample: the counts per sample; in a ragged batch (samples with
+            different numbers of visual tokens) ``visual_in``, ``visual_out`` and ``recycled`` are the largest.
     """
 
     layer: int
@@ -29,6 +31,8 @@ class StageStats:
     recycled: int
     kept_indices: list[list[int]]
     views_out: list[dict[str, int]] = field(default_factory=list)
+    visual_in_per_sample: list[int] = field(default_factory=list)
+    visual_out_per_sample: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class PrefillStats:
 
     batch_size: int
     visual_tokens: int
+    visual_tokens_per_sample: list[int] = field(default_factory=list)  # visual_tokens is the largest of them
     visual_views: list[dict[str, int]] = field(default_factory=list)  # per sample, the prompt's tokens by view
     stages: list[StageStats] = field(default_factory=list)
     visual_tokens_per_layer: list[int] = field(default_factory=list)
