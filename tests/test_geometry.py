@@ -145,3 +145,17 @@ def test_llava_geometry_is_one_square_grid_per_image() -> None:
     assert torch.equal(geometry.col, (index % 8).expand(2, -1))
     assert torch.equal(geometry.crop, torch.tensor([[0], [1]]).expand(-1, 64))
     assert torch.equal(geometry.crop_token, index.expand(2, -1)) and bool(geometry.is_base.all())
+
+
+def test_llava_geometry_follows_the_pixels_not_the_towers_config() -> None:
+    """vlprune-tiny's DINOv2 says 518 pixels in its config and runs at the processor's 224: the grid is the pixels'."""
+    from vlprune.testing import build_tiny_llava
+
+    model, _ = build_tiny_llava(vision="dinov2", num_hidden_layers=2, vision_layers=1)
+    adapter = adapter_for(model)
+    pixels = torch.zeros(2, 3, 48, 40)  # 12 x 10 patches of 4 pixels
+    geometry = adapter.visual_geometry({"pixel_values": pixels}, [120, 120], torch.device("cpu"))
+    assert int(geometry.row.max()) == 11 and int(geometry.col.max()) == 9
+    # Without the pixels, each sample's tokens are taken as one square grid.
+    geometry = adapter.visual_geometry({}, [144], torch.device("cpu"))
+    assert int(geometry.row.max()) == 11 and int(geometry.col.max()) == 11

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ class LlavaAdapter(ModelAdapter):
     Llama/Qwen2-style decoder, with or without grouped-query attention."""
 
     family = "llava"
+    geometry_inputs = ("pixel_values",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -62,17 +64,28 @@ class LlavaAdapter(ModelAdapter):
     def visual_geometry(
         self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
     ) -> VisualGeometry:
-        """One square grid per image (the tower's image size over its patch size, per side), after the [CLS] token
-        when the "full" strategy keeps it."""
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        image = single_view(side, side, leading_cls=self.vision_has_cls and not self.vision_drops_cls)
+        """One patch grid per image, after the [CLS] token when the "full" strategy keeps it. The grid is the pixel
+        values' height and width over the patch size (a tower such as DINOv2 runs at the processor's size, not its
+        config's); without the pixel values, one square grid per sample."""
+        pixels = model_kwargs.get("pixel_values")
+        leading_cls = self.vision_has_cls and not self.vision_drops_cls
         total = sum(per_sample)
-        if total % len(image):
-            raise VlpruneError(
-                f"the prompts hold {total} visual tokens, not a multiple of the {len(image)} of one image"
+        if pixels is not None:
+            patch = self.config.vision_config.patch_size
+            image = single_view(pixels.shape[-2] // patch, pixels.shape[-1] // patch, leading_cls=leading_cls)
+            if total % len(image):
+                raise VlpruneError(
+                    f"the prompts hold {total} visual tokens, not a multiple of the {len(image)} of one image"
+                )
+            return batch_geometry([image] * (total // len(image)), per_sample, device)
+        images = []
+        for count in per_sample:
+            side = math.isqrt(count - leading_cls)
+            square = side * side == count - leading_cls
+            images.append(
+                single_view(side, side, leading_cls) if square else single_view(1, count - leading_cls, leading_cls)
             )
-        return batch_geometry([image] * (total // len(image)), per_sample, device)
+        return batch_geometry(images, per_sample, device)
 
     @property
     def vision_layers(self) -> nn.ModuleList:
