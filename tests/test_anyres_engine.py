@@ -225,3 +225,42 @@ def test_a_count_larger_than_a_samples_tokens_names_the_sample() -> None:
     batch = build_tiny_inputs(processor, images, list(QUESTIONS))
     with vlprune.attach(model, create("random", keep=158)), pytest.raises(VlpruneError, match="154 visual tokens"):
         greedy(model, batch, new_tokens=1)
+
+
+def test_fastervlm_keeps_each_views_share_by_its_own_cls_attention() -> None:
+    """LLaVA-NeXT path of FasterVLM: the budget is shared among the base view and the tiles by their sizes, each
+    view's tokens chosen by its own [CLS] row; line breaks are dropped. Compared with a plain re-implementation from
+    the tower's eager attention."""
+    model, processor = anyres_model("llava-next")
+    inputs = anyres_inputs(processor, 1, size=(40, 30))  # a 2 x 2 grid unpadded: the tiles are cut unequally
+    adapter = vlprune.adapters.adapter_for(model)
+    count = num_visual(model, inputs)
+    keep = 50
+    with vlprune.attach(model, create("fastervlm", keep=keep)) as session:
+        greedy(model, inputs, new_tokens=1)
+    kept = session.stats.stages[0].kept_indices[0]
+    # The reference's scores: each crop's [CLS] row at the feature layer, from eager attention weights.
+    pixels = inputs["pixel_values"][0]
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tower(pixels, output_attentions=True)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    cls_rows = out.attentions[adapter.vision_feature_layer_index()].mean(1)[:, 0, 1:]  # (crops, patches)
+    geometry = adapter.visual_geometry(dict(inputs), [count], torch.device("cpu"))
+    view, crop, patch = geometry.view[0], geometry.crop[0], geometry.crop_token[0]
+    sizes = {v: int((view == v).sum()) for v in sorted(set(view.tolist())) if v >= 0}
+    total = sum(sizes.values())
+    exact = {v: keep * n / total for v, n in sizes.items()}
+    share = {v: int(x) for v, x in exact.items()}
+    for v in sorted(exact, key=lambda v: -sizes[v])[: keep - sum(share.values())]:  # the rest to the largest
+        share[v] += 1
+    expected = []
+    for v, take in share.items():
+        members = torch.nonzero(view == v)[:, 0]
+        scores = cls_rows[crop[members], patch[members]]
+        expected += members[scores.topk(take).indices].tolist()
+    assert len(kept) == keep and sorted(expected) == kept
+    assert not any(view[i] == -1 for i in kept) and len(sizes) == 5 and len(set(sizes.values())) > 1

@@ -13,7 +13,8 @@ import vlprune
 from vlprune.errors import VlpruneError
 from vlprune.pruners import StageContext
 from vlprune.pruners.divprune import cosine_distance, greedy_max_min
-from vlprune.pruners.holov import crop_quotas, reference_crop_count, strip_crops, tile_crops
+from vlprune.pruners.groups import crop_quotas, strip_crops, tile_crops
+from vlprune.pruners.holov import reference_crop_count
 from vlprune.pruners.visionzip import contextual_centres, merge_contextual
 from vlprune.pruners.zoo_prune import random_directions, zeroth_order_sensitivity
 

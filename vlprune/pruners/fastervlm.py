@@ -16,14 +16,27 @@ Deviations, each for a reason:
   every decoder layer sees exactly the kept tokens, the same computation; ``positions="original"`` keeps the kept
   tokens' positions instead.
 - Towers without a [CLS] token (SigLIP) are refused with a clear error: the method is defined by that token.
+
+LLaVA-NeXT (``encode_images`` in the reference's ``llava_arch.py``): each view (the base image and every tile) is
+scored by its own [CLS] and keeps the same number of tokens (``--visual-token-num`` per view: 640/320/160 of 2,880
+are 128/64/32 per view of a 2 x 2 grid). vlprune keeps the budget per sample and shares it among the views in
+proportion to their tokens (the remainder to the largest views), which is the reference's equal share when every
+view is whole.
+Deviations: the reference forces the ``spatial`` merge (no unpadding, no ``image_newline`` tokens) although the
+LLaVA-NeXT checkpoints are trained with ``spatial_unpad``; vlprune keeps the model's own layout, so tiles are
+unpadded (their shares follow their real sizes) and the line breaks, which the reference never feeds, are dropped
+first (kept only if the budget exceeds every other token).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, top_k_sorted
+from vlprune.pruners.groups import crop_quotas, keep_by_quota
 
 
 @register
@@ -40,4 +53,22 @@ class FasterVLM(Pruner):
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for fastervlm"
         scores = ctx.vision_cls_attention
-        return Selection(keep_index=top_k_sorted(scores, ctx.keep), scores=scores)
+        geometry = ctx.geometry
+        if geometry is None or not bool(geometry.is_tile.any()):
+            return Selection(keep_index=top_k_sorted(scores, ctx.keep), scores=scores)
+        return Selection(keep_index=top_k_per_view(scores, geometry.view, ctx.keep), scores=scores)
+
+
+def top_k_per_view(scores: torch.Tensor, views: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep) ascending: each view's share of ``keep`` (in proportion to its tokens, the remainder to the largest
+    views) of its highest-scoring
+    tokens; line breaks (view -1) take budget only when every other token is kept."""
+    rows = []
+    for sample in range(scores.shape[0]):
+        group = views[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles
+        capacity = torch.bincount(group)
+        weights = capacity.float()
+        weights[0] = 0.0
+        quota = crop_quotas((weights / weights.sum())[None], capacity, keep)
+        rows.append(keep_by_quota(scores[sample : sample + 1], group, quota)[0])
+    return torch.stack(rows)

@@ -40,7 +40,6 @@ Deviations, each for a reason:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import torch
 from vlprune.errors import VlpruneError
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
+from vlprune.pruners.groups import crop_quotas, keep_by_quota, strip_crops, tile_crops
 
 ALPHA = 0.09
 ATTENTION_SCALE = 1000.0
@@ -57,27 +57,6 @@ _EPS = 1e-6
 def reference_crop_count(num_visual: int, keep: int) -> int:
     """The reference's number of crops for ``keep`` of ``num_visual`` tokens (16/8/5 for 64/128/192 of 576)."""
     return max(1, int(1024 / 576 * num_visual / keep))
-
-
-def strip_crops(num_visual: int, crops: int) -> torch.Tensor:
-    """(N,) crop index of each token: contiguous raster chunks, the first ``N % crops`` one token longer."""
-    size, extra = divmod(num_visual, crops)
-    lengths = torch.tensor([size + (1 if c < extra else 0) for c in range(crops)])
-    return torch.repeat_interleave(torch.arange(crops), lengths)
-
-
-def tile_crops(num_visual: int, crops: int) -> torch.Tensor:
-    """(N,) crop index of each token of a square grid cut into ``r x (crops / r)`` rectangular tiles."""
-    side = math.isqrt(num_visual)
-    if side * side != num_visual:
-        raise VlpruneError(f"tiles=True needs a square token grid, got {num_visual} visual tokens")
-    rows = max(d for d in range(1, math.isqrt(crops) + 1) if crops % d == 0)
-    columns = crops // rows
-    if rows > side or columns > side:
-        raise VlpruneError(f"crops={crops} does not fit a {side} x {side} token grid")
-    row_of = strip_crops(side, rows)  # which tile row each grid row belongs to, remainder as in strips
-    column_of = strip_crops(side, columns)
-    return (row_of[:, None] * columns + column_of[None, :]).reshape(-1)
 
 
 def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, crop_of: torch.Tensor) -> torch.Tensor:
@@ -100,53 +79,6 @@ def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, crop_o
         rescale = attention_c.abs().mean(dim=-1, keepdim=True) / (variance.abs().mean(dim=-1, keepdim=True) + _EPS)
         scores.append((attention_c + ALPHA * variance * rescale).mean(dim=-1))
     return torch.stack(scores, dim=-1)
-
-
-def crop_quotas(weights: torch.Tensor, capacity: torch.Tensor, keep: int) -> torch.Tensor:
-    """(B, C) tokens to keep per crop: ``floor(w · keep)``, the remainder to the heaviest crops, and any quota above
-    a crop's capacity handed on to the crops with room, in proportion to their weights.
-
-    weights: (B, C) non-negative, summing to 1 per sample; capacity: (C,) tokens per crop.
-    """
-    capacity = capacity.to(weights.device).expand_as(weights)
-    quota = torch.zeros_like(weights, dtype=torch.long)
-    remaining = torch.full((weights.shape[0],), keep, dtype=torch.long, device=weights.device)
-    for _ in range(weights.shape[1] + 1):  # each pass fills at least one crop or places everything
-        room = capacity - quota
-        open_weights = torch.where(room > 0, weights, 0.0)
-        share = open_weights / open_weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
-        # Crops with room but zero weight (all-zero attention) still take tokens once weighted crops are full.
-        share = torch.where(
-            open_weights.sum(dim=-1, keepdim=True) > 0,
-            share,
-            (room > 0).float() / (room > 0).sum(-1, keepdim=True).clamp(min=1),
-        )
-        grant = torch.floor(share * remaining[:, None]).long()
-        leftover = remaining - grant.sum(dim=-1)
-        order = torch.argsort(share, dim=-1, descending=True, stable=True)
-        rank = torch.argsort(order, dim=-1)
-        grant = grant + (rank < leftover[:, None]).long()
-        grant = torch.minimum(grant, room)
-        quota = quota + grant
-        remaining = remaining - grant.sum(dim=-1)
-        if not bool((remaining > 0).any()):
-            break
-    return quota
-
-
-def keep_by_quota(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """(B, keep) indices, ascending: in each crop the ``quota`` tokens with the highest attention."""
-    batch, count = attention.shape
-    crop_of = crop_of.to(attention.device)
-    # Sort by crop, then by descending attention inside the crop; a token's rank in its crop decides.
-    order = torch.argsort(attention.float(), dim=-1, descending=True, stable=True)
-    order = torch.gather(order, 1, torch.argsort(crop_of[order], dim=-1, stable=True))
-    sorted_crops = crop_of[order]
-    starts = torch.searchsorted(sorted_crops.contiguous(), sorted_crops.contiguous(), right=False)
-    rank = torch.arange(count, device=attention.device).expand(batch, -1) - starts
-    chosen = rank < torch.gather(quota, 1, sorted_crops)
-    kept = torch.where(chosen, order, count).sort(dim=-1).values
-    return kept[:, : int(quota.sum(dim=-1)[0])]
 
 
 def crop_by_crop_order(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:

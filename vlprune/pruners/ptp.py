@@ -36,7 +36,7 @@ import torch
 from vlprune.errors import VlpruneError
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan, check_layer
-from vlprune.pruners.holov import crop_quotas, keep_by_quota, tile_crops
+from vlprune.pruners.groups import crop_quotas, keep_by_quota, tile_crops
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
