@@ -4,6 +4,7 @@ detaching restores the model, and every registered method runs or refuses with a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -264,3 +265,27 @@ def test_fastervlm_keeps_each_views_share_by_its_own_cls_attention() -> None:
         expected += members[scores.topk(take).indices].tolist()
     assert len(kept) == keep and sorted(expected) == kept
     assert not any(view[i] == -1 for i in kept) and len(sizes) == 5 and len(set(sizes.values())) > 1
+
+
+def test_holov_drops_the_line_breaks_and_prunes_the_rest_as_one_sequence() -> None:
+    """HoloV on LLaVA-NeXT equals HoloV run on the same tokens without the line breaks (the reference removes them)."""
+    from vlprune.pruners.base import StageContext
+
+    model, processor = anyres_model("llava-next")
+    inputs = anyres_inputs(processor, 1, size=(40, 30))
+    with vlprune.attach(model, create("holov", keep=40)) as session:
+        greedy(model, inputs, new_tokens=1)
+    kept = session.stats.stages[0].kept_indices[0]
+    geometry = vlprune.adapters.adapter_for(model).visual_geometry(dict(inputs), [num_visual(model, inputs)], "cpu")
+    visible = (~geometry.is_newline[0]).nonzero()[:, 0]
+    assert len(kept) == 40 and set(kept) <= set(visible.tolist())
+    hidden, attention = torch.randn(1, len(geometry.view[0]), 8), torch.rand(1, len(geometry.view[0]))
+    pruner = create("holov", keep=40)
+    context = StageContext(
+        layer=0, keep=40, visual_hidden=hidden, visual_positions=torch.zeros(1, hidden.shape[1], dtype=torch.long),
+        visual_origin=torch.arange(hidden.shape[1])[None], geometry=geometry, vision_cls_attention=attention,
+    )  # fmt: skip
+    plain = dataclasses.replace(
+        context, visual_hidden=hidden[:, visible], vision_cls_attention=attention[:, visible], geometry=None
+    )
+    assert torch.equal(pruner.select(context).keep_index[0], visible[pruner.select(plain).keep_index[0]])

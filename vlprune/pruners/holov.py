@@ -36,6 +36,12 @@ Deviations, each for a reason:
 - ``crops`` sets C directly; ``tiles=True`` cuts the token grid into rectangular tiles (r x C/r with r the largest
   divisor of C not above its square root) instead of the reference's raster chunks; it needs a square grid.
 - Towers without a [CLS] token (SigLIP) are refused: the method's saliency is that token's attention.
+
+LLaVA-NeXT (the reference's ``llava_arch.py``: the ``image_newline`` lines commented out, unpadding kept): the line
+breaks are removed and the rest, the base view then the stitched tile grid row by row, is chunked and pruned as one
+sequence, crops crossing the base/tile border as in the reference. Deviation: the reference hard-codes 16 crops and
+a 64-token budget there; vlprune applies its crop rule (above) to the budget asked, over the tokens without the line
+breaks.
 """
 
 from __future__ import annotations
@@ -125,13 +131,33 @@ class HoloV(Pruner):
 
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for holov"
-        crop_of = self.crop_layout(ctx.num_visual, ctx.keep)
-        scores = holistic_crop_scores(ctx.visual_hidden, ctx.vision_cls_attention, crop_of)
+        attention, geometry = ctx.vision_cls_attention, ctx.geometry
+        if geometry is None or not bool(geometry.is_newline.any()):
+            keep_index = self._select(ctx.visual_hidden, attention, ctx.keep)
+            return Selection(keep_index=keep_index, scores=attention, ordered=self.reference_order)
+        # LLaVA-NeXT: the reference drops the line breaks and chunks the rest ([base] ++ [stitched tiles]).
+        rows = []
+        for sample in range(ctx.batch_size):
+            visible = (~geometry.is_newline[sample]).nonzero()[:, 0]
+            if ctx.keep > len(visible):
+                raise VlpruneError(
+                    f"holov drops the image_newline line breaks as its reference does; keep={ctx.keep} exceeds the "
+                    f"{len(visible)} other visual tokens"
+                )
+            picked = self._select(
+                ctx.visual_hidden[sample : sample + 1, visible], attention[sample : sample + 1, visible], ctx.keep
+            )
+            rows.append(visible[picked[0]])
+        return Selection(keep_index=torch.stack(rows), scores=attention, ordered=self.reference_order)
+
+    def _select(self, hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> torch.Tensor:
+        """(B, keep) indices among ``hidden``'s tokens: crop quotas, then each crop's most attended tokens, crop by
+        crop (most attended first) as the reference, or ascending without ``reference_order``."""
+        crop_of = self.crop_layout(hidden.shape[1], keep)
+        scores = holistic_crop_scores(hidden, attention, crop_of)
         weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
         capacity = torch.bincount(crop_of, minlength=scores.shape[1])
-        quota = crop_quotas(weights, capacity, ctx.keep)
+        quota = crop_quotas(weights, capacity, keep)
         if not self.reference_order:
-            keep_index = keep_by_quota(ctx.vision_cls_attention, crop_of, quota)
-            return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention)
-        keep_index = crop_by_crop_order(ctx.vision_cls_attention, crop_of, quota)
-        return Selection(keep_index=keep_index, scores=ctx.vision_cls_attention, ordered=True)
+            return keep_by_quota(attention, crop_of, quota)
+        return crop_by_crop_order(attention, crop_of, quota)
