@@ -289,3 +289,47 @@ def test_holov_drops_the_line_breaks_and_prunes_the_rest_as_one_sequence() -> No
         context, visual_hidden=hidden[:, visible], vision_cls_attention=attention[:, visible], geometry=None
     )
     assert torch.equal(pruner.select(context).keep_index[0], visible[pruner.select(plain).keep_index[0]])
+
+
+def test_visionzip_gives_each_view_its_dominant_and_contextual_tokens() -> None:
+    """VisionZip's LLaVA-NeXT path on a hand-built context: each view's dominant tokens are its own top [CLS]
+    tokens, its contextual tokens merge only its own other tokens (checked for the base view with a plain
+    computation), and the line breaks are dropped."""
+    from vlprune.pruners.base import StageContext
+
+    model, processor = anyres_model("llava-next")
+    inputs = anyres_inputs(processor, 1, size=(40, 30))
+    count = num_visual(model, inputs)
+    geometry = vlprune.adapters.adapter_for(model).visual_geometry(dict(inputs), [count], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    features, keys = torch.randn(1, count, 6, generator=generator), torch.randn(1, count, 4, generator=generator)
+    scores = torch.rand(1, count, generator=generator)
+    projector = torch.nn.Linear(6, 6, bias=False)
+    torch.nn.init.eye_(projector.weight)
+    pruner = create("visionzip", keep=64)
+    dominant, contextual = pruner.split(64, count)
+    context = StageContext(
+        layer=0, keep=dominant, visual_hidden=torch.zeros(1, count, 6), visual_origin=torch.arange(count)[None],
+        visual_positions=torch.arange(count)[None] + 5, geometry=geometry, vision_cls_attention=scores,
+        vision_keys=keys, vision_features=features, projector=projector,
+    )  # fmt: skip
+    selection = pruner.select(context)
+    kept = set(selection.keep_index[0].tolist())
+    view = geometry.view[0]
+    assert len(kept) == dominant and not any(view[i] == -1 for i in kept)
+    assert selection.recycled.hidden.shape == (1, contextual, 6)
+    base = torch.nonzero(view == 0)[:, 0]
+    base_kept = [i for i in base.tolist() if i in kept]
+    # The base view's dominant tokens are its own highest-scoring ones.
+    assert sorted(base_kept) == sorted(base[scores[0, base].topk(len(base_kept)).indices].tolist())
+    rest = torch.tensor([i for i in base.tolist() if i not in kept])
+    share = sum(1 for p in selection.recycled.positions[0].tolist() if p - 5 in set(base.tolist()))
+    step = max(1, len(rest) // share)
+    centres = rest[torch.arange(0, len(rest), step)[:share]]
+    unit = torch.nn.functional.normalize(keys[0], dim=-1)
+    joined = (unit[rest] @ unit[centres].T).argmax(dim=1)
+    for c, centre in enumerate(centres.tolist()):
+        members = [int(r) for r, j in zip(rest, joined, strict=True) if j == c and int(r) not in centres.tolist()]
+        expected = features[0, centre] + (features[0, members].mean(0) if members else 0)
+        torch.testing.assert_close(selection.recycled.hidden[0, c], expected, atol=1e-5, rtol=0)
+    assert selection.recycled.positions[0, : len(centres)].tolist() == (centres + 5).tolist()

@@ -28,6 +28,14 @@ Deviations, each for a reason:
   reference's rebuilt ``inputs_embeds``; default ``positions="reindex"``). With ``positions="original"`` each takes
   the RoPE position of its centre and dominant tokens keep theirs.
 - Towers without a [CLS] token (SigLIP) are refused: dominant tokens are defined by that token's attention.
+
+LLaVA-NeXT (the reference's ``CLIPVisionTower_VisionZip`` and ``restore_image_features_sorted``): every view (the base
+image and each tile) gets its own dominant tokens by its own [CLS] attention and its own contextual tokens merged
+from its other tokens. vlprune shares the budget's dominant and contextual counts among the views in proportion to
+their sizes (the reference gives each view the same counts, so its total grows with the tile grid). Deviations: the
+reference keeps every view's [CLS] as a token and feeds no line breaks and no unpadding; vlprune keeps the model's
+layout (unpadded tiles), drops the line breaks, and puts all contextual tokens after the kept ones, where the
+reference puts the base view's right after its dominant tokens and the tiles' after the stitched grid.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from vlprune.errors import VlpruneError
 from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, RecycledTokens, Selection, Stage, StageContext, StagePlan, top_k_sorted
+from vlprune.pruners.groups import crop_quotas
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference's 54 + 10, 108 + 20, 162 + 30
 
@@ -104,6 +113,8 @@ class VisionZip(Pruner):
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.vision_cls_attention is not None and ctx.vision_keys is not None and ctx.projector is not None
         dominant, contextual = self.split(self._required_keep(ctx.num_visual), ctx.num_visual)
+        if ctx.geometry is not None and bool(ctx.geometry.is_tile.any()):
+            return self._select_per_view(ctx, dominant, contextual)
         scores = ctx.vision_cls_attention
         keep_index = top_k_sorted(scores, dominant)
         if contextual == 0:
@@ -117,6 +128,49 @@ class VisionZip(Pruner):
         parameter = next(ctx.projector.parameters())
         hidden = ctx.projector(merged.to(parameter.dtype))
         positions = gather_tokens(ctx.visual_positions, rest[:, centres.to(rest.device)])
+        return Selection(
+            keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
+        )
+
+    def _select_per_view(self, ctx: StageContext, dominant: int, contextual: int) -> Selection:
+        """LLaVA-NeXT: each view (base, tiles) takes its share of the dominant and of the contextual tokens, in
+        proportion to its size; dominant tokens by the view's own [CLS] attention, contextual ones merged from the
+        view's other tokens only; line breaks are dropped."""
+        scores = ctx.vision_cls_attention
+        kept_rows, hidden_rows, position_rows = [], [], []
+        for sample in range(ctx.batch_size):
+            group = ctx.geometry.view[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles
+            capacity = torch.bincount(group)
+            weights = capacity.float()
+            weights[0] = 0.0
+            weights = (weights / weights.sum())[None]
+            dominant_quota = crop_quotas(weights, capacity, dominant)[0]
+            contextual_quota = crop_quotas(weights, capacity - dominant_quota, contextual)[0]
+            kept, merged, centre_slots = [], [], []
+            for view in range(1, len(capacity)):
+                members = (group == view).nonzero()[:, 0]
+                take, merge = int(dominant_quota[view]), int(contextual_quota[view])
+                top = members[scores[sample, members].topk(take).indices] if take else members[:0]
+                kept.append(top)
+                if merge == 0:
+                    continue
+                is_rest = torch.ones(len(members), dtype=torch.bool, device=members.device)
+                is_rest[torch.searchsorted(members, top.sort().values)] = False
+                rest = members[is_rest]  # ascending
+                centres = contextual_centres(len(rest), merge).to(rest.device)
+                features = ctx.vision_features[sample : sample + 1, rest]
+                tokens, _ = merge_contextual(features, ctx.vision_keys[sample : sample + 1, rest], centres)
+                merged.append(tokens)
+                centre_slots.append(rest[centres])
+            kept_rows.append(torch.cat(kept).sort().values)
+            hidden_rows.append(torch.cat(merged, dim=1) if merged else None)
+            position_rows.append(ctx.visual_positions[sample, torch.cat(centre_slots)] if centre_slots else None)
+        keep_index = torch.stack(kept_rows)
+        if contextual == 0:
+            return Selection(keep_index=keep_index, scores=scores)
+        parameter = next(ctx.projector.parameters())
+        hidden = ctx.projector(torch.cat(hidden_rows).to(parameter.dtype))
+        positions = torch.stack(position_rows)
         return Selection(
             keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
         )
