@@ -1,11 +1,14 @@
 """Prefill time of each pruning method against the unpruned model, next to the theoretical FLOPs ratio.
 
 The model is a LLaVA with random weights at the shapes of a real checkpoint (``--preset llava-1.5-7b``: CLIP ViT-L/14
-at 336 px = 576 visual tokens, Vicuna-7B = 32 layers of 4096) or a small CPU-sized one (``--preset small``). Random
-weights change nothing about the time of a forward pass, and need no download.
+at 336 px = 576 visual tokens, Vicuna-7B = 32 layers of 4096) or a small CPU-sized one (``--preset small``), or a
+LLaVA-NeXT (``--preset llava-next-7b``: the same towers, a 672 x 672 image = base view + 2 x 2 tiles = 2,928 visual
+tokens with the line breaks; ``--preset small-next``: 1,312 at 224 px views). Random weights change nothing about the
+time of a forward pass, and need no download.
 
     python benchmarks/prefill.py --preset small                          # CPU, a minute
     python benchmarks/prefill.py --preset llava-1.5-7b --device cuda --dtype bfloat16
+    python benchmarks/prefill.py --preset small-next --keep 0.222,0.111,0.056 --methods fastv,fastervlm,divprune
 
 Each row: the median prefill time over ``--repeats`` runs after ``--warmup`` runs (CUDA synchronised), the speed-up
 over ``none`` measured in the same run (interleaved, so both see the same machine state), and the speed-up the
@@ -21,9 +24,17 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
 import vlprune
+from vlprune.adapters import adapter_for
 
 
 @dataclass(frozen=True)
@@ -39,15 +50,24 @@ class Preset:
     text_ffn: int
     prompt_before: int  # text tokens before the image (LLaVA-1.5's system prompt is about 35)
     prompt_after: int
+    tile_grid: tuple[int, int] | None = None  # LLaVA-NeXT: the image covers this many tiles (rows, columns)
 
 
 PRESETS = {
     "llava-1.5-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40),
     "small": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40),
+    "llava-next-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40, tile_grid=(2, 2)),
+    "small-next": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40, tile_grid=(2, 2)),
 }
 
 
-def build_model(preset: Preset, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+def grid_pinpoints(preset: Preset) -> list[list[int]]:
+    """LLaVA-NeXT's pinpoints (1 x 2, 2 x 1, 2 x 2, 1 x 3, 3 x 1 views) at the preset's view size."""
+    side = preset.image_size
+    return [[side * rows, side * columns] for rows, columns in [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]]
+
+
+def build_model(preset: Preset, device: str, dtype: torch.dtype) -> torch.nn.Module:
     vision = CLIPVisionConfig(
         hidden_size=preset.vision_hidden,
         intermediate_size=4 * preset.vision_hidden,
@@ -64,30 +84,54 @@ def build_model(preset: Preset, device: str, dtype: torch.dtype) -> LlavaForCond
         num_attention_heads=preset.text_heads,
         max_position_embeddings=4096,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, attn_implementation="sdpa")
+    if preset.tile_grid is None:
+        config = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=32000, attn_implementation="sdpa"
+        )
+        family = LlavaForConditionalGeneration
+    else:
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=32000,
+            image_grid_pinpoints=grid_pinpoints(preset),
+            attn_implementation="sdpa",
+        )
+        family = LlavaNextForConditionalGeneration
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = family(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
 
 
-def build_inputs(preset: Preset, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def build_inputs(
+    preset: Preset, batch: int, device: str, dtype: torch.dtype, model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
     visual = (preset.image_size // preset.patch_size) ** 2
+    extra: dict[str, torch.Tensor] = {}
+    pixel_shape: tuple[int, ...] = (batch, 3, preset.image_size, preset.image_size)
+    if preset.tile_grid is not None:
+        rows, columns = preset.tile_grid
+        size = (rows * preset.image_size, columns * preset.image_size)
+        visual = len(adapter_for(model).image_tokens(size))  # base view, tiles and line breaks
+        extra["image_sizes"] = torch.tensor([size] * batch, device=device)
+        pixel_shape = (batch, 1 + rows * columns, 3, preset.image_size, preset.image_size)
     generator = torch.Generator().manual_seed(0)
     before = torch.randint(1, 32000, (batch, preset.prompt_before), generator=generator)
     after = torch.randint(1, 32000, (batch, preset.prompt_after), generator=generator)
     image = torch.full((batch, visual), 32000)
     input_ids = torch.cat([before, image, after], dim=1).to(device)
-    pixels = torch.randn(batch, 3, preset.image_size, preset.image_size, generator=generator)
+    pixels = torch.randn(*pixel_shape, generator=generator)
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "pixel_values": pixels.to(device=device, dtype=dtype),
+        **extra,
     }
 
 
@@ -123,7 +167,7 @@ def main() -> None:
 
     preset, dtype = PRESETS[args.preset], getattr(torch, args.dtype)
     model = build_model(preset, args.device, dtype)
-    inputs = build_inputs(preset, args.batch, args.device, dtype)
+    inputs = build_inputs(preset, args.batch, args.device, dtype, model)
     budgets = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
     cases = [(m, k) for m in args.methods.split(",") for k in budgets]
     pruners = {case: vlprune.pruners.create(case[0], keep=case[1]) for case in cases}

@@ -45,7 +45,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"the {self.family} model encoded no image_sizes for this prefill: pass pixel_values with the "
                 f"processor's image_sizes (image features computed before attaching vlprune cannot be placed)"
             )
-        images = [self._image_tokens((int(h), int(w)), patched) for (h, w), patched in self._images(model_kwargs)]
+        images = [self.image_tokens((int(h), int(w)), patched) for (h, w), patched in self._images(model_kwargs)]
         try:
             return batch_geometry(images, per_sample, device)
         except ValueError as error:
@@ -55,7 +55,8 @@ class LlavaNextAdapter(LlavaAdapter):
         """(size, whether it is tiled) of every image of the batch, in the order the model encodes them."""
         return [(tuple(size), True) for size in model_kwargs["image_sizes"].tolist()]
 
-    def _image_tokens(self, size: tuple[int, int], tiled: bool) -> ImageTokens:
+    def image_tokens(self, size: tuple[int, int], tiled: bool = True) -> ImageTokens:
+        """The visual tokens of one image of ``size`` (height, width), tiled or encoded as one view."""
         vision = self.config.vision_config
         patches = vision.image_size // vision.patch_size
         if not tiled:
