@@ -112,3 +112,32 @@ def test_model_args_as_text_are_converted_to_the_option_types() -> None:
 
     model = get_model("vlprune").create_from_arg_string("pretrained=tiny-random,method=random,keep=0.25,seed=3", {})
     assert model.pipeline.pruner.keep == 0.25 and model.pipeline.pruner.seed == 3
+
+
+def test_a_llava_next_folder_answers_a_ragged_batch_like_the_pipeline(tmp_path) -> None:
+    """pretrained=<a LLaVA-NeXT folder>, two images of different aspect ratios in one batch (different numbers of
+    visual tokens): the answers are the pipeline's, one sample at a time."""
+    from lmms_eval.models import get_model
+
+    from vlprune.testing_anyres import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    images = [make_test_image(0, 96).resize((40, 20)), make_test_image(1, 96).resize((30, 60))]
+    docs = [{"image": image} for image in images]
+    wrapper = get_model("vlprune").create_from_arg_string(
+        f"pretrained={tmp_path},method=fastv,keep=0.25", {"batch_size": "2"}
+    )
+    wrapper.task_dict = {"fake": {"test": docs}}
+    requests = [
+        fake_request(
+            "generate_until",
+            ("<image>\nWhat color?", {"max_new_tokens": 3, "until": []}, doc_to_visual, i, "fake", "test"),
+            i,
+        )
+        for i in range(2)
+    ]
+    answers = wrapper.generate_until(requests)
+    pipeline = vlprune.load(str(tmp_path), method="fastv", keep=0.25)
+    assert answers == [pipeline(image, "What color?", max_new_tokens=3).text for image in images]
