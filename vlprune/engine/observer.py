@@ -113,3 +113,29 @@ def stop_observing(modules: list[nn.Module]) -> None:
         else:
             interface[name] = previous
         del _saved[name]
+
+
+def chained(first: Observer, second: Observer) -> Observer:
+    """One observer calling two (a score reader and a rewriter on the same layer), their actions combined."""
+
+    def both(*arguments: Any) -> Any:
+        actions = [as_action(first(*arguments)), as_action(second(*arguments))]
+        masks = [a.mask for a in actions if a is not None and a.mask is not None]
+        transforms = [a.transform for a in actions if a is not None and a.transform is not None]
+        if len(masks) > 1:
+            raise RuntimeError("two observers replace the mask of the same attention call")
+        if not masks and not transforms:
+            return None
+
+        def transform(output: torch.Tensor) -> torch.Tensor:
+            for function in transforms:
+                output = function(output)
+            return output
+
+        return Action(mask=masks[0] if masks else None, transform=transform if transforms else None)
+
+    return both
+
+
+def as_action(result: Any) -> Action | None:
+    return Action(mask=result) if isinstance(result, torch.Tensor) else result

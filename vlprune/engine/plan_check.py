@@ -1,4 +1,5 @@
-"""Checking a pruner's plan against a model's shape, so that a bad budget or layer fails before any work.
+"""Checking a pruner's plan against a model's shape, so that a bad budget or layer fails before any work, and its
+answer at each stage (:func:`checked_keep_index`).
 
 The engine runs these checks when a pruner is attached and at each prefill; the API and the CLI run them from a
 model's configuration alone (:func:`check_fits`), before the weights are loaded.
@@ -6,8 +7,10 @@ model's configuration alone (:func:`check_fits`), before the weights are loaded.
 
 from __future__ import annotations
 
+import torch
+
 from vlprune.errors import VlpruneError
-from vlprune.pruners.base import Pruner, StagePlan
+from vlprune.pruners.base import Pruner, Selection, StageContext, StagePlan
 
 
 def check_plan(method: str, plan: list[StagePlan], num_visual: int, num_layers: int) -> None:
@@ -43,3 +46,27 @@ def check_fits(pruner: Pruner, num_visual: int, num_layers: int) -> list[StagePl
     plan = pruner.plan(num_visual, num_layers)
     check_plan(pruner.name, plan, num_visual, num_layers)
     return plan
+
+
+def checked_keep_index(
+    selection: Selection, context: StageContext, fixed: bool = True, keep_order: bool = False
+) -> torch.Tensor:
+    """The pruner's indices, checked, and sorted unless ``keep_order`` (an ordered selection with re-indexed
+    positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count, one for the whole
+    batch."""
+    if selection.ordered and selection.kept_hidden is not None:
+        raise RuntimeError("a selection cannot be both ordered and carry kept_hidden (which follows ascending order)")
+    keep_index = selection.keep_index.to(context.visual_hidden.device).long()
+    expected = (context.batch_size, context.keep)
+    shape_ok = tuple(keep_index.shape) == expected
+    if not fixed:
+        shape_ok = keep_index.dim() == 2 and keep_index.shape[0] == context.batch_size
+        shape_ok = shape_ok and 1 <= keep_index.shape[1] <= context.num_visual
+    if not shape_ok:
+        raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
+    ascending = keep_index.sort(dim=1).values
+    out_of_range = (ascending[:, 0] < 0) | (ascending[:, -1] >= context.num_visual)
+    repeated = (ascending[:, 1:] == ascending[:, :-1]).any(dim=1)
+    if bool((out_of_range | repeated).any()):  # one device read for both checks
+        raise RuntimeError(f"the pruner returned indices outside [0, {context.num_visual}) or the same index twice")
+    return keep_index if keep_order else ascending

@@ -20,25 +20,26 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlprune.adapters import ModelAdapter, adapter_for
 from vlprune.engine import observer
+from vlprune.engine.decode import DecodeState, Segment, cache_size, segment_of_layer, step_mask
 from vlprune.engine.layout import (
     Layout,
     apply_order,
-    decode_mask,
     initial_layout,
     order_after_stage,
     prefill_mask,
     reindexed,
 )
-from vlprune.engine.plan_check import check_plan
+from vlprune.engine.plan_check import check_plan, checked_keep_index
 from vlprune.engine.ragged import ragged_order, sample_context, stacked_recycled
 from vlprune.engine.redistribution import Redistribution
+from vlprune.engine.scoring import QueryAttention, query_rows, rows_attention, stage_rows
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.engine.vision_bridge import VisionBridge
@@ -58,29 +59,6 @@ class Phase(enum.Enum):
 
 
 @dataclass
-class Segment:
-    """Decoder layers ``first_layer`` .. next segment's first layer - 1, which all hold the same pruned prefill.
-
-    Attributes:
-        real: (B, L_s) False at padding slots of the segment's prefill sequence.
-        position_shift: (B,) how far this segment's positions lag the original ones (only with re-indexing).
-    """
-
-    first_layer: int
-    real: torch.Tensor
-    position_shift: torch.Tensor
-    real_counts: list[int]
-
-
-class _Rows(NamedTuple):
-    """A stage's query-row attention, captured at the layer before it (or computed at its own layer)."""
-
-    visual: torch.Tensor  # (B, R, N) or (B, H, R, N): to the visual tokens
-    mask: torch.Tensor  # (B, R): which rows are real
-    own: torch.Tensor | None  # (B, R, R) or (B, H, R, R): to the query rows' own tokens, when the stage asks
-
-
-@dataclass
 class _Prefill:
     """The state of the prefill in progress."""
 
@@ -97,28 +75,13 @@ class _Prefill:
     started: float
     segments: list[Segment]
     stage_stats: list[StageStats]
-    query_attention: dict[int, _Rows]
+    query_attention: dict[int, QueryAttention]
     mask: Any = None
     stage_at: dict[int, StagePlan] = field(default_factory=dict)
     initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
     initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
     geometry: VisualGeometry | None = None  # computed when a stage first needs it
     host_views: list[list[int]] | None = None  # geometry.view on the host, for the statistics
-
-
-@dataclass
-class _Decode:
-    """What decoding after a pruned prefill needs."""
-
-    cache: Any
-    prompt_length: int
-    segments: list[Segment]
-    segment_of_layer: list[int | None]
-    generated: int = 0
-    step_masks: dict[int, Any] | None = None
-    step_positions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
-    step_attention_mask: torch.Tensor | None = None
-    step_length: int = 0
 
 
 class PruningSession:
@@ -166,7 +129,7 @@ class PruningSession:
         self.history: list[PrefillStats] = []
         self._phase = Phase.IDLE
         self._prefill: _Prefill | None = None
-        self._decode: _Decode | None = None
+        self._decode: DecodeState | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[nn.Module] = []
         self._attach()
@@ -205,7 +168,7 @@ class PruningSession:
                 handles, rewritten = self._redistribution.install()
                 self._handles.extend(handles)
                 for module, callback in rewritten.items():
-                    watched[module] = _chained(watched[module], callback) if module in watched else callback
+                    watched[module] = observer.chained(watched[module], callback) if module in watched else callback
             if watched:
                 observer.observe(watched, self.adapter.attention_implementations())
                 self._observed = list(watched)
@@ -425,7 +388,7 @@ class PruningSession:
         if len(set(prefill.current_counts)) > 1 or len(set(prefill.visual_counts)) > 1:
             return self._run_ragged_stage(stage, hidden, context, slots)
         selection = self.pruner.select(context)
-        keep_index = _checked_keep_index(
+        keep_index = checked_keep_index(
             selection,
             context,
             fixed=stage.keep is not None,
@@ -482,7 +445,7 @@ class PruningSession:
             budget = prefill.sample_plans[sample][stage_index].keep
             alone = sample_context(context, sample, count, original, budget if budget is not None else count)
             selection = self.pruner.select(alone)
-            index = _checked_keep_index(
+            index = checked_keep_index(
                 selection, alone, fixed=budget is not None, keep_order=selection.ordered and keep_order
             )[0]
             kept_slots.append(slots[sample, index])
@@ -562,7 +525,7 @@ class PruningSession:
         }
 
     def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
-        rows, _ = _query_rows(stage.query_rows, layout, device)
+        rows, _ = query_rows(stage.query_rows, layout, device)
         return torch.gather(layout.positions.to(device), 1, rows)
 
     def _rotary_for(self, hidden: torch.Tensor):
@@ -571,9 +534,9 @@ class PruningSession:
 
         return rotary
 
-    def _own_layer_rows(self, stage: StagePlan, hidden: torch.Tensor, layout: Layout) -> _Rows:
+    def _own_layer_rows(self, stage: StagePlan, hidden: torch.Tensor, layout: Layout) -> QueryAttention:
         """(B, R, N) attention of the stage's query rows to the visual tokens, from its own layer's queries and keys."""
-        rows, row_mask = _query_rows(stage.query_rows, layout, hidden.device)
+        rows, row_mask = query_rows(stage.query_rows, layout, hidden.device)
         query, key = self.adapter.query_key(stage.layer, hidden, rows, layout.position_embeddings)
         attention = self.adapter.decoder_layers[stage.layer].self_attn
         scale = getattr(attention, "scaling", query.shape[-1] ** -0.5)
@@ -581,8 +544,8 @@ class PruningSession:
         if mask is None and self._prefill.padded:
             mask = prefill_mask(layout.real, self._mask_style, hidden.dtype, True)
         local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
-        probabilities = _rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
-        return _stage_rows(stage, probabilities, layout, rows, row_mask)
+        probabilities = rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
+        return stage_rows(stage, probabilities, layout, rows, row_mask)
 
     def _compact(
         self,
@@ -643,7 +606,7 @@ class PruningSession:
     def _text_tokens(self, layout: Layout, hidden: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:
             return {"text_hidden": None, "text_mask": None}
-        rows, valid = _query_rows(QueryRows.TEXT, layout, hidden.device)
+        rows, valid = query_rows(QueryRows.TEXT, layout, hidden.device)
         return {"text_hidden": gather_tokens(hidden, rows), "text_mask": valid}
 
     def _forget_vision(self) -> None:
@@ -669,8 +632,8 @@ class PruningSession:
         seconds = _now(prefill.original_real.device) - prefill.started
         batch = prefill.original_real.shape[0]
         real_per_layer, visual_per_layer = [], []
-        segment_of_layer = _segment_of_layer(prefill.segments, self.shape.num_layers)
-        for segment_index in segment_of_layer:
+        layer_segments = segment_of_layer(prefill.segments, self.shape.num_layers)
+        for segment_index in layer_segments:
             if segment_index is None:
                 real_per_layer.append(prefill.original_counts)
                 visual_per_layer.append(_sample_mean(prefill.visual_counts))
@@ -679,7 +642,7 @@ class PruningSession:
                 visual_per_layer.append(_sample_mean(prefill.stage_stats[segment_index].visual_out_per_sample))
         unpruned = [prefill.original_counts] * self.shape.num_layers
         flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)
-        lengths, size = _cache_size(cache)
+        lengths, size = cache_size(cache)
         stats = PrefillStats(
             batch_size=batch,
             visual_tokens=prefill.num_visual,
@@ -700,11 +663,11 @@ class PruningSession:
         self.history.append(stats)
         self._decode = None
         if cache is not None and prefill.segments:
-            self._decode = _Decode(
+            self._decode = DecodeState(
                 cache=cache,
                 prompt_length=prefill.original_real.shape[1],
                 segments=prefill.segments,
-                segment_of_layer=segment_of_layer,
+                segment_of_layer=layer_segments,
             )
         self._prefill = None
         self._forget_vision()
@@ -726,12 +689,12 @@ class PruningSession:
         for stage in prefill.plan:
             if stage.query_rows is None or stage.own_layer_attention or stage.layer - 1 != module.layer_idx:
                 continue
-            rows, row_mask = _query_rows(stage.query_rows, prefill.layout, query.device)
+            rows, row_mask = query_rows(stage.query_rows, prefill.layout, query.device)
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             probabilities = attention_rows(
                 query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
             )  # (B, R, L) or (B, H, R, L)
-            prefill.query_attention[stage.layer] = _stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
+            prefill.query_attention[stage.layer] = stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
 
     # ------------------------------------------------------------------ decode
 
@@ -750,7 +713,7 @@ class PruningSession:
         segment = decode.segments[segment_index]
         hidden = args[0] if args else kwargs["hidden_states"]
         if segment_index not in decode.step_masks:
-            decode.step_masks[segment_index] = self._segment_decode_mask(segment, hidden)
+            decode.step_masks[segment_index] = step_mask(decode, segment, hidden, self._mask_style)
         kwargs["attention_mask"] = decode.step_masks[segment_index]
         if self.positions == "reindex":
             if segment_index not in decode.step_positions:
@@ -763,17 +726,6 @@ class PruningSession:
             kwargs["position_ids"] = shifted
             kwargs["position_embeddings"] = embeddings
         return args, kwargs
-
-    def _segment_decode_mask(self, segment: Segment, hidden: torch.Tensor) -> torch.Tensor:
-        decode = self._decode
-        batch, device = hidden.shape[0], hidden.device
-        new_tokens = decode.generated + decode.step_length
-        if decode.step_attention_mask is not None:
-            tail = decode.step_attention_mask[:, decode.prompt_length :].bool().to(device)
-        else:
-            tail = torch.ones(batch, new_tokens, dtype=torch.bool, device=device)
-        key_real = torch.cat([segment.real.to(device), tail], dim=1)
-        return decode_mask(key_real, decode.step_length, self._mask_style, hidden.dtype)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -804,125 +756,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
         return (hidden, *args[1:]), kwargs
     kwargs["hidden_states"] = hidden
     return args, kwargs
-
-
-def _query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) query slot indices and (B, R) validity; samples with fewer rows repeat their last row."""
-    batch, length = layout.is_visual.shape
-    if kind is QueryRows.LAST:
-        rows = torch.full((batch, 1), length - 1, dtype=torch.long, device=device)
-        return rows, torch.ones_like(rows, dtype=torch.bool)
-    rows, valid = layout.text_rows
-    return rows.to(device), valid.to(device)
-
-
-def _columns(probabilities: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The columns ``slots`` (B, K) of (B, R, L) or (B, H, R, L) attention rows."""
-    slots = slots.to(probabilities.device)
-    index = slots.view(slots.shape[0], *([1] * (probabilities.dim() - 2)), slots.shape[1])
-    return torch.gather(probabilities, -1, index.expand(*probabilities.shape[:-1], -1))
-
-
-def _stage_rows(
-    stage: StagePlan, probabilities: torch.Tensor, layout: Layout, rows: torch.Tensor, row_mask: torch.Tensor
-) -> _Rows:
-    """What a stage keeps of its query rows' attention: the visual columns, the row mask and, when it asks, the
-    columns of the query rows' own tokens."""
-    own = _columns(probabilities, rows) if stage.query_row_attention else None
-    return _Rows(_columns(probabilities, layout.visual_slots), row_mask, own)
-
-
-def _rows_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    rows: torch.Tensor,
-    local_rows: torch.Tensor,
-    scale: float,
-    mask: Any,
-    average_heads: bool = True,
-) -> torch.Tensor:
-    """Attention of queries already picked at ``rows`` (B, H, R, d) over all keys, causal by the rows' slots."""
-    if mask is None:
-        length = key.shape[2]
-        columns = torch.arange(length, device=key.device)
-        mask = (columns[None, None, None, :] <= rows[:, None, :, None]).expand(-1, 1, -1, -1)  # (B, 1, R, L)
-        return attention_rows(query, key, local_rows, scale, mask, causal=False, average_heads=average_heads)
-    picked = torch.gather(
-        mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
-    )
-    return attention_rows(query, key, local_rows, scale, picked, causal=False, average_heads=average_heads)
-
-
-def _chained(first: observer.Observer, second: observer.Observer) -> observer.Observer:
-    """One observer calling two (a score reader and a rewriter on the same layer), their actions combined."""
-
-    def both(*arguments: Any) -> Any:
-        actions = [_as_action(first(*arguments)), _as_action(second(*arguments))]
-        masks = [a.mask for a in actions if a is not None and a.mask is not None]
-        transforms = [a.transform for a in actions if a is not None and a.transform is not None]
-        if len(masks) > 1:
-            raise RuntimeError("two observers replace the mask of the same attention call")
-        if not masks and not transforms:
-            return None
-
-        def transform(output: torch.Tensor) -> torch.Tensor:
-            for function in transforms:
-                output = function(output)
-            return output
-
-        return observer.Action(mask=masks[0] if masks else None, transform=transform if transforms else None)
-
-    return both
-
-
-def _as_action(result: Any) -> observer.Action | None:
-    return observer.Action(mask=result) if isinstance(result, torch.Tensor) else result
-
-
-def _segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:
-    """For each decoder layer, the index of the segment it belongs to (None before the first stage)."""
-    return [
-        max((i for i, s in enumerate(segments) if s.first_layer <= layer), default=None) for layer in range(num_layers)
-    ]
-
-
-def _checked_keep_index(
-    selection: Selection, context: StageContext, fixed: bool = True, keep_order: bool = False
-) -> torch.Tensor:
-    """The pruner's indices, checked, and sorted unless ``keep_order`` (an ordered selection with re-indexed
-    positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count, one for the whole
-    batch."""
-    if selection.ordered and selection.kept_hidden is not None:
-        raise RuntimeError("a selection cannot be both ordered and carry kept_hidden (which follows ascending order)")
-    keep_index = selection.keep_index.to(context.visual_hidden.device).long()
-    expected = (context.batch_size, context.keep)
-    shape_ok = tuple(keep_index.shape) == expected
-    if not fixed:
-        shape_ok = keep_index.dim() == 2 and keep_index.shape[0] == context.batch_size
-        shape_ok = shape_ok and 1 <= keep_index.shape[1] <= context.num_visual
-    if not shape_ok:
-        raise RuntimeError(f"pruner returned keep_index of shape {tuple(keep_index.shape)}, expected {expected}")
-    ascending = keep_index.sort(dim=1).values
-    out_of_range = (ascending[:, 0] < 0) | (ascending[:, -1] >= context.num_visual)
-    repeated = (ascending[:, 1:] == ascending[:, :-1]).any(dim=1)
-    if bool((out_of_range | repeated).any()):  # one device read for both checks
-        raise RuntimeError(f"the pruner returned indices outside [0, {context.num_visual}) or the same index twice")
-    return keep_index if keep_order else ascending
-
-
-def _cache_size(cache: Any) -> tuple[list[int], int]:
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return [], 0
-    lengths, size = [], 0
-    for layer in layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(keys, torch.Tensor):
-            lengths.append(0)
-            continue
-        lengths.append(int(keys.shape[-2]))
-        size += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-    return lengths, size
 
 
 def resolve_positions(pruner: Pruner, positions: str | None) -> str:

@@ -1,0 +1,67 @@
+"""Scoring rows: which query rows a stage reads (the last token, or the instruction's text tokens), and their
+attention to the visual tokens, kept per stage."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from vlprune.engine.layout import Layout
+from vlprune.kernels import attention_rows
+from vlprune.pruners.base import QueryRows, StagePlan
+
+
+class QueryAttention(NamedTuple):
+    """A stage's query-row attention, captured at the layer before it (or computed at its own layer)."""
+
+    visual: torch.Tensor  # (B, R, N) or (B, H, R, N): to the visual tokens
+    mask: torch.Tensor  # (B, R): which rows are real
+    own: torch.Tensor | None  # (B, R, R) or (B, H, R, R): to the query rows' own tokens, when the stage asks
+
+
+def query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) query slot indices and (B, R) validity; samples with fewer rows repeat their last row."""
+    batch, length = layout.is_visual.shape
+    if kind is QueryRows.LAST:
+        rows = torch.full((batch, 1), length - 1, dtype=torch.long, device=device)
+        return rows, torch.ones_like(rows, dtype=torch.bool)
+    rows, valid = layout.text_rows
+    return rows.to(device), valid.to(device)
+
+
+def columns(probabilities: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The columns ``slots`` (B, K) of (B, R, L) or (B, H, R, L) attention rows."""
+    slots = slots.to(probabilities.device)
+    index = slots.view(slots.shape[0], *([1] * (probabilities.dim() - 2)), slots.shape[1])
+    return torch.gather(probabilities, -1, index.expand(*probabilities.shape[:-1], -1))
+
+
+def stage_rows(
+    stage: StagePlan, probabilities: torch.Tensor, layout: Layout, rows: torch.Tensor, row_mask: torch.Tensor
+) -> QueryAttention:
+    """What a stage keeps of its query rows' attention: the visual columns, the row mask and, when it asks, the
+    columns of the query rows' own tokens."""
+    own = columns(probabilities, rows) if stage.query_row_attention else None
+    return QueryAttention(columns(probabilities, layout.visual_slots), row_mask, own)
+
+
+def rows_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: torch.Tensor,
+    local_rows: torch.Tensor,
+    scale: float,
+    mask: Any,
+    average_heads: bool = True,
+) -> torch.Tensor:
+    """Attention of queries already picked at ``rows`` (B, H, R, d) over all keys, causal by the rows' slots."""
+    if mask is None:
+        length = key.shape[2]
+        columns = torch.arange(length, device=key.device)
+        mask = (columns[None, None, None, :] <= rows[:, None, :, None]).expand(-1, 1, -1, -1)  # (B, 1, R, L)
+        return attention_rows(query, key, local_rows, scale, mask, causal=False, average_heads=average_heads)
+    picked = torch.gather(
+        mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+    )
+    return attention_rows(query, key, local_rows, scale, picked, causal=False, average_heads=average_heads)
