@@ -333,3 +333,39 @@ def test_visionzip_gives_each_view_its_dominant_and_contextual_tokens() -> None:
         expected = features[0, centre] + (features[0, members].mean(0) if members else 0)
         torch.testing.assert_close(selection.recycled.hidden[0, c], expected, atol=1e-5, rtol=0)
     assert selection.recycled.positions[0, : len(centres)].tolist() == (centres + 5).tolist()
+
+
+def test_ptp_region_budgets_follow_the_sub_images_saliency() -> None:
+    """PTP on tiled inputs: the regions are the base view and the tiles; a hand-built saliency map whose regions'
+    means are 4 : 2 : 1 : 1 (line breaks 0) gives budgets in that proportion, each region's tokens by the fused
+    score."""
+    from vlprune.pruners.base import StageContext
+
+    model, processor = anyres_model("llava-next")
+    inputs = anyres_inputs(processor, 1, size=(50, 50))  # base + 2 x 2 whole tiles: five regions of 49 tokens
+    count = num_visual(model, inputs)
+    geometry = vlprune.adapters.adapter_for(model).visual_geometry(dict(inputs), [count], torch.device("cpu"))
+    view = geometry.view[0]
+    level = torch.tensor([0.0, 4.0, 2.0, 1.0, 1.0, 0.0])  # by region: line breaks, base, tile 1..4
+    region = view.clamp(min=-1) + 1
+    noise = torch.rand(count)
+    noise = (
+        noise - (torch.zeros(6).index_add_(0, region, noise) / torch.bincount(region, minlength=6).clamp(min=1))[region]
+    )
+    saliency = level[region] * (1 + 0.01 * noise)  # tokens differ, region means stay exact
+    relevance = torch.rand(1, 3, count)
+    pruner = create("ptp", keep=41, alpha=0.5)
+    context = StageContext(
+        layer=3, keep=41, visual_hidden=torch.zeros(1, count, 4), visual_origin=torch.arange(count)[None],
+        visual_positions=torch.arange(count)[None], geometry=geometry, query_attention=relevance,
+        query_mask=torch.ones(1, 3, dtype=torch.bool), vision_received_attention=saliency[None],
+    )  # fmt: skip
+    kept = pruner.select(context).keep_index[0]
+    per_region = torch.bincount(region[kept], minlength=6).tolist()
+    assert per_region == [0, 21, 10, 5, 5, 0]  # floors of 41 x 4/8, 2/8, 1/8, 1/8, the remainder to the heaviest
+    # Inside a region, the fused score decides.
+    fused = 0.5 * (saliency - saliency.min()) / (saliency.max() - saliency.min())
+    best = relevance.amax(dim=1)[0]
+    fused = fused + 0.5 * (best - best.min()) / (best.max() - best.min())
+    base = torch.nonzero(view == 0)[:, 0]
+    assert sorted(kept[view[kept] == 0].tolist()) == sorted(base[fused[base].topk(21).indices].tolist())

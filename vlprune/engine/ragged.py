@@ -28,6 +28,7 @@ _CURRENT_AXIS = {
     "vision_cls_attention": 1,
     "vision_features": 1,
     "vision_keys": 1,
+    "vision_received_attention": 1,
 }
 _ORIGINAL_AXES = {"initial_visual_hidden": (1,), "vision_attention": (1, 2)}
 _PER_SAMPLE = (

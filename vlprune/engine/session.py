@@ -379,6 +379,9 @@ class PruningSession:
             vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
             **self._initial_embeddings(slots, stage.initial_embeddings),
             **bridge.map_inputs(hidden.shape[0], prefill.num_visual, stage.vision_attention),
+            vision_received_attention=bridge.received(geometry, layout, slots)
+            if stage.vision_received_attention
+            else None,
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),
             num_layers=self.shape.num_layers,

@@ -33,6 +33,7 @@ class VisionBridge:
         self.needs_cls = any(stage.vision_cls_attention for stage in plan)
         self.needs_keys = any(stage.vision_keys for stage in plan)
         self.needs_map = any(stage.vision_attention for stage in plan)
+        self.needs_received = any(stage.vision_received_attention for stage in plan)
         self.needs_features = any(stage.vision_features for stage in plan)
         if self.needs_cls and not adapter.vision_has_cls:
             raise VlpruneError(
@@ -53,7 +54,7 @@ class VisionBridge:
 
     @property
     def watches_feature_layer(self) -> bool:
-        return self.needs_cls or self.needs_keys or self.needs_map
+        return self.needs_cls or self.needs_keys or self.needs_map or self.needs_received
 
     def install(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Register the tower and projector hooks; the caller observes the feature layer's attention (see
@@ -91,7 +92,7 @@ class VisionBridge:
             self.cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
         if self.needs_keys:
             self.keys = key.float().mean(dim=1)  # (crops, tokens, d)
-        if self.needs_map:
+        if self.needs_map or self.needs_received:
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
             self.attention_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (crops, T, T)
 
@@ -142,6 +143,17 @@ class VisionBridge:
         origin = gather_tokens(layout.origin.to(device), slots)
         picked = gather_tokens(per_token, origin.clamp(min=0))
         return picked.masked_fill((origin < 0)[..., None], 0.0)
+
+    def received(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N) attention each current visual token receives at the feature layer, averaged over its crop's patch
+        queries ([CLS] excluded when LLaVA drops it) and the heads; 0 for line breaks and recycled tokens."""
+        attention = self.attention_map
+        if attention is None:
+            raise RuntimeError("the vision tower's attention map was not captured for this prefill")
+        if self.adapter.vision_drops_cls:
+            attention = attention[:, 1:, 1:]
+        per_crop = attention.mean(dim=1)[..., None]  # (crops, T, 1)
+        return self.tokens(per_crop, geometry, layout, slots, "received attention")[..., 0]
 
     def map_inputs(self, batch: int, num_visual: int, wanted: bool) -> dict[str, torch.Tensor]:
         """The attention map among the original visual tokens and the pixels, for pruners that read one square

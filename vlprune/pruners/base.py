@@ -67,6 +67,8 @@ class StagePlan:
             visual tokens and of the text after the image, whatever layer it runs at.
         vision_attention: whether the stage needs the full attention map among the image's tokens at the vision
             feature layer (head mean), and the pixels the tower received.
+        vision_received_attention: whether the stage needs the attention each visual token receives at the vision
+            feature layer, averaged over its crop's patch queries and the heads (works on multi-crop families).
     """
 
     layer: int
@@ -81,6 +83,7 @@ class StagePlan:
     vision_keys: bool = False
     initial_embeddings: bool = False
     vision_attention: bool = False
+    vision_received_attention: bool = False
 
 
 @dataclass
@@ -125,6 +128,8 @@ class StageContext:
         vision_attention: (B, N0, N0) head-mean softmax attention among the original visual tokens at the vision
             feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), or None.
         pixel_values: (B, C, H, W) the images as the vision tower received them, or None.
+        vision_received_attention: (B, N) attention each token receives at the vision feature layer, averaged over
+            the patch queries of its own crop and the heads (0 for line breaks and recycled tokens), or None.
         vision_kept: (B, K) ascending indices of the visual tokens that survived pruning inside the vision tower,
             for pruners with vision-encoder stages (:meth:`Pruner.vision_layers`), or None.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
@@ -153,6 +158,7 @@ class StageContext:
     initial_text_mask: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
+    vision_received_attention: torch.Tensor | None = None
     vision_kept: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0

@@ -23,8 +23,11 @@ From the public re-implementation (unverified), and the project's choices where 
   original RoPE positions (``default_positions``: with no official code to follow, vlprune keeps them as FastV's
   in-LLM pruning does, which also keeps pruning equal to masking). ``layer`` moves it (scored at ``layer - 1``);
   ``keep`` counts the tokens after it.
-- Regions: LLaVA-1.5 has one image and no tiles, so regions are spatial tiles of the token grid, ``regions=4`` (2 x 2)
-  by default. Tiled inputs (LLaVA-NeXT) are not supported by vlprune's adapters yet.
+- Regions: on tiled inputs (LLaVA-NeXT, OneVision) the regions are the sub-images as the paper defines them: the base
+  view and each tile, each token's saliency computed within its own crop. LLaVA-1.5 has one image and no tiles, so
+  there the regions are spatial tiles of the token grid, ``regions=4`` (2 x 2) by default.
+- Line breaks (``image_newline``) carry no saliency and form no region: they are dropped unless the budget exceeds
+  every other token (nothing in the paper's abstract says otherwise).
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def region_quotas(saliency: torch.Tensor, region_of: torch.Tensor, keep: int) ->
     return crop_quotas(weights, capacity, keep)
 
 
+def view_quotas(saliency: torch.Tensor, region_of: torch.Tensor, keep: int) -> torch.Tensor:
+    """(1, regions) tokens per sub-image (region 0, the line breaks, gets budget only when the others are full)."""
+    regions = int(region_of.max()) + 1
+    region_of = region_of.to(saliency.device)
+    totals = torch.zeros(1, regions, device=saliency.device).index_add_(1, region_of, saliency.float())
+    capacity = torch.bincount(region_of, minlength=regions)
+    means = totals / capacity.clamp(min=1)
+    means[:, 0] = 0.0
+    weights = means / means.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(means.dtype).tiny)
+    return crop_quotas(weights, capacity, keep)
+
+
 @register
 @dataclass
 class PTP(Pruner):
@@ -86,16 +101,27 @@ class PTP(Pruner):
         layer = check_layer(self.layer, num_layers, minimum=1, method=self.name)
         return [
             StagePlan(
-                layer=layer, keep=self._required_keep(num_visual), query_rows=QueryRows.TEXT, vision_attention=True
+                layer=layer,
+                keep=self._required_keep(num_visual),
+                query_rows=QueryRows.TEXT,
+                vision_received_attention=True,
             )
         ]
 
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
-        assert ctx.query_attention is not None and ctx.vision_attention is not None
-        saliency = ctx.vision_attention.mean(dim=1)  # (B, N): attention each token receives
+        assert ctx.query_attention is not None and ctx.vision_received_attention is not None
+        saliency = ctx.vision_received_attention  # (B, N): attention each token receives in its crop
         relevance = instruction_relevance(ctx.query_attention, ctx.query_mask)
         score = (1 - self.alpha) * min_max(saliency) + self.alpha * min_max(relevance)
-        region_of = tile_crops(ctx.num_visual, self.regions)
-        quota = region_quotas(saliency, region_of, ctx.keep)
-        return Selection(keep_index=keep_by_quota(score, region_of, quota), scores=score)
+        geometry = ctx.geometry
+        if geometry is None or not bool(geometry.is_tile.any()):
+            region_of = tile_crops(ctx.num_visual, self.regions)
+            quota = region_quotas(saliency, region_of, ctx.keep)
+            return Selection(keep_index=keep_by_quota(score, region_of, quota), scores=score)
+        rows = []
+        for sample in range(ctx.batch_size):
+            region_of = geometry.view[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles
+            quota = view_quotas(saliency[sample : sample + 1], region_of, ctx.keep)
+            rows.append(keep_by_quota(score[sample : sample + 1], region_of, quota)[0])
+        return Selection(keep_index=torch.stack(rows), scores=score)
