@@ -187,6 +187,9 @@ RAGGED_CASES = [
     ("pyramiddrop", {"keep": 0.3}),
     ("visionzip", {"keep": 0.25}),  # recycling at layer 0
     ("random", {"keep": 30, "layer": 2}),  # a count per sample
+    ("adaptinfer", {"keep": 0.25, "layers": [1, 2, 3]}),  # text-to-text attention rows per sample
+    ("fastv+var", {"keep": 0.25}),  # attention redistribution over a left-filled sequence
+    ("ptp", {"keep": 0.25}),  # per-crop received attention
 ]
 
 
