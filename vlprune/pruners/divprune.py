@@ -22,6 +22,10 @@ Deviations, each for a reason:
 - A token already chosen is never chosen again. The reference does not exclude them: it relies on a chosen token's
   own distance (the diagonal) being the smallest, which float16 rounding breaks at near-duplicates (``1 - cos(x, x)``
   rounds above a neighbour's distance), so it can choose the same token twice and keep fewer distinct tokens.
+
+LLaVA-NeXT (the reference's ``llava_arch.py`` keeps the ``spatial_unpad`` path): one selection over the whole visual
+span, the base view, the unpadded tiles and the ``image_newline`` line breaks alike, the budget a share of that
+span's real length (``SUBSET_RATIO`` times it), as vlprune does for any family with a fractional ``keep``.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Deviations, each for a reason:
 - The attention row is computed by the engine from the layer's queries and keys (any attention backend), with
   grouped-query attention handled (the reference assumes as many key heads as query heads).
 - Batches of more than one sample work; each sample is scored on its own last token.
+
+LLaVA-NeXT (the reference's ``scripts/v1_6`` use the same layers and ratios): each stage ranks the whole visual span,
+base view, tiles and line breaks alike, and keeps ``int(N · ratio)`` of it, as on LLaVA-1.5.
 """
 
 from __future__ import annotations
