@@ -372,3 +372,50 @@ def test_ptp_region_budgets_follow_the_sub_images_saliency() -> None:
     fused = fused + 0.5 * (best - best.min()) / (best.max() - best.min())
     base = torch.nonzero(view == 0)[:, 0]
     assert sorted(kept[view[kept] == 0].tolist()) == sorted(base[fused[base].topk(21).indices].tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_received_attention_is_each_crops_eager_attention_mapped_onto_the_tokens(family: str) -> None:
+    """What PTP (and HoloV on SigLIP) receive as ``vision_received_attention``: for each visual token, the attention
+    its patch receives at the feature layer, averaged over the heads and its own crop's patch queries ([CLS] row and
+    column dropped where LLaVA drops [CLS]); 0 for line breaks. Checked against the tower's eager weights."""
+    from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+
+    captured = {}
+
+    @dataclasses.dataclass
+    class ReceivedReader(Pruner):
+        name = "received-reader-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_received_attention=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            captured["received"] = ctx.vision_received_attention
+            return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
+
+    model, processor = anyres_model(family, "eager")
+    adapter = vlprune.adapters.adapter_for(model)
+    inputs = anyres_inputs(processor, 1, size=(40, 30))
+    with vlprune.attach(model, ReceivedReader()), torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True).attentions
+    per_crop = attentions[adapter.vision_feature_layer_index()].mean(dim=1)  # (crops, T, T)
+    if adapter.vision_drops_cls:
+        per_crop = per_crop[:, 1:, 1:]
+    received = per_crop.mean(dim=1)  # (crops, patches): mean over the crop's patch queries
+    geometry = adapter.visual_geometry(dict(inputs), [num_visual(model, inputs)], torch.device("cpu"))
+    crop, patch = geometry.crop[0], geometry.crop_token[0]
+    expected = torch.where(crop >= 0, received[crop.clamp(min=0), patch.clamp(min=0)], 0.0)
+    torch.testing.assert_close(captured["received"][0], expected, atol=1e-6, rtol=1e-4)
+    assert int(crop.max()) == 4 and bool((captured["received"][0][geometry.is_newline[0]] == 0).all())
+
+
+def test_holov_runs_on_siglip_with_the_received_attention() -> None:
+    model, processor = anyres_model("llava-onevision")
+    inputs = anyres_inputs(processor, 2)
+    with vlprune.attach(model, create("holov", keep=0.25)) as session:
+        greedy(model, inputs, new_tokens=1)
+    assert session.stats.stages[0].visual_out == round(0.25 * num_visual(model, inputs))

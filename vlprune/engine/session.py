@@ -115,7 +115,7 @@ class PruningSession:
         # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
         probe = pruner.plan(num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
         check_plan(pruner.name, probe, num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
-        self._bridge = VisionBridge(self.adapter, pruner.name, probe)
+        self._bridge = VisionBridge(self.adapter, pruner, probe)
         self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
         self._score_layers = sorted(
             {stage.layer - 1 for stage in probe if stage.query_rows is not None and not stage.own_layer_attention}
@@ -368,7 +368,9 @@ class PruningSession:
             query_positions=None if query is None else self._query_positions(stage, layout, device),
             query_row_attention=None if query is None else query.own,
             rotary=self._rotary_for(hidden) if stage.query_rows is not None else None,
-            vision_cls_attention=bridge.cls_scores(geometry, layout, slots) if stage.vision_cls_attention else None,
+            vision_cls_attention=bridge.cls_scores(geometry, layout, slots)
+            if stage.vision_cls_attention and not bridge.cls_substituted
+            else None,
             vision_features=bridge.tokens(bridge.features, geometry, layout, slots, "projector input")
             if stage.vision_features
             else None,
@@ -380,7 +382,7 @@ class PruningSession:
             **self._initial_embeddings(slots, stage.initial_embeddings),
             **bridge.map_inputs(hidden.shape[0], prefill.num_visual, stage.vision_attention),
             vision_received_attention=bridge.received(geometry, layout, slots)
-            if stage.vision_received_attention
+            if stage.vision_received_attention or (stage.vision_cls_attention and bridge.cls_substituted)
             else None,
             **self._text_tokens(layout, hidden, stage.text_tokens),
             stage_index=len(prefill.stage_stats),

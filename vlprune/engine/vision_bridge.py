@@ -21,25 +21,28 @@ from vlprune.engine.layout import Layout
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import attention_rows, gather_tokens
-from vlprune.pruners.base import StagePlan
+from vlprune.pruners.base import Pruner, StagePlan
 
 
 class VisionBridge:
     """Captures the vision side's outputs for the next prefill and hands them to stages per visual token."""
 
-    def __init__(self, adapter: ModelAdapter, pruner_name: str, plan: list[StagePlan]) -> None:
+    def __init__(self, adapter: ModelAdapter, pruner: Pruner, plan: list[StagePlan]) -> None:
         self.adapter = adapter
-        self.pruner_name = pruner_name
+        self.pruner_name = pruner_name = pruner.name
         self.needs_cls = any(stage.vision_cls_attention for stage in plan)
         self.needs_keys = any(stage.vision_keys for stage in plan)
         self.needs_map = any(stage.vision_attention for stage in plan)
         self.needs_received = any(stage.vision_received_attention for stage in plan)
         self.needs_features = any(stage.vision_features for stage in plan)
+        self.cls_substituted = False  # the [CLS] attention is replaced by the attention each token receives
         if self.needs_cls and not adapter.vision_has_cls:
-            raise VlpruneError(
-                f"method {pruner_name!r} needs the vision tower's [CLS] token, and "
-                f"{adapter.config.vision_config.model_type} has none"
-            )
+            if pruner.cls_substitute != "received":
+                raise VlpruneError(
+                    f"method {pruner_name!r} needs the vision tower's [CLS] token, and "
+                    f"{adapter.config.vision_config.model_type} has none"
+                )
+            self.needs_cls, self.needs_received, self.cls_substituted = False, True, True
         if self.needs_map and adapter.multi_crop:
             raise VlpruneError(
                 f"{pruner_name} reads one vision attention map per image; {adapter.family} encodes a base view and "

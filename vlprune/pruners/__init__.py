@@ -102,7 +102,8 @@ FAMILY_NAMES = ("llava", "llava-next", "llava-onevision")
 def families_of(name: str) -> list[str]:
     """The families the method ``name`` runs on with its defaults: a method pruning inside the vision tower or reading
     its attention map image by image has no multi-crop path yet (LLaVA-NeXT, OneVision), and one reading the [CLS]
-    token's attention cannot run on OneVision's SigLIP tower, which has none."""
+    token's attention cannot run on OneVision's SigLIP tower, which has none, unless its reference has a substitute
+    (:attr:`Pruner.cls_substitute`)."""
     from vlprune.pruners.base import PROBE_TOKENS
     from vlprune.pruners.var import VAR
 
@@ -112,7 +113,7 @@ def families_of(name: str) -> list[str]:
     pruner = cls() if cls.name == "none" else cls(keep=0.25)
     plan = pruner.plan(PROBE_TOKENS, _LISTING_LAYERS)
     per_image = type(pruner).vision_layers is not Pruner.vision_layers or any(s.vision_attention for s in plan)
-    needs_cls = any(stage.vision_cls_attention for stage in plan)
+    needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
     families = ["llava"]
     if not per_image:
         families.append("llava-next")

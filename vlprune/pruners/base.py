@@ -342,6 +342,10 @@ class Pruner:
     """How the method's reference numbers RoPE positions after pruning: "original" (kept tokens keep theirs) or
     "reindex" (the shortened prompt is numbered contiguously). ``vlprune.attach(positions=None)``, the API, the CLI and
     the lmms-eval wrapper default to it; an explicit ``positions=`` overrides it."""
+    cls_substitute: ClassVar[str | None] = None
+    """What the method's reference reads instead of the [CLS] attention on towers without a [CLS] token (SigLIP, the
+    Qwen-VL ViTs): "received" hands stages that ask for ``vision_cls_attention`` the attention each token receives
+    (``StageContext.vision_received_attention``) instead; None refuses such towers."""
 
     keep: int | float | None = None
     modifier: Any = field(default=None, init=False, repr=False, compare=False)

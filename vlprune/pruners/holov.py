@@ -35,7 +35,10 @@ Deviations, each for a reason:
   inconsistency that only crops of one token meet.
 - ``crops`` sets C directly; ``tiles=True`` cuts the token grid into rectangular tiles (r x C/r with r the largest
   divisor of C not above its square root) instead of the reference's raster chunks; it needs a square grid.
-- Towers without a [CLS] token (SigLIP) are refused: the method's saliency is that token's attention.
+- Towers without a [CLS] token (SigLIP, OneVision's tower) take the reference's own substitute from its Qwen2.5-VL
+  file (``qwen-model-HoloV/modeling_qwen2_5_vl.py``): the attention each token receives at the vision feature layer,
+  averaged over heads and queries (there the last ViT block, as OneVision's feature layer is; per crop on tiled
+  inputs). That file's 2 x 2 merge-group averaging is specific to Qwen's patch merger and does not apply here.
 
 LLaVA-NeXT (the reference's ``llava_arch.py``: the ``image_newline`` lines commented out, unpadding kept): the line
 breaks are removed and the rest, the base view then the stitched tile grid row by row, is chunked and pruned as one
@@ -115,6 +118,7 @@ class HoloV(Pruner):
     stage = Stage.PRE_LLM
     reference = "HoloV, NeurIPS 2025 (obananas/HoloV)"
     default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
+    cls_substitute = "received"  # its Qwen2.5-VL file: the attention each token receives at the last ViT block
 
     crops: int | None = None
     tiles: bool = False
@@ -130,8 +134,9 @@ class HoloV(Pruner):
         return tile_crops(num_visual, crops) if self.tiles else strip_crops(num_visual, crops)
 
     def select(self, ctx: StageContext) -> Selection:
-        assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for holov"
-        attention, geometry = ctx.vision_cls_attention, ctx.geometry
+        attention = ctx.vision_cls_attention if ctx.vision_cls_attention is not None else ctx.vision_received_attention
+        assert attention is not None, "the engine supplies the [CLS] attention (or its substitute) for holov"
+        geometry = ctx.geometry
         if geometry is None or not bool(geometry.is_newline.any()):
             keep_index = self._select(ctx.visual_hidden, attention, ctx.keep)
             return Selection(keep_index=keep_index, scores=attention, ordered=self.reference_order)
