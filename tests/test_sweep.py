@@ -120,6 +120,14 @@ def test_a_larger_limit_extends_a_sweep_and_a_smaller_one_is_refused(pipeline, s
         run_sweep(pipeline, samples[:2], two, tmp_path, progress=False)
 
 
+def test_a_sharded_rerun_skips_the_cells_of_the_merged_results(pipeline, samples, tmp_path: Path) -> None:
+    """Extending a sharded sweep whose per-process files are gone: the merged results.jsonl's cells are not rerun."""
+    two = SweepSettings(**{**SETTINGS.__dict__, "limit": 2})
+    run_sweep(pipeline, samples[:2], two, tmp_path, progress=False)  # one process: results.jsonl
+    path = run_sweep(pipeline, samples, SETTINGS, tmp_path, shard=(0, 2), progress=False)  # samples 0 and 2
+    assert {json.loads(line)["sample"] for line in path.read_text().splitlines()} == {samples[2].id}
+
+
 def test_fidelity_against_hand_computations() -> None:
     p = torch.tensor([0.5, 0.25, 0.25])
     q = torch.tensor([0.25, 0.5, 0.25])

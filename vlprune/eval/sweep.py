@@ -385,14 +385,21 @@ def run_sweep(
     with _exclusive(folder, results_name):
         check_settings(folder, settings)
         results = ResultsFile(folder / results_name)
-        _run_cells(runner, mine, settings, results, progress)
+        # A sharded rerun (an extended --limit) skips the cells the merged results.jsonl already holds.
+        merged = ResultsFile(folder / RESULTS).keys() if count > 1 and (folder / RESULTS).exists() else set()
+        _run_cells(runner, mine, settings, results, progress, merged)
     return results.path
 
 
 def _run_cells(
-    runner: CellRunner, mine: Sequence[VQASample], settings: SweepSettings, results: ResultsFile, progress: bool
+    runner: CellRunner,
+    mine: Sequence[VQASample],
+    settings: SweepSettings,
+    results: ResultsFile,
+    progress: bool,
+    elsewhere: set[tuple[str, ...]] = frozenset(),
 ) -> None:
-    done = results.keys()
+    done = results.keys() | elsewhere
     todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, *c) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
     warmed = False
