@@ -304,7 +304,6 @@ def test_ptp_budgets_regions_by_saliency_and_fuses_instruction_relevance() -> No
     rows[0, 1, 9] = 0.9  # the second instruction token looks at token 9
     valid = torch.tensor([[True, True]])
     assert int(instruction_relevance(rows, valid).argmax()) == 9
-    attention = received[:, None, :].expand(1, 16, 16) / 16  # every query gives these shares: received = shares
     ctx = StageContext(
         layer=3,
         keep=6,
@@ -313,7 +312,7 @@ def test_ptp_budgets_regions_by_saliency_and_fuses_instruction_relevance() -> No
         visual_origin=torch.arange(16)[None],
         query_attention=rows,
         query_mask=valid,
-        vision_attention=attention,
+        vision_received_attention=received / 16,
     )
     kept = vlprune.pruners.create("ptp", keep=6).select(ctx).keep_index[0].tolist()
     # Region 0 keeps 3 of its 4 equally salient tokens (ties to the lowest index), region 2 its instruction-relevant
