@@ -86,6 +86,11 @@ class VisualGeometry:
         }
         return VisualGeometry(**values, num_crops=self.num_crops)
 
+    def sample(self, index: int, count: int) -> VisualGeometry:
+        """Sample ``index``'s first ``count`` tokens alone, as a batch of one."""
+        values = {name: getattr(self, name)[index : index + 1, :count] for name in _GEOMETRY_FIELDS}
+        return VisualGeometry(**values, num_crops=self.num_crops)
+
     def to(self, device: torch.device) -> VisualGeometry:
         if self.view.device == device:
             return self

@@ -353,19 +353,23 @@ def build_tiny_llava(
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
+    finish_tiny_model(model, tokenizer, weight_scale)
+    return model, processor
 
+
+def finish_tiny_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, weight_scale: float) -> None:
+    """Make a freshly built tiny model's attention peaky (every language-model ``q_proj`` and ``k_proj`` weight times
+    ``weight_scale ** 0.5``), give its generation config the tokenizer's special ids, and put it in eval mode."""
     factor = float(weight_scale) ** 0.5
     with torch.no_grad():
         for name, param in model.model.language_model.named_parameters():
             if param.ndim == 2 and name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(factor)
-
     generation_config = model.generation_config
     generation_config.bos_token_id = tokenizer.bos_token_id
     generation_config.eos_token_id = tokenizer.eos_token_id
     generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    return model, processor
 
 
 def make_test_image(seed: int, size: int = 32) -> Image.Image:

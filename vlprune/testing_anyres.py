@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
@@ -21,10 +20,16 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
-    SiglipVisionConfig,
 )
 
-from vlprune.testing import CHAT_TEMPLATE, IMAGE_TOKEN, _text_config, build_tiny_tokenizer
+from vlprune.testing import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    _text_config,
+    _vision_config,
+    build_tiny_tokenizer,
+    finish_tiny_model,
+)
 
 __all__ = ["GRID_PINPOINTS", "VIEW_SIZE", "build_tiny_llava_next", "build_tiny_llava_onevision"]
 
@@ -35,31 +40,6 @@ PATCH_SIZE = 4
 
 GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 """(height, width) of the tile grids an image may be fitted to."""
-
-
-def _vision(kind: str, layers: int) -> CLIPVisionConfig | SiglipVisionConfig:
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        image_size=VIEW_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    return CLIPVisionConfig(projection_dim=32, **common) if kind == "clip" else SiglipVisionConfig(**common)
-
-
-def _finish(model: torch.nn.Module, tokenizer, weight_scale: float) -> None:
-    """Peaky attention (see :func:`vlprune.testing.build_tiny_llava`), the tokenizer's ids, eval mode."""
-    factor = float(weight_scale) ** 0.5
-    with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if param.ndim == 2 and name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(factor)
-    generation = model.generation_config
-    generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    model.eval()
 
 
 def build_tiny_llava_next(
@@ -86,7 +66,7 @@ def build_tiny_llava_next(
         num_additional_image_tokens=1,
     )
     config = LlavaNextConfig(
-        vision_config=_vision("clip", vision_layers),
+        vision_config=_vision_config("clip", VIEW_SIZE, PATCH_SIZE, vision_layers),
         text_config=_text_config("llama", tokenizer, 4, num_hidden_layers),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=GRID_PINPOINTS,
@@ -96,7 +76,7 @@ def build_tiny_llava_next(
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).to(torch.float32)
-    _finish(model, tokenizer, weight_scale)
+    finish_tiny_model(model, tokenizer, weight_scale)
     return model, processor
 
 
@@ -124,7 +104,7 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio="anyres_max_2",
     )
     config = LlavaOnevisionConfig(
-        vision_config=_vision("siglip", vision_layers),
+        vision_config=_vision_config("siglip", VIEW_SIZE, PATCH_SIZE, vision_layers),
         text_config=_text_config("qwen2", tokenizer, 2, num_hidden_layers),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=GRID_PINPOINTS,
@@ -135,5 +115,5 @@ def build_tiny_llava_onevision(
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32)
-    _finish(model, tokenizer, weight_scale)
+    finish_tiny_model(model, tokenizer, weight_scale)
     return model, processor

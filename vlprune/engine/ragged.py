@@ -15,7 +15,6 @@ import dataclasses
 
 import torch
 
-from vlprune.geometry import VisualGeometry
 from vlprune.pruners.base import RecycledTokens, Selection, StageContext
 
 # StageContext fields with an axis over the stage's current visual tokens (axis index), and over the prompt's
@@ -62,17 +61,8 @@ def sample_context(context: StageContext, sample: int, count: int, original: int
         values[spec.name] = value
     geometry = context.geometry
     if geometry is not None:
-        values["geometry"] = _sample_geometry(geometry, sample, count)
+        values["geometry"] = geometry.sample(sample, count)
     return dataclasses.replace(context, keep=keep, **values)
-
-
-def _sample_geometry(geometry: VisualGeometry, sample: int, count: int) -> VisualGeometry:
-    tensors = {
-        spec.name: getattr(geometry, spec.name)[sample : sample + 1, :count]
-        for spec in dataclasses.fields(geometry)
-        if isinstance(getattr(geometry, spec.name), torch.Tensor)
-    }
-    return VisualGeometry(**tensors, num_crops=geometry.num_crops)
 
 
 def stacked_recycled(selections: list[Selection], hidden_size: int, like: torch.Tensor) -> RecycledTokens | None:

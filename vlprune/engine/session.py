@@ -406,34 +406,8 @@ class PruningSession:
         new_hidden, new_layout = self._compact(layout, hidden, order, kept_slots, selection)
         prefill.layout = new_layout
         prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
-        # Pruning removes only real tokens and recycling adds real ones, so the counts follow without a device read.
-        kept = keep_index.shape[1]
-        removed = context.num_visual - kept - num_recycled
-        previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
-        real_counts = [count - removed for count in previous_counts]
-        shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
-        prefill.segments.append(
-            Segment(
-                first_layer=stage.layer,
-                real=new_layout.real,
-                position_shift=torch.tensor(shift if self.positions == "reindex" else [0] * len(shift), device=device),
-                real_counts=real_counts,
-            )
-        )
         kept_origin = gather_tokens(context.visual_origin, keep_index).tolist()
-        prefill.current_counts = [kept + num_recycled] * len(real_counts)
-        prefill.stage_stats.append(
-            StageStats(
-                layer=stage.layer,
-                visual_in=context.num_visual,
-                visual_out=kept + num_recycled,
-                recycled=num_recycled,
-                kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
-                views_out=self._view_counts(kept_origin, num_recycled),
-                visual_in_per_sample=[context.num_visual] * len(real_counts),
-                visual_out_per_sample=list(prefill.current_counts),
-            )
-        )
+        self._record_stage(stage, new_layout, kept_origin, [num_recycled] * context.batch_size, device)
         return new_hidden
 
     def _run_ragged_stage(
@@ -456,8 +430,7 @@ class PruningSession:
             kept_slots.append(slots[sample, index])
             kept_origin.append(alone.visual_origin[0, index].tolist())
             selections.append(selection)
-        merged = [s for s in selections if s.kept_hidden is not None]
-        if merged:  # in-place merges replace the kept tokens' states before the gather
+        if any(s.kept_hidden is not None for s in selections):  # in-place merges replace kept states before the gather
             hidden = hidden.clone()
             for sample, selection in enumerate(selections):
                 if selection.kept_hidden is not None:
@@ -471,10 +444,25 @@ class PruningSession:
         prefill.layout = new_layout
         prefill.padded = prefill.padded or bool(filler.any())
         prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
-        out = [len(kept) + extra for kept, extra in zip(kept_slots, recycled_counts, strict=True)]
-        removed = [count - now for count, now in zip(prefill.current_counts, out, strict=True)]
+        self._record_stage(stage, new_layout, kept_origin, recycled_counts, device)
+        return new_hidden
+
+    def _record_stage(
+        self,
+        stage: StagePlan,
+        new_layout: Layout,
+        kept_origin: list[list[int]],
+        recycled: list[int],
+        device: torch.device,
+    ) -> None:
+        """The segment that starts at the stage's layer and the stage's statistics, from each sample's kept tokens
+        (their original indices, -1 for earlier recycled ones) and recycled count. Pruning removes only real tokens
+        and recycling adds real ones, so the counts follow without a device read."""
+        prefill = self._prefill
+        counts_in = prefill.current_counts
+        out = [len(kept) + extra for kept, extra in zip(kept_origin, recycled, strict=True)]
         previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
-        real_counts = [count - gone for count, gone in zip(previous_counts, removed, strict=True)]
+        real_counts = [real - (before - now) for real, before, now in zip(previous_counts, counts_in, out, strict=True)]
         shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
         prefill.segments.append(
             Segment(
@@ -487,20 +475,19 @@ class PruningSession:
         prefill.stage_stats.append(
             StageStats(
                 layer=stage.layer,
-                visual_in=max(prefill.current_counts),
+                visual_in=max(counts_in),
                 visual_out=max(out),
-                recycled=max(recycled_counts),
+                recycled=max(recycled),
                 kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
                 views_out=[
                     self._sample_view_counts(sample, row, extra)
-                    for sample, (row, extra) in enumerate(zip(kept_origin, recycled_counts, strict=True))
+                    for sample, (row, extra) in enumerate(zip(kept_origin, recycled, strict=True))
                 ],
-                visual_in_per_sample=list(prefill.current_counts),
+                visual_in_per_sample=list(counts_in),
                 visual_out_per_sample=out,
             )
         )
         prefill.current_counts = out
-        return new_hidden
 
     def _geometry(self) -> VisualGeometry:
         """The prefill's visual-token geometry, from the call's arguments or, when ``generate`` encoded the images
@@ -513,12 +500,9 @@ class PruningSession:
             prefill.geometry = on_host.to(prefill.layout.is_visual.device)
         return prefill.geometry
 
-    def _view_counts(self, origins: list[list[int]], recycled: int) -> list[dict[str, int]]:
-        """Per sample, how many of the tokens ``origins`` (original indices, -1 for recycled ones) are base-view,
-        tile and line-break tokens, and how many are recycled (plus ``recycled`` new ones)."""
-        return [self._sample_view_counts(sample, row, recycled) for sample, row in enumerate(origins)]
-
     def _sample_view_counts(self, sample: int, origins: list[int], recycled: int) -> dict[str, int]:
+        """How many of sample ``sample``'s tokens ``origins`` (original indices, -1 for recycled ones) are base-view,
+        tile and line-break tokens, and how many are recycled (plus ``recycled`` new ones)."""
         self._geometry()
         views = self._prefill.host_views[sample]
         kinds = [views[i] if i >= 0 else None for i in origins]
@@ -652,7 +636,10 @@ class PruningSession:
             batch_size=batch,
             visual_tokens=prefill.num_visual,
             visual_tokens_per_sample=list(prefill.visual_counts),
-            visual_views=self._view_counts([list(range(count)) for count in prefill.visual_counts], 0),
+            visual_views=[
+                self._sample_view_counts(sample, list(range(count)), 0)
+                for sample, count in enumerate(prefill.visual_counts)
+            ],
             stages=prefill.stage_stats,
             visual_tokens_per_layer=visual_per_layer,
             equivalent_visual_tokens=sum(visual_per_layer) / len(visual_per_layer),
