@@ -110,7 +110,7 @@ def test_methods_lists_every_method_with_its_stage(capsys: pytest.CaptureFixture
         assert reference == cls.reference
         assert POSITIONS_COLUMN[name] == vlprune.pruners.create(name).reference_positions()
         assert FAMILIES_COLUMN[name] == ",".join(vlprune.pruners.families_of(name))
-    assert FAMILIES_COLUMN["flowcut"] == "llava" and "llava-onevision" not in FAMILIES_COLUMN["visionzip"]
+    assert "llava-onevision" in FAMILIES_COLUMN["flowcut"] and "llava-onevision" not in FAMILIES_COLUMN["visionzip"]
     # Columns line up: the stage and the reference columns start at the same offset on every line.
     assert_aligned(out)
 

@@ -155,7 +155,7 @@ def test_adaptive_count_follows_the_attention_entropy() -> None:
     attention = torch.cat([flat, peaked])
     torch.testing.assert_close(normalised_entropy(attention, real), torch.tensor([1.0, 0.0]))
     # Flat attention prunes nothing; one-hot attention prunes (8 - 2) / sqrt(4) = 3 of 8.
-    assert adaptive_keep(attention, real, keep=2, layers_left=4).tolist() == [8, 5]
+    assert adaptive_keep(attention, real, keep=torch.tensor([2, 2]), layers_left=4).tolist() == [8, 5]
 
 
 def test_flowcut_prunes_every_other_layer_before_the_feature_layer() -> None:

@@ -76,6 +76,19 @@ class VisualGeometry:
     def is_tile(self) -> torch.Tensor:
         return self.view > BASE
 
+    def crop_values(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, N, F) per-token values picked from per-crop values (crops, P, F) by each token's crop and patch
+        (OneVision's down-scaled tokens take their nearest source patch's); ``fill`` where a token has none (line
+        breaks, padding, recycled tokens)."""
+        crops, per_crop = values.shape[:2]
+        if crops != self.num_crops:
+            raise ValueError(f"values for {crops} crops, the geometry has {self.num_crops}")
+        crop, token = self.crop.to(values.device), self.crop_token.to(values.device)
+        has_source = (crop >= 0) & (token >= 0)
+        flat = crop.clamp(min=0) * per_crop + token.clamp(min=0)  # (B, N)
+        picked = values.reshape(crops * per_crop, *values.shape[2:])[flat]
+        return picked.masked_fill(~has_source.view(*has_source.shape, *([1] * (picked.dim() - 2))), fill)
+
     def take(self, origin: torch.Tensor) -> VisualGeometry:
         """The geometry of the tokens ``origin`` (B, K): indices among the original visual tokens, -1 for tokens
         that have none (recycled ones), which get -1 in every field."""

@@ -63,6 +63,18 @@ class ModelAdapter:
         ``image_sizes``, ...) and the visual tokens per sample."""
         raise NotImplementedError
 
+    def image_views(self, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        """(visual tokens, crops) of every image of a prefill, in the order the vision tower encodes them, from the
+        recorded image inputs (multi-crop families)."""
+        raise NotImplementedError
+
+    def pack_crop_values(
+        self, values: torch.Tensor, model_kwargs: dict[str, Any], geometry: VisualGeometry, fill: float
+    ) -> torch.Tensor:
+        """(B, N0) per-crop patch values (crops, P) placed on the visual tokens as the model packs its features;
+        ``fill`` at line breaks and padding. A family that places every patch as one token needs only the geometry."""
+        return geometry.crop_values(values[..., None], fill)[..., 0]
+
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""
         raise NotImplementedError

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlprune.adapters.llava import LlavaAdapter
 from vlprune.errors import VlpruneError
-from vlprune.geometry import ImageTokens, VisualGeometry, batch_geometry, single_view, tiled_view
+from vlprune.geometry import PADDING, ImageTokens, VisualGeometry, batch_geometry, single_view, tiled_view
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -50,6 +50,31 @@ class LlavaNextAdapter(LlavaAdapter):
             return batch_geometry(images, per_sample, device)
         except ValueError as error:
             raise VlpruneError(f"{self.family}: {error}; were the prompts and pixel values made together?") from None
+
+    def image_views(self, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        images = [self.image_tokens((int(h), int(w)), tiled) for (h, w), tiled in self._images(model_kwargs)]
+        return [(len(image), image.num_crops) for image in images]
+
+    def pack_crop_values(
+        self, values: torch.Tensor, model_kwargs: dict[str, Any], geometry: VisualGeometry, fill: float
+    ) -> torch.Tensor:
+        """The family's own ``pack_image_features`` run on the values as one-channel features, so that unpadding and
+        OneVision's bilinear down-scaling treat them exactly as they treat the features."""
+        crops = [views for _, views in self.image_views(model_kwargs)]
+        if sum(crops) != values.shape[0]:
+            raise VlpruneError(f"{self.family}: values for {values.shape[0]} crops, the images have {sum(crops)}")
+        per_image = list(values[..., None].split(crops))
+        newline = torch.full((1,), float(fill), dtype=values.dtype, device=values.device)
+        packed, _ = self._pack(per_image, model_kwargs["image_sizes"], newline)
+        flat = torch.cat([image[:, 0] for image in packed])
+        counts = (geometry.view != PADDING).sum(dim=1).tolist()
+        rows = flat.split(counts)
+        width = geometry.view.shape[1]
+        return torch.stack([torch.cat([row, row.new_full((width - len(row),), fill)]) for row in rows])
+
+    def _pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> Any:
+        strategy = self.config.vision_feature_select_strategy
+        return self.base_model.pack_image_features(features, image_sizes, strategy, image_newline=newline)
 
     def _images(self, model_kwargs: dict[str, Any]) -> list[tuple[tuple[int, int], bool]]:
         """(size, whether it is tiled) of every image of the batch, in the order the model encodes them."""

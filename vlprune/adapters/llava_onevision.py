@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlprune.adapters.llava_next import LlavaNextAdapter
@@ -31,6 +32,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         from transformers.models.llava_onevision import modeling_llava_onevision
 
         return modeling_llava_onevision
+
+    def _pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> Any:
+        return self.base_model.pack_image_features(
+            features, image_sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
+        )
 
     def _images(self, model_kwargs: dict[str, Any]) -> list[tuple[tuple[int, int], bool]]:
         sizes = model_kwargs["image_sizes"].tolist()

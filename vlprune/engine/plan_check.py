@@ -30,6 +30,8 @@ def check_plan(method: str, plan: list[StagePlan], num_visual: int, num_layers: 
             raise VlpruneError(f"{method}: a stage at layer 0 has no earlier attention to score with")
         if stage.query_row_attention and stage.query_rows is None:
             raise VlpruneError(f"{method}: a stage asks for the query rows' own attention but names no query rows")
+        if stage.value_states and (stage.query_rows is None or stage.own_layer_attention):
+            raise VlpruneError(f"{method}: value states come with query rows from the layer before the stage")
         if stage.keep is not None and not 1 <= stage.keep <= previous_keep:
             raise VlpruneError(f"{method}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]")
         previous_layer = stage.layer
@@ -52,8 +54,8 @@ def checked_keep_index(
     selection: Selection, context: StageContext, fixed: bool = True, keep_order: bool = False
 ) -> torch.Tensor:
     """The pruner's indices, checked, and sorted unless ``keep_order`` (an ordered selection with re-indexed
-    positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count, one for the whole
-    batch."""
+    positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count (the engine
+    runs such stages sample by sample)."""
     if selection.ordered and selection.kept_hidden is not None:
         raise RuntimeError("a selection cannot be both ordered and carry kept_hidden (which follows ascending order)")
     keep_index = selection.keep_index.to(context.visual_hidden.device).long()

@@ -28,6 +28,8 @@ _CURRENT_AXIS = {
     "vision_features": 1,
     "vision_keys": 1,
     "vision_received_attention": 1,
+    "vision_kept": 1,
+    "visual_values": 2,
 }
 _ORIGINAL_AXES = {"initial_visual_hidden": (1,), "vision_attention": (1, 2)}
 _PER_SAMPLE = (
@@ -39,7 +41,10 @@ _PER_SAMPLE = (
     "initial_text_hidden",
     "initial_text_mask",
     "pixel_values",
+    "query_values",
 )
+# Fields over the vision tower's crops of the whole batch, which the geometry's crop indices point into.
+_WHOLE_BATCH = ("vision_crop_attention", "vision_crop_pixels")
 
 
 def sample_context(context: StageContext, sample: int, count: int, original: int, keep: int) -> StageContext:
@@ -49,6 +54,8 @@ def sample_context(context: StageContext, sample: int, count: int, original: int
     for spec in dataclasses.fields(context):
         value = getattr(context, spec.name)
         if not isinstance(value, torch.Tensor):
+            continue
+        if spec.name in _WHOLE_BATCH:
             continue
         value = value[sample : sample + 1]
         if spec.name in _CURRENT_AXIS:
@@ -62,6 +69,13 @@ def sample_context(context: StageContext, sample: int, count: int, original: int
     geometry = context.geometry
     if geometry is not None:
         values["geometry"] = geometry.sample(sample, count)
+    pack = context.pack_crop_values
+    if pack is not None:
+
+        def pack_sample(crop_values: torch.Tensor, fill: float) -> torch.Tensor:
+            return pack(crop_values, fill)[sample : sample + 1, :original]
+
+        values["pack_crop_values"] = pack_sample
     return dataclasses.replace(context, keep=keep, **values)
 
 

@@ -18,6 +18,14 @@ class QueryAttention(NamedTuple):
     visual: torch.Tensor  # (B, R, N) or (B, H, R, N): to the visual tokens
     mask: torch.Tensor  # (B, R): which rows are real
     own: torch.Tensor | None  # (B, R, R) or (B, H, R, R): to the query rows' own tokens, when the stage asks
+    values: torch.Tensor | None = None  # (B, Hkv, N, d): the visual tokens' value vectors, when the stage asks
+    query_values: torch.Tensor | None = None  # (B, Hkv, R, d): the query rows' value vectors
+
+
+def token_states(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, H, K, d) the per-head vectors (B, H, L, d) of the tokens at ``slots`` (B, K)."""
+    index = slots.to(states.device)[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+    return torch.gather(states, 2, index)
 
 
 def query_rows(kind: QueryRows, layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from vlprune.engine.layout import (
 from vlprune.engine.plan_check import check_plan, checked_keep_index
 from vlprune.engine.ragged import ragged_order, sample_context, stacked_recycled
 from vlprune.engine.redistribution import Redistribution
-from vlprune.engine.scoring import QueryAttention, query_rows, rows_attention, stage_rows
+from vlprune.engine.scoring import QueryAttention, query_rows, rows_attention, stage_rows, token_states
 from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
 from vlprune.engine.vision import VisionStages
 from vlprune.engine.vision_bridge import VisionBridge
@@ -113,15 +113,16 @@ class PruningSession:
         self.positions = positions
         self.shape = self.adapter.language_model_shape()
         # The layers a plan uses do not depend on the token count; the budget is checked now only if it is known.
-        probe = pruner.plan(num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
-        check_plan(pruner.name, probe, num_visual if num_visual is not None else PROBE_TOKENS, self.shape.num_layers)
+        known = num_visual if num_visual is not None else PROBE_TOKENS
+        probe = pruner.plan_for_family(self.adapter.family, known, self.shape.num_layers)
+        check_plan(pruner.name, probe, known, self.shape.num_layers)
         self._bridge = VisionBridge(self.adapter, pruner, probe)
         self._first_stage_layer = min((stage.layer for stage in probe), default=self.shape.num_layers)
         self._score_layers = sorted(
             {stage.layer - 1 for stage in probe if stage.query_rows is not None and not stage.own_layer_attention}
         )
         self._needs_initial = any(stage.initial_embeddings for stage in probe)
-        self._vision_stages = VisionStages(self.adapter, pruner)
+        self._vision_stages = VisionStages(self.adapter, pruner, self._bridge.image_inputs)
         modifier = getattr(pruner, "modifier", None)
         self._redistribution = None if modifier is None else Redistribution(self, modifier)
         self._mask_style = self.adapter.config.text_config._attn_implementation
@@ -161,9 +162,8 @@ class PruningSession:
             if self._vision_stages.active:
                 handles, vision_watched = self._vision_stages.install()
                 self._handles.extend(handles)
-                if set(vision_watched) & set(watched):
-                    raise VlpruneError(f"{self.pruner.name}: a vision layer is both pruned and read as features")
-                watched.update(vision_watched)
+                for module, callback in vision_watched.items():
+                    watched[module] = observer.chained(watched[module], callback) if module in watched else callback
             if self._redistribution is not None:
                 handles, rewritten = self._redistribution.install()
                 self._handles.extend(handles)
@@ -273,7 +273,7 @@ class PruningSession:
         so the samples of a ragged batch keep their own numbers of tokens, at the same layers."""
         plans: dict[int, list[StagePlan]] = {}
         for count in sorted(set(counts)):
-            plan = self.pruner.plan(count, self.shape.num_layers)
+            plan = self.pruner.plan_for_family(self.adapter.family, count, self.shape.num_layers)
             where = "" if len(set(counts)) == 1 else f" (a sample of this batch has {count} visual tokens)"
             try:
                 check_plan(self.pruner.name, plan, count, self.shape.num_layers)
@@ -356,9 +356,16 @@ class PruningSession:
             prefill.query_attention[stage.layer] = self._own_layer_rows(stage, hidden, layout)
         query = prefill.query_attention.pop(stage.layer, None)
         bridge, origin, geometry = self._bridge, gather_tokens(layout.origin, slots), self._geometry()
+        image_inputs = {**bridge.image_inputs, **prefill.image_inputs}
+        vision_kept = None
+        if stage.layer == 0 and self._vision_stages.active:
+            vision_kept = self._vision_kept(geometry, origin)
+            hidden = self._renormalised_vision_tokens(hidden, slots, geometry, image_inputs)
+        present = int(slots.shape[1])
+        keep = present if stage.keep is None else min(stage.keep, present) if stage.keep_at_most else stage.keep
         context = StageContext(
             layer=stage.layer,
-            keep=stage.keep if stage.keep is not None else int(slots.shape[1]),
+            keep=keep,
             visual_hidden=gather_tokens(hidden, slots),
             visual_positions=gather_tokens(layout.positions, slots),
             visual_origin=origin,
@@ -367,6 +374,8 @@ class PruningSession:
             query_mask=None if query is None else query.mask,
             query_positions=None if query is None else self._query_positions(stage, layout, device),
             query_row_attention=None if query is None else query.own,
+            visual_values=None if query is None else query.values,
+            query_values=None if query is None else query.query_values,
             rotary=self._rotary_for(hidden) if stage.query_rows is not None else None,
             vision_cls_attention=bridge.cls_scores(geometry, layout, slots)
             if stage.vision_cls_attention and not bridge.cls_substituted
@@ -378,9 +387,10 @@ class PruningSession:
             vision_keys=bridge.tokens(bridge.keys, geometry, layout, slots, "vision keys", with_cls=True)
             if stage.vision_keys
             else None,
-            vision_kept=self._vision_kept(hidden.shape[0]) if stage.layer == 0 else None,
+            vision_kept=vision_kept,
             **self._initial_embeddings(slots, stage.initial_embeddings),
             **bridge.map_inputs(hidden.shape[0], prefill.num_visual, stage.vision_attention),
+            **bridge.crop_inputs(geometry, image_inputs, stage.vision_crop_attention),
             vision_received_attention=bridge.received(geometry, layout, slots)
             if stage.vision_received_attention or (stage.vision_cls_attention and bridge.cls_substituted)
             else None,
@@ -390,7 +400,8 @@ class PruningSession:
         )
         if stage.query_rows is not None and query is None:
             raise RuntimeError(f"no attention rows were captured at layer {stage.layer - 1}")
-        if len(set(prefill.current_counts)) > 1 or len(set(prefill.visual_counts)) > 1:
+        ragged = len(set(prefill.current_counts)) > 1 or len(set(prefill.visual_counts)) > 1
+        if ragged or (stage.keep is None and context.batch_size > 1):
             return self._run_ragged_stage(stage, hidden, context, slots)
         selection = self.pruner.select(context)
         keep_index = checked_keep_index(
@@ -422,6 +433,8 @@ class PruningSession:
         kept_slots, kept_origin, selections = [], [], []
         for sample, (count, original) in enumerate(zip(prefill.current_counts, prefill.visual_counts, strict=True)):
             budget = prefill.sample_plans[sample][stage_index].keep
+            if budget is not None and stage.keep_at_most:
+                budget = min(budget, count)
             alone = sample_context(context, sample, count, original, budget if budget is not None else count)
             selection = self.pruner.select(alone)
             index = checked_keep_index(
@@ -602,19 +615,29 @@ class PruningSession:
         self._bridge.forget()
         self._vision_stages.forget()
 
-    def _vision_kept(self, batch: int) -> torch.Tensor | None:
-        """(B, K) visual tokens that survived the vision-encoder stages of this prefill, or None without such stages."""
-        if not self._vision_stages.active:
-            return None
-        kept = self._vision_stages.kept
-        if kept is None:
-            raise RuntimeError("the vision tower did not run its pruning stages for this prefill")
-        if kept.shape[0] != batch:
-            raise VlpruneError(
-                f"{self.pruner.name} prunes inside the vision tower and needs one image per sample, got "
-                f"{kept.shape[0]} images for {batch} samples"
-            )
-        return kept
+    def _vision_kept(self, geometry: VisualGeometry, origin: torch.Tensor) -> torch.Tensor:
+        """(B, N) True at the current visual tokens whose patches the vision-encoder stages kept."""
+        try:
+            kept = self._vision_stages.token_kept(geometry)
+        except RuntimeError:
+            raise RuntimeError("the vision tower did not run its pruning stages for this prefill") from None
+        return gather_tokens(kept, origin.clamp(min=0)) & (origin >= 0)
+
+    def _renormalised_vision_tokens(
+        self, hidden: torch.Tensor, slots: torch.Tensor, geometry: VisualGeometry, image_inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The hidden states with each visual token that blends kept and dropped patches (OneVision's down-scaled
+        grid; the tower's dropped patches reach the projector as zeros) divided by its kept share, so that it is
+        the down-scaling of the kept patches alone, weights renormalised. Tokens of one patch are left as they are."""
+        if not self.adapter.multi_crop:
+            return hidden
+        share = self._vision_stages.kept_share(geometry, image_inputs).to(hidden.device)  # (B, N0)
+        blended = (share > 0) & (share < 1)
+        if not bool(blended.any()):
+            return hidden
+        scale = torch.where(blended, share, torch.ones_like(share)).to(hidden.dtype)
+        scaled = gather_tokens(hidden, slots) / scale[..., None]
+        return hidden.scatter(1, slots[..., None].expand(-1, -1, hidden.shape[-1]), scaled)
 
     def _finish_prefill(self, cache: Any) -> None:
         prefill = self._prefill
@@ -686,7 +709,11 @@ class PruningSession:
             probabilities = attention_rows(
                 query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
             )  # (B, R, L) or (B, H, R, L)
-            prefill.query_attention[stage.layer] = stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
+            captured = stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
+            if stage.value_states:
+                visual_values = token_states(value, prefill.layout.visual_slots)
+                captured = captured._replace(values=visual_values, query_values=token_states(value, rows))
+            prefill.query_attention[stage.layer] = captured
 
     # ------------------------------------------------------------------ decode
 

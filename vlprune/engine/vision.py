@@ -8,11 +8,13 @@ The tower runs unmodified; hooks do the work:
   fewer tokens. Images of a batch may keep different numbers of tokens at intermediate layers (FlowCut's count
   depends on each image's attention entropy): the batch then keeps the largest count and the others carry fillers
   that no token attends to, so each image computes exactly what it computes alone. The last pruning layer leaves
-  exactly ``keep`` patches per image and no fillers;
+  exactly each crop's ``keep`` patches (:meth:`Pruner.vision_budget`; the crops of the anyres families' images may
+  keep different numbers, and the shorter ones then carry fillers to the end);
 * a forward hook on the tower shortens every hidden state it returns to those tokens, so LLaVA's feature selection
   (one layer or several concatenated) reads the kept tokens of each layer;
-* a forward hook on the projector puts the kept tokens back at their slots among the image's N placeholder tokens
-  (the prompt still holds N), and the language-model stage at layer 0 keeps exactly those slots.
+* a forward hook on the projector puts the kept tokens back at their slots among each crop's patches (zeros at the
+  others), so the model packs them as always, and the language-model stage at layer 0 keeps the visual tokens whose
+  patches survived (:meth:`VisionStages.token_kept`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import nn
 
 from vlprune.adapters import ModelAdapter
 from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens
-from vlprune.pruners.base import Pruner, VisionLayerContext, resolve_keep
+from vlprune.pruners.base import Pruner, VisionLayerContext
 
 
 @dataclass
@@ -35,7 +38,7 @@ class _Pass:
 
     origin: torch.Tensor  # (B, T) index of each token in the tower's original sequence
     real: torch.Tensor  # (B, T) False at fillers
-    keep: int
+    keep: torch.Tensor  # (B,) patches each crop keeps
     state: dict = field(default_factory=dict)
     pending: torch.Tensor | None = None  # (B, T) decision of the layer running now
     origins: list[torch.Tensor] = field(default_factory=list)  # every token set the tower went through
@@ -44,8 +47,9 @@ class _Pass:
 class VisionStages:
     """The vision-side hooks of one session."""
 
-    def __init__(self, adapter: ModelAdapter, pruner: Pruner) -> None:
+    def __init__(self, adapter: ModelAdapter, pruner: Pruner, image_inputs: dict[str, Any]) -> None:
         self.adapter = adapter
+        self.image_inputs = image_inputs  # the bridge's record of the last image encoding (image_sizes, ...)
         self.pruner = pruner
         self.layers = adapter.vision_layers
         self.feature_layer, self.stage_layers = -1, []
@@ -58,11 +62,6 @@ class VisionStages:
                 f"{pruner.name}: vision pruning layers {self.stage_layers} must lie in 0..{self.feature_layer - 1}, "
                 f"before the feature layer {self.feature_layer}"
             )
-        if self.stage_layers and adapter.multi_crop:
-            raise VlpruneError(
-                f"{pruner.name} prunes inside the vision tower image by image; {adapter.family} encodes a base view "
-                f"and tiles per image, and this method's multi-crop path is not implemented yet"
-            )
         self.has_cls = adapter.vision_has_cls
         if self.stage_layers and self.has_cls and not adapter.vision_drops_cls:
             raise VlpruneError(
@@ -70,7 +69,8 @@ class VisionStages:
                 "(the [CLS] token dropped before the projector) on a tower with a [CLS] token"
             )
         self.style = adapter.config.vision_config._attn_implementation
-        self.kept: torch.Tensor | None = None  # (images, keep) patch indices of the last pass, for the LLM stage
+        self.kept: torch.Tensor | None = None  # (crops, K) patch indices of the last pass, for the LLM stage
+        self.kept_real: torch.Tensor | None = None  # (crops, K) False at the fillers of crops that keep fewer
         self._visual_per_image = 0
         self._pass: _Pass | None = None
 
@@ -85,12 +85,38 @@ class VisionStages:
             handles.append(self.layers[index].register_forward_hook(self._on_stage_output))
         handles.append(self.adapter.vision_tower.register_forward_hook(self._on_tower_output))
         handles.append(self.adapter.projector.register_forward_hook(self._on_projector_output))
-        observed = {self.adapter.vision_attention(i): self._observer(i) for i in range(self.stage_layers[-1] + 1)}
+        # Up to the feature layer: crops that keep fewer patches than others carry fillers to the end.
+        observed = {self.adapter.vision_attention(i): self._observer(i) for i in range(self.feature_layer + 1)}
         return handles, observed
 
     def forget(self) -> None:
-        self.kept = None
+        self.kept = self.kept_real = None
         self._pass = None
+
+    def crop_kept(self) -> torch.Tensor:
+        """(crops, P) True at the patches of each crop that reached the projector in the last pass."""
+        if self.kept is None or self.kept_real is None:
+            raise RuntimeError("the vision tower did not run its pruning stages for this prefill")
+        crops, patches = self.kept.shape[0], self._visual_per_image
+        mask = torch.zeros(crops, patches + 1, dtype=torch.bool, device=self.kept.device)
+        mask.scatter_(1, self.kept.masked_fill(~self.kept_real, patches), True)
+        return mask[:, :patches]
+
+    def token_kept(self, geometry: VisualGeometry) -> torch.Tensor:
+        """(B, N0) True at the visual tokens whose patch reached the projector (a token of OneVision's down-scaled
+        grid: its nearest source patch); line breaks are not kept (no reference keeps them after vision pruning)."""
+        mask = self.crop_kept()
+        if mask.shape[0] != geometry.num_crops:
+            raise VlpruneError(
+                f"{self.pruner.name} pruned {mask.shape[0]} crops in the vision tower; the prompts' images have "
+                f"{geometry.num_crops}"
+            )
+        return geometry.crop_values(mask[..., None].float())[..., 0] > 0.5
+
+    def kept_share(self, geometry: VisualGeometry, image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(B, N0) share of each visual token's packed value that comes from kept patches: 1 or 0 where a token is
+        one patch; between them where OneVision's down-scaling blends a kept patch with dropped (zero) ones."""
+        return self.adapter.pack_crop_values(self.crop_kept().float(), image_inputs, geometry, 0.0)
 
     # ------------------------------------------------------------------ hooks
 
@@ -99,11 +125,29 @@ class VisionStages:
         images, tokens = hidden.shape[:2]
         patches = tokens - 1 if self.has_cls else tokens
         origin = torch.arange(tokens, device=hidden.device).expand(images, -1)
-        keep = resolve_keep(self.pruner.keep, patches) if self.pruner.keep is not None else None
-        if keep is None:
-            raise VlpruneError(f"method {self.pruner.name!r} needs a budget: pass keep=<count> or keep=<fraction>")
+        keep = torch.tensor(self._crop_budgets(images, patches), device=hidden.device)
         self._pass = _Pass(origin=origin, real=torch.ones_like(origin, dtype=torch.bool), keep=keep, origins=[origin])
-        self.kept = None
+        self.kept = self.kept_real = None
+
+    def _crop_budgets(self, crops: int, patches: int) -> list[int]:
+        """Patches each crop of this pass keeps: the pruner's budget per view, for the image each crop belongs to."""
+        if self.pruner.keep is None:
+            raise VlpruneError(f"method {self.pruner.name!r} needs a budget: pass keep=<count> or keep=<fraction>")
+        if not self.adapter.multi_crop:
+            return [self.pruner.vision_budget(patches, patches, 1)] * crops
+        images = self.adapter.image_views(self.image_inputs)
+        if sum(views for _, views in images) != crops:
+            raise VlpruneError(
+                f"{self.pruner.name}: the vision tower encodes {crops} crops, and the recorded images have "
+                f"{sum(views for _, views in images)}; call the model with pixel_values and image_sizes together"
+            )
+        budgets = []
+        for tokens, views in images:
+            budget = self.pruner.vision_budget(tokens, patches, views)
+            if not 1 <= budget <= patches:
+                raise RuntimeError(f"{self.pruner.name} gave a view a budget of {budget} of its {patches} patches")
+            budgets += [budget] * views
+        return budgets
 
     def _observer(self, index: int):
         def observe(
@@ -149,10 +193,10 @@ class VisionStages:
         if self.has_cls and not bool(decision[:, 0].all()):
             raise RuntimeError(f"{self.pruner.name} dropped the [CLS] token at vision layer {index}")
         patches = decision.sum(dim=1) - (1 if self.has_cls else 0)
-        low, high = int(patches.min()), int(patches.max())
-        if low < run.keep or (last and high != run.keep):
+        short, uneven = torch.stack([(patches < run.keep).any(), (patches != run.keep).any()]).tolist()
+        if short or (last and uneven):
             raise RuntimeError(
-                f"{self.pruner.name} kept {low}..{high} patches at vision layer {index}; keep={run.keep} "
+                f"{self.pruner.name} kept {patches.tolist()} patches at vision layer {index}; keep={run.keep.tolist()} "
                 f"{'exactly at the last layer' if last else 'at least'}"
             )
         return decision
@@ -192,12 +236,13 @@ class VisionStages:
         run, self._pass = self._pass, None
         if run is None:
             return None
-        final = run.origin  # (B, keep [+ 1]); no fillers after the last stage
+        final = run.origin  # (B, max keep [+ 1]); fillers end the rows of crops that keep fewer
         states = getattr(output, "hidden_states", None)
         if states is not None:
             # Recent transformers fill only the entries the caller reads; the others are None.
             output.hidden_states = tuple(None if s is None else self._to_final(s, run, final) for s in states)
         self.kept = final[:, 1:] - 1 if self.has_cls else final
+        self.kept_real = run.real[:, 1:] if self.has_cls else run.real
         self._visual_per_image = run.origins[0].shape[1] - (1 if self.has_cls else 0)
         return output
 
@@ -214,8 +259,10 @@ class VisionStages:
         raise RuntimeError(f"a vision hidden state of {state.shape[1]} tokens matches no token set of this pass")
 
     def _on_projector_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        kept = self.kept
-        if kept is None or output.shape[:2] != kept.shape:
+        kept, real = self.kept, self.kept_real
+        if kept is None or real is None or output.shape[:2] != kept.shape:
             return None
-        full = output.new_zeros(output.shape[0], self._visual_per_image, output.shape[2])
-        return full.scatter(1, kept[..., None].expand(-1, -1, output.shape[2]), output)
+        patches = self._visual_per_image
+        full = output.new_zeros(output.shape[0], patches + 1, output.shape[2])  # the last column takes the fillers
+        index = kept.masked_fill(~real, patches)[..., None].expand(-1, -1, output.shape[2])
+        return full.scatter(1, index, output)[:, :patches]

@@ -35,6 +35,7 @@ class VisionBridge:
         self.needs_map = any(stage.vision_attention for stage in plan)
         self.needs_received = any(stage.vision_received_attention for stage in plan)
         self.needs_features = any(stage.vision_features for stage in plan)
+        self.needs_crop_map = any(stage.vision_crop_attention for stage in plan)
         self.cls_substituted = False  # the [CLS] attention is replaced by the attention each token receives
         if self.needs_cls and not adapter.vision_has_cls:
             if pruner.cls_substitute != "received":
@@ -57,7 +58,7 @@ class VisionBridge:
 
     @property
     def watches_feature_layer(self) -> bool:
-        return self.needs_cls or self.needs_keys or self.needs_map or self.needs_received
+        return self.needs_cls or self.needs_keys or self.needs_map or self.needs_received or self.needs_crop_map
 
     def install(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Register the tower and projector hooks; the caller observes the feature layer's attention (see
@@ -65,7 +66,7 @@ class VisionBridge:
         handles: list[Any] = []
         if self.adapter.geometry_inputs:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs))
-        if self.needs_map:
+        if self.needs_map or self.needs_crop_map:
             tower = self.adapter.vision_tower
             handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
         if self.needs_features:
@@ -95,7 +96,7 @@ class VisionBridge:
             self.cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
         if self.needs_keys:
             self.keys = key.float().mean(dim=1)  # (crops, tokens, d)
-        if self.needs_map or self.needs_received:
+        if self.needs_map or self.needs_received or self.needs_crop_map:
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
             self.attention_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (crops, T, T)
 
@@ -131,18 +132,13 @@ class VisionBridge:
             raise RuntimeError(f"the {what} of the vision side was not captured for this prefill")
         if with_cls and self.adapter.vision_drops_cls:
             values = values[:, 1:]
-        crops, per_crop = values.shape[:2]
-        if crops != geometry.num_crops:
+        if values.shape[0] != geometry.num_crops:
             raise VlpruneError(
-                f"the vision side produced {what} values for {crops} crops; the prompts' images have "
+                f"the vision side produced {what} values for {values.shape[0]} crops; the prompts' images have "
                 f"{geometry.num_crops}"
             )
         device = slots.device
-        geometry = geometry.to(device)
-        has_source = (geometry.crop >= 0) & (geometry.crop_token >= 0)
-        flat = geometry.crop.clamp(min=0) * per_crop + geometry.crop_token.clamp(min=0)  # (B, N0)
-        per_token = values.reshape(crops * per_crop, values.shape[-1]).to(device)[flat]  # (B, N0, F)
-        per_token = per_token.masked_fill(~has_source[..., None], 0.0)
+        per_token = geometry.crop_values(values.to(device))  # (B, N0, F)
         origin = gather_tokens(layout.origin.to(device), slots)
         picked = gather_tokens(per_token, origin.clamp(min=0))
         return picked.masked_fill((origin < 0)[..., None], 0.0)
@@ -177,6 +173,27 @@ class VisionBridge:
         if attention.shape[1] != num_visual:
             raise VlpruneError(f"the vision attention map covers {attention.shape[1]} tokens, not {num_visual}")
         return {"vision_attention": attention, "pixel_values": pixels}
+
+    def crop_inputs(self, geometry: VisualGeometry, image_inputs: dict[str, Any], wanted: bool) -> dict[str, Any]:
+        """Each crop's attention map among its patches, the crops' pixels and the function that places per-crop
+        values on the visual tokens as the model packs its features (see ``StageContext.pack_crop_values``)."""
+        if not wanted:
+            return {}
+        attention, pixels = self.attention_map, self.pixels
+        if attention is None or pixels is None:
+            raise RuntimeError("the vision tower's attention map was not captured for this prefill")
+        if self.adapter.vision_drops_cls:
+            attention = attention[:, 1:, 1:]
+        if attention.shape[0] != geometry.num_crops:
+            raise VlpruneError(
+                f"the vision tower encoded {attention.shape[0]} crops; the prompts' images have {geometry.num_crops}"
+            )
+        adapter = self.adapter
+
+        def pack(values: torch.Tensor, fill: float) -> torch.Tensor:
+            return adapter.pack_crop_values(values, image_inputs, geometry, fill)
+
+        return {"vision_crop_attention": attention, "vision_crop_pixels": pixels, "pack_crop_values": pack}
 
 
 class _Restore:

@@ -100,25 +100,26 @@ FAMILY_NAMES = ("llava", "llava-next", "llava-onevision")
 
 
 def families_of(name: str) -> list[str]:
-    """The families the method ``name`` runs on with its defaults: a method pruning inside the vision tower or reading
-    its attention map image by image has no multi-crop path yet (LLaVA-NeXT, OneVision), and one reading the [CLS]
-    token's attention cannot run on OneVision's SigLIP tower, which has none, unless its reference has a substitute
-    (:attr:`Pruner.cls_substitute`)."""
-    from vlprune.pruners.base import PROBE_TOKENS
+    """The families the method ``name`` runs on with its defaults: a method reading one square vision attention map
+    per image has no multi-crop path (LLaVA-NeXT, OneVision), and one reading the [CLS] token's attention cannot run
+    on OneVision's SigLIP tower, which has none, unless its reference has a substitute (:attr:`Pruner.cls_substitute`).
+    """
+    from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS
     from vlprune.pruners.var import VAR
 
     if name == VAR.name:
         return list(FAMILY_NAMES)
     cls = get(name)
     pruner = cls() if cls.name == "none" else cls(keep=0.25)
-    plan = pruner.plan(PROBE_TOKENS, _LISTING_LAYERS)
-    per_image = type(pruner).vision_layers is not Pruner.vision_layers or any(s.vision_attention for s in plan)
-    needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
-    families = ["llava"]
-    if not per_image:
-        families.append("llava-next")
-        if not needs_cls:
-            families.append("llava-onevision")
+    families = []
+    for family in FAMILY_NAMES:
+        plan = pruner.plan_for_family(family, PROBE_TOKENS, _LISTING_LAYERS)
+        if family in ANYRES_FAMILIES and any(stage.vision_attention for stage in plan):
+            continue
+        needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
+        if family == "llava-onevision" and needs_cls:
+            continue
+        families.append(family)
     return families
 
 

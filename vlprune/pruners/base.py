@@ -50,8 +50,8 @@ class StagePlan:
     Attributes:
         layer: decoder layer whose input is pruned; 0 means pre-LLM.
         keep: visual tokens per sample that continue (recycled tokens come on top of these), or None when the pruner
-            decides the count from the data at :meth:`Pruner.select` (one count for the whole batch; the context's
-            ``keep`` is then the number of tokens present).
+            decides the count from the data at :meth:`Pruner.select` (each sample its own: the engine then runs the
+            stage sample by sample; the context's ``keep`` is then the number of tokens present).
         query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
         own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
             pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
@@ -69,6 +69,13 @@ class StagePlan:
             feature layer (head mean), and the pixels the tower received.
         vision_received_attention: whether the stage needs the attention each visual token receives at the vision
             feature layer, averaged over its crop's patch queries and the heads (works on multi-crop families).
+        vision_crop_attention: whether the stage needs each crop's attention map among its patches at the vision
+            feature layer, the crops' pixels and the function that places per-crop values on the visual tokens as
+            the model packs its features (multi-crop families; VFlowOpt).
+        value_states: whether the stage also needs the value vectors of the visual tokens and of the query rows at
+            the layer its attention rows come from (FlowCut's language-model stage). Not with ``own_layer_attention``.
+        keep_at_most: ``keep`` is an upper bound: a sample with fewer visual tokens at this stage keeps them all
+            (FlowCut's language-model stage runs only where the vision side left more than its budget).
     """
 
     layer: int
@@ -84,6 +91,9 @@ class StagePlan:
     initial_embeddings: bool = False
     vision_attention: bool = False
     vision_received_attention: bool = False
+    vision_crop_attention: bool = False
+    value_states: bool = False
+    keep_at_most: bool = False
 
 
 @dataclass
@@ -130,8 +140,20 @@ class StageContext:
         pixel_values: (B, C, H, W) the images as the vision tower received them, or None.
         vision_received_attention: (B, N) attention each token receives at the vision feature layer, averaged over
             the patch queries of its own crop and the heads (0 for line breaks and recycled tokens), or None.
-        vision_kept: (B, K) ascending indices of the visual tokens that survived pruning inside the vision tower,
-            for pruners with vision-encoder stages (:meth:`Pruner.vision_layers`), or None.
+        vision_crop_attention: (C, P, P) head-mean softmax attention among each crop's P patches at the vision
+            feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), for every crop of
+            the batch (``geometry.crop`` indexes them), or None.
+        vision_crop_pixels: (C, channels, height, width) the crops as the vision tower received them, or None.
+        pack_crop_values: places per-crop patch values (C, P) on this context's original visual tokens, (B, N0), as
+            the model packs its features (the stitched tile grid, unpadded, and OneVision's bilinear down-scaling);
+            line breaks get the second argument. Index the result with ``visual_origin``. None unless the plan
+            asked for ``vision_crop_attention``.
+        visual_values: (B, Hkv, N, d) value vectors of the visual tokens at the layer the attention rows come from
+            (key-value heads, before any repetition for grouped-query attention), or None.
+        query_values: (B, Hkv, R, d) value vectors of the query rows at that layer, or None.
+        vision_kept: (B, N) True at the visual tokens whose features the vision tower kept, for pruners with
+            vision-encoder stages (:meth:`Pruner.vision_layers`) at the stage at layer 0, or None. A token of
+            OneVision's down-scaled grid counts as kept when its nearest source patch is.
         stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
         num_layers: decoder layers in the language model.
     """
@@ -159,6 +181,11 @@ class StageContext:
     vision_attention: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     vision_received_attention: torch.Tensor | None = None
+    vision_crop_attention: torch.Tensor | None = None
+    vision_crop_pixels: torch.Tensor | None = None
+    pack_crop_values: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    visual_values: torch.Tensor | None = None
+    query_values: torch.Tensor | None = None
     vision_kept: torch.Tensor | None = None
     stage_index: int = 0
     num_layers: int = 0
@@ -188,7 +215,7 @@ class VisionLayerContext:
         real: (B, T) False at filler tokens.
         origin: (B, T) index of each token in the tower's original sequence ([CLS] = 0 when present).
         has_cls: whether token 0 is a [CLS] token that must stay.
-        keep: patch tokens that must reach the projector.
+        keep: (B,) patch tokens of each image (crop) that must reach the projector (see :meth:`Pruner.vision_budget`).
         state: a dictionary that lives for one pass of the vision tower, for scores a pruner carries across layers.
     """
 
@@ -201,7 +228,7 @@ class VisionLayerContext:
     real: torch.Tensor
     origin: torch.Tensor
     has_cls: bool
-    keep: int
+    keep: torch.Tensor
     state: dict
 
 
@@ -241,6 +268,9 @@ class Selection:
     kept_hidden: torch.Tensor | None = None
     ordered: bool = False
 
+
+ANYRES_FAMILIES = frozenset({"llava-next", "llava-onevision"})
+"""The families that encode an image as a base view and tiles (the references' "anyres" paths)."""
 
 PROBE_TOKENS = 1 << 30
 """The token count the engine passes to :meth:`Pruner.plan` at attach time, when the real count is not known yet: the
@@ -364,6 +394,11 @@ class Pruner:
         """
         raise NotImplementedError
 
+    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
+        """The stages for a model of ``family`` ("llava", "llava-next", ...): :meth:`plan`, unless the method's
+        reference runs other stages on that family (FlowCut's LLaVA-NeXT path adds a language-model stage)."""
+        return self.plan(num_visual, num_layers)
+
     def select(self, ctx: StageContext) -> Selection:
         """Choose the visual tokens to keep at one stage."""
         raise NotImplementedError
@@ -376,6 +411,12 @@ class Pruner:
             feature_layer: index of the layer whose output the projector reads.
         """
         return []
+
+    def vision_budget(self, image_tokens: int, view_patches: int, views: int) -> int:
+        """Patches each view (crop) of an image keeps inside the vision tower, for an image that gives
+        ``image_tokens`` visual tokens from ``views`` views of ``view_patches`` patches each: by default the budget
+        resolved against one view's patches."""
+        return resolve_keep(self._required_keep(view_patches), view_patches)
 
     def select_in_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
         """At a vision layer listed by :meth:`vision_layers`: None to keep every token, or a (B, T) bool tensor of the

@@ -19,6 +19,17 @@ What the reference does and vlprune reproduces (LLaVA-1.5: CLIP's 24 layers, fea
 For towers without [CLS] (SigLIP) the reference's Qwen2-VL port is followed: the global query is the mean of the
 layer's queries, ``S = a · i`` with no semantic term.
 
+LLaVA-NeXT (the reference's ``anyres`` path, ``flowcut/main.py`` and ``modeling_llama_flowcut.py``), and OneVision:
+
+4. Inside the tower every view (the base image and each tile) keeps ``int(T / 2)`` patches, T being the sample's
+   budget (the reference's ``int(target_num / 2) + 1`` with [CLS]); an image encoded as one view keeps T.
+5. The kept patches are placed on the stitched tile grid, unpadded (kept patches in the padding are lost, as the
+   reference's ``unpad_mask`` drops them), and no ``image_newline`` token enters: the reference appends none.
+6. After language-model layer 1 (a stage at layer 2) the visual tokens are cut to T, if more are left, by the last
+   prompt token: ``rel = mean_h softmax_visual(q kᵀ / √d)``, ``sem = mean_h softmax_visual(v_q vᵀ / √d)``,
+   ``S = (rel / Σrel + sem / Σsem) · ||mean_h v||₁`` with layer 1's post-RoPE queries and keys and its values,
+   kept in their order and, as everywhere in this reference, numbered contiguously.
+
 The patches that survive enter the language model numbered contiguously, as the reference's rebuilt
 ``inputs_embeds`` are (default ``positions="reindex"``).
 
@@ -31,6 +42,12 @@ Deviations, each for a reason:
 - The entropy treats ``0 · log 0`` as 0 (the reference produces NaN when an attention value underflows to 0).
 - ``every`` (2) and ``ema`` (0.5) expose the reference's pruning interval and moving-average weight, its ablations.
 - The budget counts tokens per image; a sample with several images is refused.
+- On OneVision, whose stitched grid the model may shrink by bilinear interpolation, a shrunk token is kept when its
+  nearest source patch is, and it is the interpolation of the kept patches alone (weights renormalised): the
+  reference has no OneVision path, and the tower's dropped patches have no features to blend. Its mean-pooled query
+  (the Qwen2-VL port's substitute for [CLS]) scores the SigLIP views.
+- The language-model stage's value vectors are averaged over the key-value heads, which equals the reference's
+  average over the repeated heads of grouped-query attention.
 """
 
 from __future__ import annotations
@@ -42,7 +59,19 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.pruners import register
-from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, VisionLayerContext
+from vlprune.pruners.base import (
+    ANYRES_FAMILIES,
+    Pruner,
+    QueryRows,
+    Selection,
+    Stage,
+    StageContext,
+    StagePlan,
+    VisionLayerContext,
+    is_probe,
+    resolve_keep,
+    top_k_sorted,
+)
 
 
 def head_mean_attention(query: torch.Tensor, key: torch.Tensor, real: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -84,19 +113,43 @@ def _share(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return values / values.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(values.dtype).tiny)
 
 
-def adaptive_keep(attention: torch.Tensor, real: torch.Tensor, keep: int, layers_left: int) -> torch.Tensor:
-    """(B,) patches each image keeps after a stage with ``layers_left`` (> 0) layers of pruning after it."""
+def adaptive_keep(attention: torch.Tensor, real: torch.Tensor, keep: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """(B,) patches each image keeps after a stage with ``layers_left`` (> 0) layers of pruning after it; ``keep``
+    (B,) is each image's final count."""
     count = real.sum(dim=-1)
     flatness = normalised_entropy(attention, real)
     dropped = torch.round((count - keep).float() / math.sqrt(layers_left) * (1 - flatness**2)).long()
-    return torch.maximum(count - dropped, torch.full_like(count, keep))
+    return torch.maximum(count - dropped, keep.to(count.device))
+
+
+def language_flow_scores(
+    attention: torch.Tensor, values: torch.Tensor, query_values: torch.Tensor, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FlowCut's (B, N) language-model score of each visual token from the last prompt token.
+
+    Args:
+        attention: (B, H, 1, N) per-head softmax attention of the last token to the visual tokens (normalised over
+            all keys; renormalised here over the visual ones, which is the reference's softmax over visual keys).
+        values: (B, Hkv, N, d) the visual tokens' value vectors; query_values: (B, Hkv, 1, d) the last token's.
+        real: (B, N) the tokens to score, or None for all.
+    """
+    if real is None:
+        real = torch.ones(values.shape[0], values.shape[2], dtype=torch.bool, device=values.device)
+    per_head = attention[:, :, -1].float().masked_fill(~real[:, None], 0.0)
+    relation = _share(per_head, real[:, None].expand_as(per_head)).mean(dim=1)
+    values = values.float()
+    semantic = head_mean_attention(query_values[:, :, -1:].float(), values, real, values.shape[-1] ** -0.5)
+    information = values.mean(dim=1).abs().sum(dim=-1)
+    score = (_share(relation, real) + _share(semantic, real)) * information
+    return score.masked_fill(~real, float("-inf"))
 
 
 @register
 @dataclass
 class FlowCut(Pruner):
     """Options: ``every`` (prune every k-th layer before the feature layer, default 2), ``ema`` (weight of the
-    accumulated score, default 0.5)."""
+    accumulated score, default 0.5), ``llm_layer`` (on LLaVA-NeXT and OneVision, the language-model layer whose
+    output is cut to the budget, default 1 as the reference's ``prune_layer``)."""
 
     name = "flowcut"
     stage = Stage.VISION
@@ -105,22 +158,59 @@ class FlowCut(Pruner):
 
     every: int = 2
     ema: float = 0.5
+    llm_layer: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise VlpruneError(f"every={self.every!r} must be a positive int (the reference prunes every 2 layers)")
         if not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
             raise VlpruneError(f"ema={self.ema!r} must be in [0, 1) (the reference uses 0.5)")
+        if isinstance(self.llm_layer, bool) or not isinstance(self.llm_layer, int) or self.llm_layer < 0:
+            raise VlpruneError(f"llm_layer={self.llm_layer!r} must be a layer index >= 0 (the reference uses 1)")
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         # The tokens are chosen inside the vision tower; the stage at layer 0 only drops the others' placeholders.
         return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
 
+    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
+        if family not in ANYRES_FAMILIES:
+            return self.plan(num_visual, num_layers)
+        if not self.llm_layer + 1 < num_layers:
+            raise VlpruneError(
+                f"llm_layer={self.llm_layer} for flowcut: the language model has {num_layers} layers, the stage after "
+                f"it must be one of them (valid: 0..{num_layers - 2})"
+            )
+        budget = num_visual if is_probe(num_visual) else self._required_keep(num_visual)
+        return [
+            StagePlan(layer=0, keep=None),  # the tokens whose patches the tower kept, a count per sample
+            StagePlan(
+                layer=self.llm_layer + 1,
+                keep=budget,
+                keep_at_most=True,
+                query_rows=QueryRows.LAST,
+                per_head_attention=True,
+                value_states=True,
+            ),
+        ]
+
+    def vision_budget(self, image_tokens: int, view_patches: int, views: int) -> int:
+        if views == 1:
+            return resolve_keep(self._required_keep(view_patches), view_patches)
+        return min(view_patches, max(1, resolve_keep(self.keep, image_tokens) // 2))
+
     def select(self, ctx: StageContext) -> Selection:
+        if ctx.stage_index > 0:
+            assert ctx.query_attention is not None and ctx.visual_values is not None and ctx.query_values is not None
+            score = language_flow_scores(ctx.query_attention, ctx.visual_values, ctx.query_values)
+            return Selection(keep_index=top_k_sorted(score, ctx.keep), scores=score)
         assert ctx.vision_kept is not None, "the engine supplies the tokens kept inside the vision tower"
-        if ctx.vision_kept.shape[1] != ctx.keep:
-            raise VlpruneError(f"flowcut kept {ctx.vision_kept.shape[1]} tokens per image for keep={ctx.keep}")
-        return Selection(keep_index=ctx.vision_kept)
+        counts = ctx.vision_kept.sum(dim=1).tolist()
+        if len(set(counts)) != 1 or not 1 <= counts[0] <= ctx.keep:
+            raise VlpruneError(
+                f"flowcut kept {counts} tokens per sample in the vision tower for keep={ctx.keep}: its budget counts "
+                "the tokens of one image; pass one image per sample"
+            )
+        return Selection(keep_index=ctx.vision_kept.nonzero()[:, 1].view(ctx.batch_size, counts[0]))
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> list[int]:
         if feature_layer < 1:
@@ -144,7 +234,7 @@ class FlowCut(Pruner):
         if layers_left % self.every != 0:
             return None
         if layers_left == 0:
-            kept_count = torch.full((current.shape[0],), ctx.keep, device=current.device)
+            kept_count = ctx.keep.to(current.device)
         else:
             kept_count = adaptive_keep(attention, real_patch, ctx.keep, layers_left)
         rank = current.masked_fill(~real_patch, float("-inf")).argsort(dim=-1, descending=True, stable=True)

@@ -37,8 +37,8 @@ Choices and deviations, each with its reason:
   recycling, original positions.
 - ``rule="rank"``: the first version's count per stage, ``min(int(rank(P) · scale + bias), N - 1)`` with ``P`` the
   raters' attention to the visual tokens and (scale, bias) = (0.8, 0), (9, 6), (13.5, 0) for 64, 128, 192 (the
-  nearest of them for other budgets), at its layers [2, 6, 15, 19]. A batch keeps the largest count of its samples
-  (the reference runs one sample at a time), so only a batch of one gives each sample its own count.
+  nearest of them for other budgets), at its layers [2, 6, 15, 19]. Each sample of a batch gets its own count, as
+  in the reference's one-sample-at-a-time runs (the engine runs a stage whose count the data decides per sample).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class SparseVLM(Pruner):
 
     def rank_count(self, ctx: StageContext, raters: torch.Tensor) -> int:
         """The first version's count: ``min(int(rank(P) · scale + bias), N - 1)`` with P the raters' attention rows
-        to the visual tokens; the largest count of the batch (the reference runs one sample at a time)."""
+        to the visual tokens, per sample (the engine hands such stages one sample at a time)."""
         # The budget is relative to the image's original tokens, not to those left after earlier stages.
         original = ctx.initial_visual_hidden.shape[1] if ctx.initial_visual_hidden is not None else ctx.num_visual
         budget = self._required_keep(original) * REFERENCE_TOKENS / original

@@ -25,6 +25,13 @@ What the reference does and vlprune reproduces:
    ``R1, R2, t, m, α`` maximising the cosine similarity of the last prompt token's last-layer hidden state with and
    without pruning over a few unlabelled samples; its JSON output feeds ``--config``.
 
+**Multi-crop images** (LLaVA-OneVision, the reference's ``anyres_max`` path, and LLaVA-NeXT alike): the map is
+computed per view (the base image and each tile) from that view's attention, placed on the visual tokens as the model
+packs its features (the tiles' maps stitched, unpadded and, where OneVision shrinks the grid, bilinearly resized
+with the features), and every ``image_newline`` token gets importance 1, so it stays. Recycling is on by default
+there, as in the reference: the pruned tokens are grouped by cells of side ``m`` on the base view's grid and, apart,
+on the stitched grid whose width counts the line-break column.
+
 Defaults are the reference's released configurations for 10%, 25% and 50% of the tokens (t, m, R1, R2 of the nearest
 one, R1 scaled to the budget, R3 solved from the constraint; α = 0 in all of them, so the entropy term is off);
 ``keep`` is the layer-averaged number of visual tokens.
@@ -37,7 +44,8 @@ Deviations, each for a reason:
 - With recycling the pre-LLM stage keeps exactly ``R1 · N`` tokens: the reference re-keeps one token per non-empty
   cell, so its count varies with the image; vlprune keeps the representatives of the ``int(N / m²)`` most important
   cells and, when fewer cells are non-empty, the next most important pruned tokens instead (a batch needs one count).
-  Multi-crop inputs (LLaVA-NeXT, OneVision tiles) are not supported by vlprune's adapters yet.
+- Multi-crop recycling uses each image's base and stitched grids of the prompt, so it works for any tile grid and
+  for samples of several images (the reference hard-codes 27 x 27 and serves single-image samples only).
 - Grey levels are clamped to [0, 255] before the histogram (the reference casts the normalised pixels x 255 to
   uint8, which wraps negative values around).
 - Batches of more than one sample work (the reference is batch 1 and passes the map through an environment variable).
@@ -51,9 +59,11 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.geometry import BASE, VisualGeometry
 from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import (
+    ANYRES_FAMILIES,
     Pruner,
     Selection,
     Stage,
@@ -105,26 +115,39 @@ def cell_of_tokens(grid: int, cell: float) -> torch.Tensor:
     return (index[:, None] * per_row + index[None, :]).reshape(-1)
 
 
+def cells_of_views(geometry: VisualGeometry, grid: int, cell: float) -> torch.Tensor:
+    """(B, N) grid cell of each visual token of a multi-crop prompt, cells of side ``cell`` patches: on the base
+    view's ``grid`` x ``grid`` patches, and apart on the stitched tile grid, whose line-break column (at ``full_col``
+    = its width) is one more column; every image of a sample has its own cells."""
+    base = geometry.view == BASE
+    row = torch.where(base, geometry.row, geometry.full_row).clamp(min=0)
+    col = torch.where(base, geometry.col, geometry.full_col).clamp(min=0)
+    cell_row, cell_col = (row / cell).floor().long(), (col / cell).floor().long()
+    span = math.ceil((max(grid, int(geometry.full_col.max()) + 1) + 1) / cell) + 1
+    key = ((geometry.image.clamp(min=0) * 2 + (~base).long()) * span + cell_row) * span + cell_col
+    return torch.stack([torch.unique(row_key, return_inverse=True)[1] for row_key in key])
+
+
 def recycle_into_cells(
     importance: torch.Tensor, hidden: torch.Tensor, cells: torch.Tensor, keep: int, room: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VFlowOpt's pre-LLM selection with recycling, per sample.
 
     Args:
-        importance: (B, N); hidden: (B, N, D); cells: (N,) cell of each token; keep: tokens to keep; room: how many
-            of them are cell representatives (the reference's ``int(N / m²)``): the ``keep - room`` most important
-            tokens stay as they are.
+        importance: (B, N); hidden: (B, N, D); cells: (N,) or (B, N) cell of each token; keep: tokens to keep;
+            room: how many of them are cell representatives (the reference's ``int(N / m²)``): the ``keep - room``
+            most important tokens stay as they are.
 
     Returns:
         (B, keep) ascending kept indices and (B, keep, D) their hidden states, where each cell's kept representative
         (its most important pruned token) holds the importance-weighted mean of the cell's pruned tokens.
     """
     count = importance.shape[1]
-    num_cells = int(cells.max()) + 1
-    cells = cells.to(importance.device)
+    cells = cells.to(importance.device).expand(importance.shape[0], -1)
     kept_rows, hidden_rows = [], []
     for sample in range(importance.shape[0]):
-        score, tokens = importance[sample], hidden[sample]
+        score, tokens, sample_cells = importance[sample], hidden[sample], cells[sample]
+        num_cells = int(sample_cells.max()) + 1
         order = score.argsort(descending=True, stable=True)
         kept = torch.zeros(count, dtype=torch.bool, device=score.device)
         kept[order[: max(keep - room, 0)]] = True
@@ -133,7 +156,7 @@ def recycle_into_cells(
         first_in_cell = torch.ones_like(pruned_order, dtype=torch.bool)
         seen = torch.zeros(num_cells, dtype=torch.bool, device=score.device)
         for position, token in enumerate(pruned_order.tolist()):
-            cell = int(cells[token])
+            cell = int(sample_cells[token])
             first_in_cell[position] = not bool(seen[cell])
             seen[cell] = True
         representatives = pruned_order[first_in_cell][: keep - int(kept.sum())]
@@ -142,9 +165,9 @@ def recycle_into_cells(
         pruned = ~kept
         kept[representatives] = True
         weight = score.clamp(min=1e-12) * pruned
-        cell_means = merge_tokens(tokens[None], cells[None], num_cells, weight[None])[0]  # (cells, D)
+        cell_means = merge_tokens(tokens[None], sample_cells[None], num_cells, weight[None])[0]  # (cells, D)
         new_hidden = tokens.clone()
-        new_hidden[representatives] = cell_means[cells[representatives]].to(tokens.dtype)
+        new_hidden[representatives] = cell_means[sample_cells[representatives]].to(tokens.dtype)
         index = kept.nonzero()[:, 0]
         kept_rows.append(index)
         hidden_rows.append(new_hidden[index])
@@ -155,8 +178,8 @@ def recycle_into_cells(
 @dataclass
 class VFlowOpt(Pruner):
     """Options: ``ratios`` ([R1, R2, R3]), ``sensitivity`` (t), ``cell`` (m, in patches of a 27 x 27 grid),
-    ``entropy_weight`` (α), ``layers`` (the two in-LLM stage layers of a 28-layer model), ``recycle`` (false: the
-    reference's untiled path does not recycle);
+    ``entropy_weight`` (α), ``layers`` (the two in-LLM stage layers of a 28-layer model), ``recycle`` (default: on for
+    multi-crop images, as the reference's anyres path, off for untiled ones, as its single-tensor path);
     ``keep`` is the layer-averaged number of visual tokens."""
 
     name = "vflowopt"
@@ -169,7 +192,7 @@ class VFlowOpt(Pruner):
     cell: float | None = None
     entropy_weight: float | None = None
     layers: list[int] | None = None
-    recycle: bool = False
+    recycle: bool | None = None
 
     def stage_layers(self, num_layers: int) -> list[int]:
         layers = self.layers or REFERENCE_LAYERS
@@ -209,15 +232,23 @@ class VFlowOpt(Pruner):
         return [first, second, max(1, round(second * r3))]
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+        return self._stages(num_visual, num_layers, multi_crop=False)
+
+    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
+        return self._stages(num_visual, num_layers, multi_crop=family in ANYRES_FAMILIES)
+
+    def _stages(self, num_visual: int, num_layers: int, multi_crop: bool) -> list[StagePlan]:
         counts = [num_visual] * 3 if is_probe(num_visual) else self.counts(num_visual, num_layers)
         layers = [0, *self.stage_layers(num_layers)]
         return [
-            StagePlan(layer=layer, keep=count, vision_attention=True)
+            StagePlan(layer=layer, keep=count, vision_attention=not multi_crop, vision_crop_attention=multi_crop)
             for layer, count in zip(layers, counts, strict=True)
         ]
 
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
+        if ctx.vision_crop_attention is not None:
+            return self._select_multi_crop(ctx)
         assert ctx.vision_attention is not None and ctx.pixel_values is not None
         _, t, m, alpha = self.settings(ctx.vision_attention.shape[1], ctx.num_layers)
         importance = importance_map(ctx.vision_attention, t)
@@ -234,6 +265,28 @@ class VFlowOpt(Pruner):
         side = m * grid / REFERENCE_GRID
         cells = cell_of_tokens(grid, side)
         room = min(int(importance.shape[1] / side**2), ctx.keep)
+        keep_index, kept_hidden = recycle_into_cells(current, ctx.visual_hidden, cells, ctx.keep, room)
+        return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=current)
+
+    def _select_multi_crop(self, ctx: StageContext) -> Selection:
+        """The reference's anyres path: per-view maps packed onto the tokens, line breaks at importance 1."""
+        assert ctx.pack_crop_values is not None and ctx.vision_crop_pixels is not None and ctx.geometry is not None
+        attention = ctx.vision_crop_attention
+        grid = math.isqrt(attention.shape[1])
+        placed = ctx.pack_crop_values(torch.zeros(attention.shape[:2], device=attention.device), 0.0)
+        _, t, m, alpha = self.settings(placed.shape[1], ctx.num_layers)
+        importance = importance_map(attention, t)  # (crops, P)
+        if alpha != 0:
+            if grid * grid != attention.shape[1]:
+                raise VlpruneError(f"the entropy term needs square views, got {attention.shape[1]} patches per view")
+            importance = importance + alpha * torch.softmax(patch_entropy(ctx.vision_crop_pixels, grid), dim=-1)
+        packed = ctx.pack_crop_values(importance.float(), 1.0)  # (B, N0)
+        current = gather_tokens(packed.to(ctx.visual_hidden.device), ctx.visual_origin.clamp(min=0))
+        if ctx.stage_index > 0 or self.recycle is False:
+            return Selection(keep_index=top_k_sorted(current, ctx.keep), scores=current)
+        side = m * grid / REFERENCE_GRID
+        cells = cells_of_views(ctx.geometry, grid, side)
+        room = min(int(ctx.num_visual / side**2), ctx.keep)
         keep_index, kept_hidden = recycle_into_cells(current, ctx.visual_hidden, cells, ctx.keep, room)
         return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=current)
 
