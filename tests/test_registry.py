@@ -351,7 +351,7 @@ def test_the_readme_family_table_matches_vlprune_methods() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `(llava[\w-]*)` \| `\w+` \| [^|]+ \| ([^|]+) \|", readme, flags=re.MULTILINE)
+    rows = re.findall(r"^\| `((?:llava|qwen)[\w.-]*)` \| `\w+` \| [^|]+ \| ([^|]+) \|", readme, flags=re.MULTILINE)
     assert [family for family, _ in rows] == list(vlprune.pruners.FAMILY_NAMES)
     for family, listed in rows:
         runs = {n for n in [*vlprune.pruners.available(), "var"] if family in vlprune.pruners.families_of(n)} - {"none"}

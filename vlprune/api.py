@@ -79,12 +79,12 @@ class Pipeline:
     def __init__(
         self, model: nn.Module, processor: Any, pruner: pruners.Pruner, *, positions: str | None = None
     ) -> None:
-        adapter_for(model)  # refuse an unsupported model now, before any call reads its config
+        adapter = adapter_for(model)  # refuse an unsupported model now, before any call reads its config
         self.model = model
         self.processor = processor
         self.pruner = pruner
         if positions is not None:
-            resolve_positions(pruner, positions)
+            resolve_positions(pruner, positions, adapter)
         # None: every pruner run through this pipeline (its own, a sweep's, a benchmark's) follows its reference.
         self.positions = positions
 

@@ -11,6 +11,7 @@ from vlprune.adapters.base import SUPPORTED_ATTENTION, LanguageModelShape, Model
 from vlprune.adapters.llava import LlavaAdapter
 from vlprune.adapters.llava_next import LlavaNextAdapter
 from vlprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlprune.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from vlprune.errors import VlpruneError
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "ModelAdapter",
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
     "adapter_for",
 ]
 
@@ -31,6 +35,12 @@ FAMILIES: dict[str, type[ModelAdapter]] = {
     "LlavaNextModel": LlavaNextAdapter,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "LlavaOnevisionModel": LlavaOnevisionAdapter,
+    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
+    "Qwen2VLModel": Qwen2VLAdapter,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
+    "Qwen2_5_VLModel": Qwen2_5_VLAdapter,
+    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3VLModel": Qwen3VLAdapter,
 }
 """transformers class name -> adapter (the exact class: a subclass may lay its modules out differently)."""
 

@@ -36,11 +36,19 @@ class ModelAdapter:
         multi_crop: whether the vision tower may encode several crops (base view and tiles) per image.
         geometry_inputs: the keyword arguments of the base model's ``get_image_features`` that
             :meth:`visual_geometry` reads (the engine records them each time images are encoded).
+        position_modes: the position handlings the family supports after pruning, the one used by default first.
+        reads_vision_tower: whether stages may read the vision tower's attention, keys or features, or prune inside
+            it (not yet on the Qwen-VL family).
+        deepstack: whether the language model adds vision features to the visual positions after its first layers
+            (Qwen3-VL), which the engine then prunes alike.
     """
 
     family: str
     multi_crop: bool = False
     geometry_inputs: tuple[str, ...] = ()
+    position_modes: tuple[str, ...] = ("original", "reindex")
+    reads_vision_tower: bool = True
+    deepstack: bool = False
     model: nn.Module
     config: Any
     base_model: nn.Module  # the module whose forward receives input_ids and runs vision + language model
@@ -51,6 +59,9 @@ class ModelAdapter:
     image_token_id: int
     vision_has_cls: bool
     vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
+
+    def check_call(self, model_kwargs: dict[str, Any]) -> None:
+        """Refuse a model call this family cannot prune (raises VlpruneError); by default every call is fine."""
 
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True at the image placeholder tokens."""

@@ -28,6 +28,7 @@ from torch import nn
 from vlprune.adapters import ModelAdapter, adapter_for
 from vlprune.engine import observer
 from vlprune.engine.decode import DecodeState, Segment, cache_size, segment_of_layer, step_mask
+from vlprune.engine.deepstack import wrap_deepstack
 from vlprune.engine.layout import (
     Layout,
     apply_order,
@@ -106,8 +107,8 @@ class PruningSession:
         kernel_setting()
         if not isinstance(pruner, Pruner):
             raise VlpruneError(f"pruner must be a vlprune Pruner (see vlprune.pruners.create), got {type(pruner)}")
-        positions = resolve_positions(pruner, positions)
         self.adapter: ModelAdapter = adapter_for(model)
+        positions = resolve_positions(pruner, positions, self.adapter)
         self.model = model
         self.pruner = pruner
         self.positions = positions
@@ -159,6 +160,8 @@ class PruningSession:
             if self._bridge.watches_feature_layer:
                 watched[self.adapter.vision_feature_attention()] = self._bridge.on_attention
             self._handles.extend(self._bridge.install())
+            if self.adapter.deepstack:
+                self._handles.append(wrap_deepstack(self.adapter.language_model, self._pruned_layout))
             if self._vision_stages.active:
                 handles, vision_watched = self._vision_stages.install()
                 self._handles.extend(handles)
@@ -189,6 +192,11 @@ class PruningSession:
         self._forget_vision()
         self._phase = Phase.IDLE
 
+    def _pruned_layout(self) -> Layout | None:
+        """The layout of the prefill in progress once a stage has changed it, else None."""
+        prefill = self.prefill_state()
+        return prefill.layout if prefill is not None and prefill.segments else None
+
     def prefill_state(self) -> _Prefill | None:
         """The prefill in progress, or None outside a prefill."""
         return self._prefill if self._phase is Phase.PREFILL else None
@@ -210,6 +218,7 @@ class PruningSession:
         cache = _cache_argument(kwargs)
         attention_mask = kwargs.get("attention_mask")
         has_images = kwargs.get("pixel_values") is not None or bool(kwargs.get("mm_encoder_outputs"))
+        self.adapter.check_call(kwargs)
         visual = None if input_ids is None else self.adapter.visual_token_mask(input_ids)
         if has_images and (visual is None or not bool(visual.any())):
             raise VlpruneError(
@@ -777,17 +786,26 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, kwargs
 
 
-def resolve_positions(pruner: Pruner, positions: str | None) -> str:
-    """``positions``, or the pruner's reference's handling when it is None.
+def resolve_positions(pruner: Pruner, positions: str | None, adapter: ModelAdapter | None = None) -> str:
+    """``positions``, or the pruner's reference's handling when it is None; on a family that numbers positions in
+    one way only (``ModelAdapter.position_modes``: the Qwen-VL family keeps the kept tokens' multimodal positions),
+    None gives that way.
 
     Raises:
-        VlpruneError: a value other than None, "original" or "reindex".
+        VlpruneError: a value other than None, "original" or "reindex", or one the model's family does not support.
     """
+    modes = POSITION_MODES if adapter is None else adapter.position_modes
     if positions is None:
         positions = pruner.reference_positions()
+        return positions if positions in modes else modes[0]
     if positions not in POSITION_MODES:
         raise VlpruneError(
             f"positions={positions!r} is not valid; choose one of {POSITION_MODES} or None (the method's)"
+        )
+    if positions not in modes:
+        raise VlpruneError(
+            f"positions={positions!r} is not supported on {adapter.family}, whose multimodal RoPE positions vlprune "
+            f"keeps as they are; use one of {modes}"
         )
     return positions
 

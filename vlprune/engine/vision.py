@@ -55,6 +55,10 @@ class VisionStages:
         self.feature_layer, self.stage_layers = -1, []
         # Only pruners that override vision_layers prune inside the tower; the others never need its feature layer.
         if type(pruner).vision_layers is not Pruner.vision_layers:
+            if not adapter.reads_vision_tower:
+                raise VlpruneError(
+                    f"{pruner.name} prunes inside the vision encoder, which is not implemented for {adapter.family} yet"
+                )
             self.feature_layer = adapter.vision_feature_layer_index()
             self.stage_layers = sorted(set(pruner.vision_layers(len(self.layers), self.feature_layer)))
         if self.stage_layers and not 0 <= self.stage_layers[0] <= self.stage_layers[-1] < self.feature_layer:

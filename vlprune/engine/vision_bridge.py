@@ -44,6 +44,15 @@ class VisionBridge:
                     f"{adapter.config.vision_config.model_type} has none"
                 )
             self.needs_cls, self.needs_received, self.cls_substituted = False, True, True
+        reads = [
+            self.needs_cls, self.needs_keys, self.needs_map, self.needs_received, self.needs_features,
+            self.needs_crop_map,
+        ]  # fmt: skip
+        if any(reads) and not adapter.reads_vision_tower:
+            raise VlpruneError(
+                f"method {pruner_name!r} reads the vision encoder's attention or features, which is not implemented "
+                f"for {adapter.family} yet"
+            )
         if self.needs_map and adapter.multi_crop:
             raise VlpruneError(
                 f"{pruner_name} reads one vision attention map per image; {adapter.family} encodes a base view and "
@@ -196,7 +205,7 @@ class VisionBridge:
         return {"vision_crop_attention": attention, "vision_crop_pixels": pixels, "pack_crop_values": pack}
 
 
-class _Restore:
+class RestoreAttribute:
     """A hook handle for an instance attribute this session set: ``remove`` deletes it, so the class's method shows
     through again."""
 
@@ -208,7 +217,7 @@ class _Restore:
             delattr(self.owner, self.name)
 
 
-def _record_image_inputs(adapter: ModelAdapter, record: dict[str, Any]) -> _Restore:
+def _record_image_inputs(adapter: ModelAdapter, record: dict[str, Any]) -> RestoreAttribute:
     """Record the keyword arguments the geometry reads (``image_sizes``, ...) each time the base model encodes
     images. ``generate`` encodes them before the language model's call and passes only the features to it, so the
     call itself no longer carries them; the wrapper is an attribute of this model instance only, and detaching
@@ -225,4 +234,4 @@ def _record_image_inputs(adapter: ModelAdapter, record: dict[str, Any]) -> _Rest
         return encode(*args, **kwargs)
 
     owner.get_image_features = get_image_features
-    return _Restore(owner, "get_image_features")
+    return RestoreAttribute(owner, "get_image_features")

@@ -95,14 +95,15 @@ def stages_of(name: str) -> str:
     return f"{cls.stage.value}+{Stage.IN_LLM.value}" if later else cls.stage.value
 
 
-FAMILY_NAMES = ("llava", "llava-next", "llava-onevision")
+FAMILY_NAMES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 """The model families vlprune runs on (see :mod:`vlprune.adapters`)."""
 
 
 def families_of(name: str) -> list[str]:
     """The families the method ``name`` runs on with its defaults: a method reading one square vision attention map
-    per image has no multi-crop path (LLaVA-NeXT, OneVision), and one reading the [CLS] token's attention cannot run
-    on OneVision's SigLIP tower, which has none, unless its reference has a substitute (:attr:`Pruner.cls_substitute`).
+    per image has no multi-crop path (LLaVA-NeXT, OneVision), one reading the [CLS] token's attention cannot run
+    on OneVision's SigLIP tower, which has none, unless its reference has a substitute (:attr:`Pruner.cls_substitute`),
+    and one reading or pruning the vision encoder does not run on the Qwen-VL family yet.
     """
     from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS
     from vlprune.pruners.var import VAR
@@ -111,6 +112,7 @@ def families_of(name: str) -> list[str]:
         return list(FAMILY_NAMES)
     cls = get(name)
     pruner = cls() if cls.name == "none" else cls(keep=0.25)
+    vision_side = type(pruner).vision_layers is not Pruner.vision_layers
     families = []
     for family in FAMILY_NAMES:
         plan = pruner.plan_for_family(family, PROBE_TOKENS, _LISTING_LAYERS)
@@ -119,8 +121,26 @@ def families_of(name: str) -> list[str]:
         needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
         if family == "llava-onevision" and needs_cls:
             continue
+        if family in QWEN_FAMILIES and (vision_side or any(_reads_vision(stage) for stage in plan)):
+            continue
         families.append(family)
     return families
+
+
+QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
+def _reads_vision(stage: StagePlan) -> bool:
+    return any(
+        (
+            stage.vision_cls_attention,
+            stage.vision_keys,
+            stage.vision_features,
+            stage.vision_attention,
+            stage.vision_received_attention,
+            stage.vision_crop_attention,
+        )
+    )
 
 
 def _options_of(cls: type) -> set[str]:

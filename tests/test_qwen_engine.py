@@ -1,0 +1,254 @@
+"""Engine invariants on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models (multimodal RoPE, dynamic resolution,
+DeepStack): keep-all equals vanilla, drop equals mask, a ragged batch equals its samples alone, cached decoding equals
+recomputation, kept tokens keep the model's own (t, h, w) positions, DeepStack planes follow the kept tokens,
+detaching restores the model, and every registered method runs or refuses with a reason."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from test_engine import greedy, greedy_under_mask, hook_count
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import vlprune
+from vlprune.errors import VlpruneError
+from vlprune.pruners import available_methods, create, families_of
+from vlprune.testing import make_test_image
+from vlprune.testing_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl, build_tiny_qwen_inputs
+
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+BUILDERS = {"qwen2-vl": build_tiny_qwen2_vl, "qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen3-vl": build_tiny_qwen3_vl}
+QUESTIONS = ("What colour is the square?", "How many red objects are on the left?")
+SIZES = ((48, 32), (32, 64))  # (width, height): different token counts per sample
+
+
+@functools.cache
+def qwen_model(family: str, attn: str = "sdpa"):
+    return BUILDERS[family](attn_implementation=attn)
+
+
+def qwen_inputs(processor, batch: int, sizes=SIZES):
+    images = [make_test_image(seed, 96).resize(sizes[seed]) for seed in range(batch)]
+    return build_tiny_qwen_inputs(processor, images, list(QUESTIONS[:batch]))
+
+
+def visual_counts(model, inputs) -> list[int]:
+    return (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+
+
+def alone(batch, index: int) -> dict:
+    """Sample ``index`` of a processor batch on its own (its image rows, its unpadded prompt)."""
+    counts = (batch["image_grid_thw"].prod(-1)).tolist()
+    start = sum(counts[:index])
+    single = {
+        "pixel_values": batch["pixel_values"][start : start + counts[index]],
+        "image_grid_thw": batch["image_grid_thw"][index : index + 1],
+    }
+    real = batch["attention_mask"][index].bool()
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            single[key] = batch[key][index : index + 1, real]
+    return single
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_none_is_identical_to_vanilla(family: str) -> None:
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    tokens, logits = greedy(model, inputs)
+    with vlprune.attach(model, create("none")) as session:
+        pruned_tokens, pruned_logits = greedy(model, inputs)
+    assert torch.equal(tokens, pruned_tokens)
+    torch.testing.assert_close(pruned_logits, logits, atol=1e-6, rtol=0)
+    assert session.stats.visual_tokens_per_sample == visual_counts(model, inputs)
+
+
+DROP_CASES = [("fastv", {"keep": 0.25, "layer": 2}, 2), ("random", {"keep": 0.3}, 0), ("divprune", {"keep": 0.25}, 0)]
+
+
+@pytest.mark.parametrize("method,options,layer", DROP_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_equals_mask(family: str, method: str, options: dict, layer: int) -> None:
+    """Pruning equals masking the pruned tokens; on Qwen3-VL with a stage before layer 3 this also needs every
+    DeepStack plane cut with the same indices (a plane added to the wrong tokens changes the logits)."""
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    with vlprune.attach(model, create(method, **options)) as session:
+        tokens, logits = greedy(model, inputs)
+    [stage] = session.stats.stages
+    assert session.stats.positions == "original" and stage.layer == layer
+    assert stage.visual_out_per_sample < stage.visual_in_per_sample
+    masked_tokens, masked_logits = greedy_under_mask(model, inputs, [(layer, stage.kept_indices)])
+    assert torch.equal(tokens, masked_tokens)
+    torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
+
+
+RAGGED_CASES = [
+    ("fastv", {"keep": 0.25}),
+    ("random", {"keep": 0.3}),
+    ("divprune", {"keep": 0.25}),
+    ("sparsevlm", {"keep": 0.3}),  # three stages with recycling
+    ("pyramiddrop", {"keep": 0.3}),
+    ("adaptinfer", {"keep": 0.25, "layers": [1, 2, 3]}),
+]
+
+
+@pytest.mark.parametrize("method,options", RAGGED_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_ragged_batch_equals_its_samples_alone(family: str, method: str, options: dict) -> None:
+    model, processor = qwen_model(family)
+    batch = qwen_inputs(processor, 2)
+    counts = visual_counts(model, batch)
+    assert counts[0] != counts[1]
+    with vlprune.attach(model, create(method, **options)) as session:
+        tokens, logits = greedy(model, batch)
+        together = session.stats
+        for index in range(2):
+            single_tokens, single_logits = greedy(model, alone(batch, index))
+            assert torch.equal(single_tokens[0], tokens[index])
+            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
+            for stage, single in zip(together.stages, session.stats.stages, strict=True):
+                assert stage.kept_indices[index] == single.kept_indices[0]
+    assert together.visual_tokens_per_sample == counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_recomputation(family: str) -> None:
+    """Each cached decoding step equals a prefill of the prompt and the tokens so far without a cache, in which the
+    model computes its multimodal positions itself (a selection that ignores the text, so both prune alike)."""
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    images = {key: inputs[key] for key in ("pixel_values", "image_grid_thw")}
+    with vlprune.attach(model, create("divprune", keep=0.25)):
+        tokens, logits = greedy(model, inputs)
+        for step in range(tokens.shape[1]):
+            ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
+            extra = {}
+            if "mm_token_type_ids" in inputs:
+                types = inputs["mm_token_type_ids"]
+                extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(tokens[:, :step])], dim=1)
+            model.model.rope_deltas = None
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **images, **extra)
+            torch.testing.assert_close(out.logits[:, -1], logits[step], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_tokens_keep_the_models_own_multimodal_positions(family: str) -> None:
+    """The rotation every later layer applies to a kept token is the one of its (t, h, w) position in the model's
+    ``get_rope_index`` numbering of the full prompt (not a renumbering of the shortened sequence)."""
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    seen = {}
+    layer = model.model.language_model.layers[3]
+
+    def record(module, args, kwargs):
+        seen["cos"] = kwargs["position_embeddings"][0]
+
+    with vlprune.attach(model, create("random", keep=0.3)) as session, torch.no_grad():
+        # Registered after the engine's hooks, so it sees what the layer receives.
+        handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+        **({"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}),
+    )
+    positions = positions[-3:]  # (3, B, L): temporal, height, width (a leading text row is not a rotation)
+    cos, _ = model.model.language_model.rotary_emb(seen["cos"], positions)
+    kept = session.stats.stages[0].kept_indices
+    visual = inputs["input_ids"] == model.config.image_token_id
+    for sample in range(2):
+        slots = visual[sample].nonzero()[:, 0]
+        keep = torch.zeros_like(visual[sample])
+        keep[~visual[sample]] = True
+        keep[slots[kept[sample]]] = True
+        expected = cos[sample, keep]
+        got = seen["cos"][sample, -len(expected) :]  # shorter samples of the pruned batch are left-filled
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert len(set(positions[1, sample, slots].tolist())) > 1  # the height row really varies over the image
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_restores_the_model_exactly(family: str) -> None:
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    before = greedy(model, inputs)
+    hooks, mapping = hook_count(model), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    session = vlprune.attach(model, create("fastv", keep=0.2))
+    during = greedy(model, inputs)
+    session.detach()
+    after = greedy(model, inputs)
+    assert "get_image_features" not in vars(model.model) and "_deepstack_process" not in vars(
+        model.model.language_model
+    )
+    assert hook_count(model) == hooks and ALL_ATTENTION_FUNCTIONS._local_mapping == mapping
+    assert not torch.equal(during[1], before[1])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+def test_reindexed_positions_are_refused_with_the_reason() -> None:
+    model, _ = qwen_model("qwen2-vl")
+    with pytest.raises(VlpruneError, match="multimodal RoPE"):
+        vlprune.attach(model, create("fastv", keep=0.25), positions="reindex")
+
+
+TINY_OPTIONS = {"adaptinfer": {"layers": [1, 2, 3]}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_runs_or_refuses_with_its_reason(family: str) -> None:
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    total = max(visual_counts(model, inputs))
+    ran, refused = [], {}
+    for method in [m for m in available_methods() if m not in ("none", "var")] + ["fastv+var"]:
+        pruner = create(method, keep=0.25, **TINY_OPTIONS.get(method, {}))
+        try:
+            with vlprune.attach(model, pruner) as session:
+                greedy(model, inputs, new_tokens=2)
+        except VlpruneError as error:
+            refused[method] = str(error)
+            continue
+        assert session.stats.equivalent_visual_tokens < total, method
+        ran.append(method)
+    for method in [*ran, *refused]:
+        assert (family in families_of(method.partition("+")[0])) == (method in ran), method
+    for method, message in refused.items():
+        assert family in message or "[CLS]" in message, (method, message)
+    assert {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "adaptinfer", "fastv+var"} <= set(ran)
+
+
+def test_a_video_prompt_is_refused_with_the_reason() -> None:
+    model, processor = qwen_model("qwen2-vl")
+    frames = [make_test_image(seed, 32) for seed in range(2)]
+    inputs = build_tiny_qwen_inputs(processor, [], ["What moves?"], videos=[frames])
+    with vlprune.attach(model, create("fastv", keep=0.25)), pytest.raises(VlpruneError, match="videos"):
+        model(**inputs)
+
+
+def test_a_qwen_folder_runs_through_load_and_the_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vlprune.load(<a local Qwen2.5-VL folder>)`` answers a batch of two image sizes as it answers each alone, and
+    ``vlprune run --model <folder>`` prints the answer with the statistics."""
+    from vlprune.cli import main
+
+    model, processor = build_tiny_qwen2_5_vl()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    images = [make_test_image(seed, 96).resize(SIZES[seed]) for seed in range(2)]
+    pipeline = vlprune.load(str(tmp_path / "model"), method="fastv", keep=0.25)
+    together = pipeline(images, list(QUESTIONS), max_new_tokens=3)
+    singles = [pipeline(image, question, max_new_tokens=3) for image, question in zip(images, QUESTIONS, strict=True)]
+    assert together.text == [r.text for r in singles]
+    images[0].save(tmp_path / "image.png")
+    folder, image = str(tmp_path / "model"), str(tmp_path / "image.png")
+    options = ["--method", "fastv", "--keep", "0.25", "--max-new-tokens", "2", "--json"]
+    code = main(["run", "--model", folder, "--image", image, "--question", "What?", *options])
+    out = capsys.readouterr().out
+    assert code == 0 and '"positions": "original"' in out
