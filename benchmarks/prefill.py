@@ -3,12 +3,16 @@
 The model is a LLaVA with random weights at the shapes of a real checkpoint (``--preset llava-1.5-7b``: CLIP ViT-L/14
 at 336 px = 576 visual tokens, Vicuna-7B = 32 layers of 4096) or a small CPU-sized one (``--preset small``), or a
 LLaVA-NeXT (``--preset llava-next-7b``: the same towers, a 672 x 672 image = base view + 2 x 2 tiles = 2,928 visual
-tokens with the line breaks; ``--preset small-next``: 1,312 at 224 px views). Random weights change nothing about the
-time of a forward pass, and need no download.
+tokens with the line breaks; ``--preset small-next``: 1,312 at 224 px views), or a Qwen2.5-VL (``--preset
+qwen2.5-vl-7b``: its 32-block windowed vision encoder, a 672 x 672 image = 48 x 48 patches merged into 576 tokens,
+Qwen2-7B = 28 layers of 3584 with 4 key-value heads; ``--preset small-qwen``: the same image, a 12-block 384-wide
+encoder and a 12-layer 768-wide language model). Random weights change nothing about the time of a forward pass,
+and need no download.
 
     python benchmarks/prefill.py --preset small                          # CPU, a minute
     python benchmarks/prefill.py --preset llava-1.5-7b --device cuda --dtype bfloat16
     python benchmarks/prefill.py --preset small-next --keep 0.222,0.111,0.056 --methods fastv,fastervlm,divprune
+    python benchmarks/prefill.py --preset small-qwen --methods fastv,divprune,holov
 
 Each row: the median prefill time over ``--repeats`` runs after ``--warmup`` runs (CUDA synchronised), the speed-up
 over ``none`` measured in the same run (interleaved, so both see the same machine state), and the speed-up the
@@ -31,6 +35,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
 )
 
 import vlprune
@@ -51,6 +59,8 @@ class Preset:
     prompt_before: int  # text tokens before the image (LLaVA-1.5's system prompt is about 35)
     prompt_after: int
     tile_grid: tuple[int, int] | None = None  # LLaVA-NeXT: the image covers this many tiles (rows, columns)
+    qwen: bool = False  # Qwen2.5-VL: image_size is the image's side, patch_size its patches' (merged 2 x 2)
+    kv_heads: int | None = None
 
 
 PRESETS = {
@@ -58,7 +68,10 @@ PRESETS = {
     "small": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40),
     "llava-next-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40, tile_grid=(2, 2)),
     "small-next": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40, tile_grid=(2, 2)),
+    "qwen2.5-vl-7b": Preset(672, 14, 1280, 32, 16, 3584, 28, 28, 18944, 14, 40, qwen=True, kv_heads=4),
+    "small-qwen": Preset(672, 14, 384, 12, 6, 768, 12, 12, 2048, 14, 40, qwen=True, kv_heads=2),
 }
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 32000, 32001, 32002, 32003
 
 
 def grid_pinpoints(preset: Preset) -> list[list[int]]:
@@ -67,7 +80,51 @@ def grid_pinpoints(preset: Preset) -> list[list[int]]:
     return [[side * rows, side * columns] for rows, columns in [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]]
 
 
+def qwen_config(preset: Preset) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config at the preset's shapes: windows of 112 px, a full-attention block every eighth (the last
+    one included, as in the released models), M-RoPE sections in the released proportions."""
+    head_dim = preset.text_hidden // preset.text_heads
+    eighth, sixteenth = head_dim // 8, head_dim // 16  # [16, 24, 24] for Qwen2-7B's 128: half the head dim
+    return Qwen2_5_VLConfig(
+        vision_config=Qwen2_5_VLVisionConfig(
+            depth=preset.vision_layers,
+            hidden_size=preset.vision_hidden,
+            intermediate_size=4 * preset.vision_hidden,
+            out_hidden_size=preset.text_hidden,
+            num_heads=preset.vision_heads,
+            patch_size=preset.patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(
+                range(preset.vision_layers // 4 - 1, preset.vision_layers, preset.vision_layers // 4)
+            ),
+        ),
+        text_config=Qwen2_5_VLTextConfig(
+            vocab_size=32064,
+            hidden_size=preset.text_hidden,
+            intermediate_size=preset.text_ffn,
+            num_hidden_layers=preset.text_layers,
+            num_attention_heads=preset.text_heads,
+            num_key_value_heads=preset.kv_heads,
+            max_position_embeddings=8192,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [eighth, 3 * sixteenth, 3 * sixteenth],
+            },
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        attn_implementation="sdpa",
+    )
+
+
 def build_model(preset: Preset, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    if preset.qwen:
+        return _instantiate(Qwen2_5_VLForConditionalGeneration, qwen_config(preset), device, dtype)
     vision = CLIPVisionConfig(
         hidden_size=preset.vision_hidden,
         intermediate_size=4 * preset.vision_hidden,
@@ -98,6 +155,10 @@ def build_model(preset: Preset, device: str, dtype: torch.dtype) -> torch.nn.Mod
             attn_implementation="sdpa",
         )
         family = LlavaNextForConditionalGeneration
+    return _instantiate(family, config, device, dtype)
+
+
+def _instantiate(family: type, config: object, device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -109,9 +170,37 @@ def build_model(preset: Preset, device: str, dtype: torch.dtype) -> torch.nn.Mod
     return model.eval()
 
 
+def build_qwen_inputs(preset: Preset, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One square image per sample, ``<|vision_start|>`` + its merged tokens + ``<|vision_end|>`` in the prompt."""
+    side = preset.image_size // preset.patch_size
+    visual = (side // 2) ** 2
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(1, 32000, (batch, preset.prompt_before), generator=generator)
+    after = torch.randint(1, 32000, (batch, preset.prompt_after), generator=generator)
+    image = torch.cat(
+        [
+            torch.full((batch, 1), VISION_START),
+            torch.full((batch, visual), IMAGE_TOKEN),
+            torch.full((batch, 1), VISION_END),
+        ],
+        dim=1,
+    )
+    input_ids = torch.cat([before, image, after], dim=1)
+    pixels = torch.randn(batch * side * side, 3 * 2 * preset.patch_size**2, generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids, device=device),
+        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).int().to(device),
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+        "image_grid_thw": torch.tensor([[1, side, side]] * batch, device=device),
+    }
+
+
 def build_inputs(
     preset: Preset, batch: int, device: str, dtype: torch.dtype, model: torch.nn.Module
 ) -> dict[str, torch.Tensor]:
+    if preset.qwen:
+        return build_qwen_inputs(preset, batch, device, dtype)
     visual = (preset.image_size // preset.patch_size) ** 2
     extra: dict[str, torch.Tensor] = {}
     pixel_shape: tuple[int, ...] = (batch, 3, preset.image_size, preset.image_size)
@@ -188,7 +277,7 @@ def main() -> None:
                 times[case].append(seconds)
 
     base = statistics.median(times[None])
-    visual = int((inputs["input_ids"] == 32000).sum(1)[0])
+    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum(1)[0])
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"preset {args.preset}, {device_name}, {args.dtype}, batch {args.batch}, "

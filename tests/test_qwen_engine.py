@@ -6,6 +6,7 @@ detaching restores the model, and every registered method runs or refuses with a
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -92,6 +93,11 @@ RAGGED_CASES = [
     ("sparsevlm", {"keep": 0.3}),  # three stages with recycling
     ("pyramiddrop", {"keep": 0.3}),
     ("adaptinfer", {"keep": 0.25, "layers": [1, 2, 3]}),
+    ("holov", {"keep": 0.25}),  # the received attention of each image's last vision block
+    ("ptp", {"keep": 0.25}),
+    ("zoo-prune", {"keep": 0.25}),  # the merger's input per token
+    ("vflowopt", {"keep": 0.3}),  # each image's attention map, padded to the largest
+    ("flowcut", {"keep": 0.3}),  # pruning inside the packed encoder, images keeping different counts
 ]
 
 
@@ -252,3 +258,218 @@ def test_a_qwen_folder_runs_through_load_and_the_cli(tmp_path, capsys: pytest.Ca
     code = main(["run", "--model", folder, "--image", image, "--question", "What?", *options])
     out = capsys.readouterr().out
     assert code == 0 and '"positions": "original"' in out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_received_attention_is_each_images_last_block_attention_pooled_in_raster_order(family: str) -> None:
+    """What HoloV and PTP read on Qwen-VL: the attention each patch receives at the last vision block (a
+    full-attention block, image by image, heads and queries averaged), pooled over its 2 x 2 merge group and put
+    back from the encoder's window order (Qwen2.5-VL) into the raster order of the language model's tokens.
+    Recomputed from the block's own inputs and projections."""
+    from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+
+    captured = {}
+
+    class ReceivedReader(Pruner):
+        name = "received-reader-qwen-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_received_attention=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            captured.setdefault("received", []).append(ctx.vision_received_attention[0])
+            return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
+
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    maps = last_block_maps(model, inputs, ReceivedReader())
+    for image, weights in enumerate(maps):
+        expected = to_tokens(model, family, weights.mean(dim=0), inputs["image_grid_thw"][image])
+        torch.testing.assert_close(captured["received"][image], expected, atol=1e-6, rtol=1e-4)
+
+
+def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
+    """Each image's head-mean attention map at the last vision block (processing order), recomputed from the block's
+    own inputs and projections during a pruned forward pass."""
+    import sys
+
+    attention = model.model.visual.blocks[-1].attn
+    captured = {}
+
+    def record(module, args, kwargs) -> None:
+        captured["block"] = (args[0] if args else kwargs["hidden_states"], kwargs)
+
+    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with vlprune.attach(model, pruner), torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    hidden, kwargs = captured["block"]
+    module = sys.modules[type(attention).__module__]
+    with torch.no_grad():
+        query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
+        query, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
+    bounds = kwargs["cu_seqlens"].tolist()
+    maps = []
+    for start, end in itertools.pairwise(bounds):
+        q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)  # (H, n, d)
+        maps.append(torch.softmax(q @ k.transpose(-1, -2) * attention.scaling, dim=-1).mean(dim=0))
+    return maps
+
+
+def to_tokens(model, family: str, per_patch: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Per-patch values (processing order) as one value per merged token (the mean of its 2 x 2 patches), in raster
+    order (Qwen2.5-VL's window permutation undone)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    per_token = per_patch.view(-1, 4).mean(dim=1)
+    if family == "qwen2.5-vl":
+        visual = model.model.visual
+        window_index, _ = get_vision_window_index(grid[None], 2, visual.window_size, visual.patch_size)
+        assert not torch.equal(window_index, torch.arange(len(window_index)))
+        per_token = per_token[torch.argsort(window_index)]
+    return per_token
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vflowopt_reads_each_images_sink_map_pooled_over_its_merge_groups(family: str) -> None:
+    from vlprune.pruners.vflowopt import VFlowOpt, importance_map
+
+    scores = []
+
+    class Recording(VFlowOpt):
+        name = "vflowopt-qwen-test"
+
+        def select(self, ctx):
+            selection = super().select(ctx)
+            if ctx.stage_index == 0:
+                scores.append(selection.scores[0])
+            return selection
+
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    pruner = Recording(keep=0.3)
+    maps = last_block_maps(model, inputs, pruner)
+    for image, weights in enumerate(maps):
+        count = int(visual_counts(model, inputs)[image])
+        _, sensitivity, _, _ = pruner.settings(count, len(model.model.language_model.layers))
+        importance = importance_map(weights[None], sensitivity)[0]
+        expected = to_tokens(model, family, importance, inputs["image_grid_thw"][image])
+        torch.testing.assert_close(scores[image], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_ptp_regions_are_tiles_of_each_images_own_grid() -> None:
+    from vlprune.geometry import batch_geometry, single_view
+    from vlprune.pruners.ptp import spatial_regions
+
+    geometry = batch_geometry([single_view(4, 6)], [24], torch.device("cpu"))
+    regions = spatial_regions(geometry, 0, 4).view(4, 6)
+    expected = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2 + [[2, 2, 2, 3, 3, 3]] * 2)
+    assert torch.equal(regions, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_tokens_features_through_its_projector_give_its_input_embedding(family: str) -> None:
+    """What ZOO-Prune perturbs on Qwen-VL: each token's merger input (its 2 x 2 patches, in raster order after
+    Qwen2.5-VL's window permutation is undone); the merger as that token's projector gives back the embedding the
+    language model received for it."""
+    from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+
+    checked = []
+
+    class FeatureReader(Pruner):
+        name = "feature-reader-qwen-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_features=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            embedded = ctx.projector(ctx.vision_features)
+            torch.testing.assert_close(embedded, ctx.visual_hidden, atol=1e-5, rtol=1e-5)
+            checked.append(ctx.num_visual)
+            return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
+
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    with vlprune.attach(model, FeatureReader()), torch.no_grad():
+        model(**inputs)
+    assert checked == visual_counts(model, inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flowcut_prunes_whole_merge_groups_inside_the_encoder_then_cuts_after_layer_one(family: str) -> None:
+    """The reference's Qwen2-VL path: 2T tokens (8T patches) leave the encoder, pruned as whole 2 x 2 merge groups
+    image by image; the blocks after a cut attend over the kept patches per image (Qwen2.5-VL's windowed blocks:
+    within the windows that still hold patches); the stage after language-model layer 1 keeps T."""
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    counts = visual_counts(model, inputs)
+    budgets = [round(0.3 * count) for count in counts]
+    merger_rows = []
+    merger = model.model.visual.merger
+
+    def record(module, args) -> None:
+        merger_rows.append(args[0].shape[0])
+
+    with vlprune.attach(model, create("flowcut", keep=0.3)) as session, torch.no_grad():
+        handle = merger.register_forward_pre_hook(record)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    first, second = session.stats.stages
+    assert first.visual_out_per_sample == [min(2 * t, n) for t, n in zip(budgets, counts, strict=True)]
+    assert second.layer == 2 and second.visual_out_per_sample == budgets
+    assert merger_rows == [4 * sum(first.visual_out_per_sample)]  # the encoder's output: whole merge groups only
+
+
+def test_windowed_blocks_after_a_cut_attend_within_the_windows_that_keep_patches() -> None:
+    """After dropping patches inside Qwen2.5-VL's encoder, a windowed block gets one chunk per window that still holds
+    patches, each as long as the window's kept patches (here: every other merge group dropped after block 0)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from vlprune.pruners.flowcut import FlowCut
+
+    class DropEveryOtherGroup(FlowCut):
+        name = "flowcut-drop-test"
+
+        def select_in_vision(self, ctx):
+            if ctx.layer > 0:
+                return super().select_in_vision(ctx)
+            groups = ctx.real.view(ctx.real.shape[0], -1, 4).clone()
+            groups[:, 1::2] = False
+            return groups.view_as(ctx.real)
+
+    model, processor = qwen_model("qwen2.5-vl")
+    inputs = qwen_inputs(processor, 2)
+    visual = model.model.visual
+    seen = []
+
+    def record(module, args, kwargs) -> None:
+        seen.append(kwargs["cu_seqlens"].tolist())
+
+    with vlprune.attach(model, DropEveryOtherGroup(keep=0.2)), torch.no_grad():
+        handle = visual.blocks[1].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    _, windows = get_vision_window_index(inputs["image_grid_thw"], 2, visual.window_size, visual.patch_size)
+    windows = torch.as_tensor(windows).unique_consecutive().tolist()
+    expected = [0]
+    for start, end in itertools.pairwise(windows):
+        groups = range(start // 4, end // 4)  # processing-order groups of this window
+        kept = sum(4 for group in groups if (group - image_start(group, inputs)) % 2 == 0)
+        if kept:
+            expected.append(expected[-1] + kept)
+    assert 1 not in visual.fullatt_block_indexes and len(expected) > 3  # block 1 is windowed; several windows left
+    assert seen == [expected]
+
+
+def image_start(group: int, inputs) -> int:
+    """The first processing-order group of the image that ``group`` belongs to."""
+    starts = torch.cumsum(inputs["image_grid_thw"].prod(-1) // 4, 0).tolist()
+    return max([0] + [start for start in starts if start <= group])

@@ -111,7 +111,7 @@ def test_qwen2_5_vision_tower_is_windowed_with_one_full_attention_block():
     model, processor = qwen_model("qwen2.5-vl")
     visual = model.model.visual
     assert len(visual.blocks) == 3
-    assert list(visual.fullatt_block_indexes) == list(FULLATT_BLOCK_INDEXES) == [1]
+    assert list(visual.fullatt_block_indexes) == list(FULLATT_BLOCK_INDEXES) == [2]
     inputs = build_tiny_qwen_inputs(processor, two_images(), list(QUESTIONS))
     for grid, windows in zip(inputs["image_grid_thw"], (4, 6), strict=True):
         index, cu_window_seqlens = window_index(visual, grid[None])

@@ -11,8 +11,9 @@ gives ``(height // 8) * (width // 8)`` visual tokens: 16 for 32 x 32, 24 for 48 
 ``T`` frames gives ``ceil(T / 2)`` temporal patches of that many tokens each.
 
 * Qwen2-VL: a 3-block vision tower with full attention per image.
-* Qwen2.5-VL: a 3-block *windowed* vision tower (only block 1 attends over the whole image) with 16-pixel windows,
-  that is 2 x 2 merged tokens, so a 32 x 32 image is split into 4 windows and its patches are permuted.
+* Qwen2.5-VL: a 3-block *windowed* vision tower (only the last block attends over the whole image, as in the
+  released models) with 16-pixel windows, that is 2 x 2 merged tokens, so a 32 x 32 image is split into 4 windows
+  and its patches are permuted.
 * Qwen3-VL: a 3-block vision tower with learned interpolated position embeddings and DeepStack: the outputs of
   blocks 0 and 1 are merged and added to the visual positions after the first two language-model layers.
 
@@ -113,8 +114,8 @@ VISION_DEPTH = 3
 WINDOW_SIZE = 16
 """Qwen2.5-VL attention window side in pixels: 2 x 2 merged tokens, 4 x 4 patches."""
 
-FULLATT_BLOCK_INDEXES = (1,)
-"""The one Qwen2.5-VL vision block with full attention (blocks 0 and 2 attend within windows)."""
+FULLATT_BLOCK_INDEXES = (2,)
+"""The one Qwen2.5-VL vision block with full attention, the last as in the released models (0 and 1 are windowed)."""
 
 DEEPSTACK_VISUAL_INDEXES = (0, 1)
 """Qwen3-VL vision blocks whose merged outputs are added after language-model layers 0 and 1."""

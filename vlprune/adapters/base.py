@@ -37,8 +37,11 @@ class ModelAdapter:
         geometry_inputs: the keyword arguments of the base model's ``get_image_features`` that
             :meth:`visual_geometry` reads (the engine records them each time images are encoded).
         position_modes: the position handlings the family supports after pruning, the one used by default first.
-        reads_vision_tower: whether stages may read the vision tower's attention, keys or features, or prune inside
-            it (not yet on the Qwen-VL family).
+        reads_vision_tower: whether stages may prune inside the vision tower (not yet on the Qwen-VL family).
+        vision_reads: what of the vision tower stages may read ("cls", "keys", "features", "map", "received",
+            "crop_map"), or None for all of it.
+        vision_chunked: whether the tower runs its attention image by image over one packed sequence (Qwen-VL), so
+            the feature layer's attention arrives in one call per image (see :meth:`received_tokens`).
         deepstack: whether the language model adds vision features to the visual positions after its first layers
             (Qwen3-VL), which the engine then prunes alike.
     """
@@ -48,6 +51,8 @@ class ModelAdapter:
     geometry_inputs: tuple[str, ...] = ()
     position_modes: tuple[str, ...] = ("original", "reindex")
     reads_vision_tower: bool = True
+    vision_reads: frozenset[str] | None = None
+    vision_chunked: bool = False
     deepstack: bool = False
     model: nn.Module
     config: Any
@@ -56,6 +61,16 @@ class ModelAdapter:
     decoder_layers: nn.ModuleList
     rotary_embedding: nn.Module
     projector: nn.Module  # vision features -> language-model embeddings
+
+    @property
+    def token_projector(self) -> nn.Module:
+        """The projector as a function of one visual token's features (what stages receive as ``projector``)."""
+        return self.projector
+
+    def feature_tokens(self, features: torch.Tensor, image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(crops, T, F) per-token projector inputs from what the projector received, for a chunked tower."""
+        raise NotImplementedError
+
     image_token_id: int
     vision_has_cls: bool
     vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
@@ -85,6 +100,11 @@ class ModelAdapter:
         """(B, N0) per-crop patch values (crops, P) placed on the visual tokens as the model packs its features;
         ``fill`` at line breaks and padding. A family that places every patch as one token needs only the geometry."""
         return geometry.crop_values(values[..., None], fill)[..., 0]
+
+    def received_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(images, T, 1) attention each language-model token of each image receives, from the per-image attention
+        received by its patches (``chunks``: one (n_i,) tensor per image, in the tower's order), for a chunked tower."""
+        raise NotImplementedError
 
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""

@@ -13,7 +13,12 @@ Qwen3-VL adds the features of some vision layers to the visual positions after t
 (``_deepstack_process``); the engine shortens those planes with the same kept indices (see
 :mod:`vlprune.engine.deepstack`).
 
-Not yet: pruning inside or reading from the vision encoder (windowed attention, the merge groups), and videos.
+The vision encoder's attention reaches stages as each image's attention map among its patches at the last block, and as
+the attention each token receives there (a
+full-attention block, image by image; put back from Qwen2.5-VL's window order into raster order and pooled over each
+merge group), HoloV's substitute for [CLS] in its Qwen2.5-VL code; the merger's input reaches them per token (its
+m x m patches concatenated) with the merger as that token's projector (:class:`MergedTokenProjector`). Not yet:
+pruning inside the encoder, its keys, and videos.
 """
 
 from __future__ import annotations
@@ -30,13 +35,30 @@ from vlprune.geometry import VisualGeometry, batch_geometry, single_view
 from vlprune.kernels import gather_tokens
 
 
+class MergedTokenProjector(nn.Module):
+    """The merger as a projector of one language-model token's features: (..., m² · D) -> (..., D_text), the m x m
+    patches of each token concatenated (the merger itself reads every m² consecutive patch rows as one token)."""
+
+    def __init__(self, merger: nn.Module, patches: int) -> None:
+        super().__init__()
+        self.merger = merger
+        self.patches = patches
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        leading, width = features.shape[:-1], features.shape[-1]
+        merged = self.merger(features.reshape(-1, width // self.patches))
+        return merged.view(*leading, merged.shape[-1])
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` (or a bare ``Qwen2VLModel``)."""
 
     family = "qwen2-vl"
     geometry_inputs = ("image_grid_thw",)
     position_modes = ("original",)
-    reads_vision_tower = False
+    reads_vision_tower = True  # through vlprune.engine.packed_vision
+    vision_reads = frozenset({"received", "features", "crop_map"})
+    vision_chunked = True
     deepstack = False
 
     def __init__(self, model: nn.Module) -> None:
@@ -47,6 +69,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.decoder_layers = self.language_model.layers
         self.rotary_embedding = self.language_model.rotary_emb
         self.projector = self.base_model.visual.merger
+        self._token_projector = MergedTokenProjector(self.projector, self.merge_size**2)
         self.image_token_id = int(self.config.image_token_id)
         self.vision_has_cls = False
         self.vision_drops_cls = False
@@ -62,6 +85,10 @@ class Qwen2VLAdapter(ModelAdapter):
         from transformers import Qwen2VLModel
 
         return Qwen2VLModel
+
+    @property
+    def token_projector(self) -> nn.Module:
+        return self._token_projector
 
     @property
     def merge_size(self) -> int:
@@ -95,10 +122,57 @@ class Qwen2VLAdapter(ModelAdapter):
             raise VlpruneError(f"{self.family}: {error}; were the prompts and pixel values made together?") from None
 
     def vision_feature_attention(self) -> nn.Module:
-        raise VlpruneError(f"reading the vision encoder is not implemented for {self.family} yet")
+        """The last vision block's attention, whose output the merger reads (a full-attention block, image by image)."""
+        return self.base_model.visual.blocks[-1].attn
+
+    def received_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
+        """Per image, the attention received by each patch pooled over its merge group (the mean of the m x m patches
+        that become one token, as HoloV's Qwen2.5-VL code does), in the raster order of the merged grid."""
+        grids = image_inputs.get("image_grid_thw")
+        if grids is None or len(grids) != len(chunks):
+            raise RuntimeError(f"{self.family}: the vision attention of {len(chunks)} images does not match the grids")
+        unit = self.merge_size**2
+        pooled = [
+            self._raster_order(chunk.float().view(-1, unit).mean(dim=1), grid)
+            for chunk, grid in zip(chunks, grids, strict=True)
+        ]
+        width = max(len(tokens) for tokens in pooled)
+        return torch.stack([torch.nn.functional.pad(tokens, (0, width - len(tokens))) for tokens in pooled])[..., None]
+
+    def pack_crop_values(
+        self, values: torch.Tensor, model_kwargs: dict[str, Any], geometry: VisualGeometry, fill: float
+    ) -> torch.Tensor:
+        """(B, N0) per-patch values of each image (images, P, padded to the largest image) as one value per
+        language-model token: the mean over its merge group, in raster order."""
+        grids = model_kwargs.get("image_grid_thw")
+        if grids is None or len(grids) != values.shape[0]:
+            raise RuntimeError(f"{self.family}: per-image values for {values.shape[0]} images do not match the grids")
+        chunks = [row[: int(count)] for row, count in zip(values, grids.prod(dim=-1), strict=True)]
+        return geometry.crop_values(self.received_tokens(chunks, model_kwargs).to(values.dtype), fill)[..., 0]
+
+    def feature_tokens(self, features: torch.Tensor, image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(images, T, m² · D) each language-model token's merger input (its m x m patches concatenated), in raster
+        order, from the merger's input (patches, D) of the packed images."""
+        grids = image_inputs.get("image_grid_thw")
+        if grids is None or int(grids.prod(dim=-1).sum()) != features.shape[0]:
+            raise RuntimeError(f"{self.family}: the merger's input does not match the recorded image grids")
+        unit = self.merge_size**2
+        per_image = features.split(grids.prod(dim=-1).tolist())
+        tokens = [
+            self._raster_order(image.reshape(-1, unit * features.shape[-1]), grid)
+            for image, grid in zip(per_image, grids, strict=True)
+        ]
+        width = max(len(rows) for rows in tokens)
+        return torch.stack([torch.nn.functional.pad(rows, (0, 0, 0, width - len(rows))) for rows in tokens])
+
+    def _raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Merged tokens in the order the tower processed them, put back in raster order (the identity here; the
+        windowed encoder of Qwen2.5-VL permutes them)."""
+        return tokens
 
     def vision_feature_layer_index(self) -> int:
-        raise VlpruneError(f"pruning inside the vision encoder is not implemented for {self.family} yet")
+        """The merger reads the last block's output: numbered as the layer after the last block."""
+        return len(self.vision_layers)
 
     @property
     def vision_layers(self) -> nn.ModuleList:
@@ -149,7 +223,7 @@ class Qwen2VLAdapter(ModelAdapter):
         )
 
     def attention_implementations(self) -> set[str]:
-        return {self.config.text_config._attn_implementation}
+        return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's spelling)
@@ -163,6 +237,25 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's
         from transformers import Qwen2_5_VLModel
 
         return Qwen2_5_VLModel
+
+    def vision_feature_attention(self) -> nn.Module:
+        visual = self.base_model.visual
+        last = len(visual.blocks) - 1
+        if last not in visual.fullatt_block_indexes:
+            raise VlpruneError(
+                f"{self.family}: the last vision block ({last}) attends within windows (full-attention blocks: "
+                f"{list(visual.fullatt_block_indexes)}); the received attention is read from a full-attention block"
+            )
+        return visual.blocks[last].attn
+
+    def _raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.base_model.visual
+        window_index, _ = get_vision_window_index(
+            grid[None].to(tokens.device), visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
+        return tokens[torch.argsort(window_index.to(tokens.device))]
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -37,6 +37,7 @@ from vlprune.engine.layout import (
     prefill_mask,
     reindexed,
 )
+from vlprune.engine.packed_vision import PackedVisionStages
 from vlprune.engine.plan_check import check_plan, checked_keep_index
 from vlprune.engine.ragged import ragged_order, sample_context, stacked_recycled
 from vlprune.engine.redistribution import Redistribution
@@ -123,7 +124,8 @@ class PruningSession:
             {stage.layer - 1 for stage in probe if stage.query_rows is not None and not stage.own_layer_attention}
         )
         self._needs_initial = any(stage.initial_embeddings for stage in probe)
-        self._vision_stages = VisionStages(self.adapter, pruner, self._bridge.image_inputs)
+        stages = PackedVisionStages if self.adapter.vision_chunked else VisionStages
+        self._vision_stages = stages(self.adapter, pruner, self._bridge.image_inputs)
         modifier = getattr(pruner, "modifier", None)
         self._redistribution = None if modifier is None else Redistribution(self, modifier)
         self._mask_style = self.adapter.config.text_config._attn_implementation
@@ -389,10 +391,8 @@ class PruningSession:
             vision_cls_attention=bridge.cls_scores(geometry, layout, slots)
             if stage.vision_cls_attention and not bridge.cls_substituted
             else None,
-            vision_features=bridge.tokens(bridge.features, geometry, layout, slots, "projector input")
-            if stage.vision_features
-            else None,
-            projector=self.adapter.projector if stage.vision_features else None,
+            vision_features=bridge.feature_tokens(geometry, layout, slots) if stage.vision_features else None,
+            projector=self.adapter.token_projector if stage.vision_features else None,
             vision_keys=bridge.tokens(bridge.keys, geometry, layout, slots, "vision keys", with_cls=True)
             if stage.vision_keys
             else None,

@@ -138,7 +138,7 @@ class VisionStages:
         if self.pruner.keep is None:
             raise VlpruneError(f"method {self.pruner.name!r} needs a budget: pass keep=<count> or keep=<fraction>")
         if not self.adapter.multi_crop:
-            return [self.pruner.vision_budget(patches, patches, 1)] * crops
+            return [self.pruner.vision_budget(self.adapter.family, patches, patches, 1)] * crops
         images = self.adapter.image_views(self.image_inputs)
         if sum(views for _, views in images) != crops:
             raise VlpruneError(
@@ -147,7 +147,7 @@ class VisionStages:
             )
         budgets = []
         for tokens, views in images:
-            budget = self.pruner.vision_budget(tokens, patches, views)
+            budget = self.pruner.vision_budget(self.adapter.family, tokens, patches, views)
             if not 1 <= budget <= patches:
                 raise RuntimeError(f"{self.pruner.name} gave a view a budget of {budget} of its {patches} patches")
             budgets += [budget] * views

@@ -44,14 +44,16 @@ class VisionBridge:
                     f"{adapter.config.vision_config.model_type} has none"
                 )
             self.needs_cls, self.needs_received, self.cls_substituted = False, True, True
-        reads = [
-            self.needs_cls, self.needs_keys, self.needs_map, self.needs_received, self.needs_features,
-            self.needs_crop_map,
-        ]  # fmt: skip
-        if any(reads) and not adapter.reads_vision_tower:
+        reads = {
+            "cls": self.needs_cls, "keys": self.needs_keys, "map": self.needs_map, "received": self.needs_received,
+            "features": self.needs_features, "crop_map": self.needs_crop_map,
+        }  # fmt: skip
+        allowed = adapter.vision_reads
+        unsupported = [name for name, needed in reads.items() if needed and allowed is not None and name not in allowed]
+        if unsupported:
             raise VlpruneError(
-                f"method {pruner_name!r} reads the vision encoder's attention or features, which is not implemented "
-                f"for {adapter.family} yet"
+                f"method {pruner_name!r} reads the vision encoder's {', '.join(unsupported)}, which is not "
+                f"implemented for {adapter.family} yet"
             )
         if self.needs_map and adapter.multi_crop:
             raise VlpruneError(
@@ -63,6 +65,8 @@ class VisionBridge:
         self.features: torch.Tensor | None = None  # (crops, T', F) projector input
         self.attention_map: torch.Tensor | None = None  # (crops, T, T)
         self.pixels: torch.Tensor | None = None
+        self.received_chunks: list[torch.Tensor] = []  # (n_i,) per image, for a chunked tower
+        self.chunk_maps: list[torch.Tensor] = []  # (n_i, n_i) per image, for a chunked tower
         self.image_inputs: dict[str, Any] = {}  # what the adapter's geometry reads, from the last image encoding
 
     @property
@@ -75,7 +79,7 @@ class VisionBridge:
         handles: list[Any] = []
         if self.adapter.geometry_inputs:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs))
-        if self.needs_map or self.needs_crop_map:
+        if self.needs_map or self.needs_crop_map or self.adapter.vision_chunked:
             tower = self.adapter.vision_tower
             handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
         if self.needs_features:
@@ -84,6 +88,7 @@ class VisionBridge:
 
     def forget(self) -> None:
         self.cls = self.keys = self.features = self.attention_map = self.pixels = None
+        self.received_chunks, self.chunk_maps = [], []
         self.image_inputs.clear()
 
     # ------------------------------------------------------------------ capture
@@ -105,12 +110,20 @@ class VisionBridge:
             self.cls = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
         if self.needs_keys:
             self.keys = key.float().mean(dim=1)  # (crops, tokens, d)
+        if self.adapter.vision_chunked:  # one call per image: keep what each patch receives (and the map)
+            rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
+            attention = attention_rows(query, key, rows, scale, mask, causal=False)  # (1, n_i, n_i)
+            self.received_chunks.append(attention.mean(dim=1)[0])
+            if self.needs_crop_map:
+                self.chunk_maps.append(attention[0])
+            return
         if self.needs_map or self.needs_received or self.needs_crop_map:
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
             self.attention_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (crops, T, T)
 
     def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.pixels = args[0] if args else kwargs.get("pixel_values")
+        self.pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        self.received_chunks, self.chunk_maps = [], []  # a new encoding
 
     def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
         self.features = args[0]
@@ -152,9 +165,22 @@ class VisionBridge:
         picked = gather_tokens(per_token, origin.clamp(min=0))
         return picked.masked_fill((origin < 0)[..., None], 0.0)
 
+    def feature_tokens(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) what the projector received for each current visual token (zeros for line breaks and recycled
+        tokens); on a chunked tower, each token's m x m patches concatenated."""
+        features = self.features
+        if features is not None and self.adapter.vision_chunked:
+            features = self.adapter.feature_tokens(features, self.image_inputs)
+        return self.tokens(features, geometry, layout, slots, "projector input")
+
     def received(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N) attention each current visual token receives at the feature layer, averaged over its crop's patch
         queries ([CLS] excluded when LLaVA drops it) and the heads; 0 for line breaks and recycled tokens."""
+        if self.adapter.vision_chunked:
+            if not self.received_chunks:
+                raise RuntimeError("the vision tower's attention was not captured for this prefill")
+            per_image = self.adapter.received_tokens(self.received_chunks, self.image_inputs)
+            return self.tokens(per_image, geometry, layout, slots, "received attention")[..., 0]
         attention = self.attention_map
         if attention is None:
             raise RuntimeError("the vision tower's attention map was not captured for this prefill")
@@ -189,6 +215,14 @@ class VisionBridge:
         if not wanted:
             return {}
         attention, pixels = self.attention_map, self.pixels
+        if self.adapter.vision_chunked and self.chunk_maps:  # images of different sizes: zero-padded maps
+            width = max(len(chunk) for chunk in self.chunk_maps)
+            attention = torch.stack(
+                [
+                    torch.nn.functional.pad(chunk, (0, width - len(chunk), 0, width - len(chunk)))
+                    for chunk in self.chunk_maps
+                ]
+            )
         if attention is None or pixels is None:
             raise RuntimeError("the vision tower's attention map was not captured for this prefill")
         if self.adapter.vision_drops_cls:

@@ -105,7 +105,7 @@ def families_of(name: str) -> list[str]:
     on OneVision's SigLIP tower, which has none, unless its reference has a substitute (:attr:`Pruner.cls_substitute`),
     and one reading or pruning the vision encoder does not run on the Qwen-VL family yet.
     """
-    from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS
+    from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS, QWEN_FAMILIES
     from vlprune.pruners.var import VAR
 
     if name == VAR.name:
@@ -121,26 +121,27 @@ def families_of(name: str) -> list[str]:
         needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
         if family == "llava-onevision" and needs_cls:
             continue
-        if family in QWEN_FAMILIES and (vision_side or any(_reads_vision(stage) for stage in plan)):
-            continue
+        if family in QWEN_FAMILIES:
+            from vlprune.adapters.qwen_vl import Qwen2VLAdapter
+
+            reads = set().union(*(_vision_reads(stage, cls.cls_substitute) for stage in plan))
+            if (vision_side and not Qwen2VLAdapter.reads_vision_tower) or not reads <= Qwen2VLAdapter.vision_reads:
+                continue
         families.append(family)
     return families
 
 
-QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-
-
-def _reads_vision(stage: StagePlan) -> bool:
-    return any(
-        (
-            stage.vision_cls_attention,
-            stage.vision_keys,
-            stage.vision_features,
-            stage.vision_attention,
-            stage.vision_received_attention,
-            stage.vision_crop_attention,
-        )
-    )
+def _vision_reads(stage: StagePlan, cls_substitute: str | None) -> set[str]:
+    """What of the vision tower a stage reads, in the names of ``ModelAdapter.vision_reads``."""
+    wanted = [
+        ("received" if cls_substitute == "received" else "cls", stage.vision_cls_attention),
+        ("keys", stage.vision_keys),
+        ("features", stage.vision_features),
+        ("map", stage.vision_attention),
+        ("received", stage.vision_received_attention),
+        ("crop_map", stage.vision_crop_attention),
+    ]
+    return {name for name, needed in wanted if needed}
 
 
 def _options_of(cls: type) -> set[str]:

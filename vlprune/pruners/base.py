@@ -216,6 +216,8 @@ class VisionLayerContext:
         origin: (B, T) index of each token in the tower's original sequence ([CLS] = 0 when present).
         has_cls: whether token 0 is a [CLS] token that must stay.
         keep: (B,) patch tokens of each image (crop) that must reach the projector (see :meth:`Pruner.vision_budget`).
+        group: patches that become one language-model token (Qwen-VL's m x m merge groups, consecutive in the
+            sequence); a decision keeps or drops whole groups, and ``keep`` is a multiple of it.
         state: a dictionary that lives for one pass of the vision tower, for scores a pruner carries across layers.
     """
 
@@ -230,6 +232,7 @@ class VisionLayerContext:
     has_cls: bool
     keep: torch.Tensor
     state: dict
+    group: int = 1
 
 
 @dataclass
@@ -271,6 +274,9 @@ class Selection:
 
 ANYRES_FAMILIES = frozenset({"llava-next", "llava-onevision"})
 """The families that encode an image as a base view and tiles (the references' "anyres" paths)."""
+
+QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+"""The Qwen-VL families: dynamic resolution, m x m patches merged into one token, multimodal RoPE."""
 
 PROBE_TOKENS = 1 << 30
 """The token count the engine passes to :meth:`Pruner.plan` at attach time, when the real count is not known yet: the
@@ -412,10 +418,10 @@ class Pruner:
         """
         return []
 
-    def vision_budget(self, image_tokens: int, view_patches: int, views: int) -> int:
-        """Patches each view (crop) of an image keeps inside the vision tower, for an image that gives
-        ``image_tokens`` visual tokens from ``views`` views of ``view_patches`` patches each: by default the budget
-        resolved against one view's patches."""
+    def vision_budget(self, family: str, image_tokens: int, view_patches: int, views: int) -> int:
+        """Patches each view (crop) of an image keeps inside the vision tower of a ``family`` model, for an image that
+        gives ``image_tokens`` visual tokens from ``views`` views of ``view_patches`` patches each (on the Qwen-VL
+        family in merge groups: one per token); by default the budget resolved against one view's patches."""
         return resolve_keep(self._required_keep(view_patches), view_patches)
 
     def select_in_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:

@@ -33,6 +33,10 @@ LLaVA-NeXT (the reference's ``anyres`` path, ``flowcut/main.py`` and ``modeling_
 The patches that survive enter the language model numbered contiguously, as the reference's rebuilt
 ``inputs_embeds`` are (default ``positions="reindex"``).
 
+Qwen-VL (the reference's ``FlowCut_Qwen`` port): the encoder's score uses the mean-pooled query, ``S = a · i``, with
+the same moving average and entropy-adaptive schedule over all blocks (the merger reads the last block, so the last
+cut follows it); 2T tokens (8T patches) leave the encoder, and the stage after language-model layer 1 keeps T.
+
 Deviations, each for a reason:
 - Scores come from the layer's queries, keys and values, which the engine hands over, so the tower keeps SDPA
   instead of the reference's eager attention with full attention maps.
@@ -46,6 +50,11 @@ Deviations, each for a reason:
   nearest source patch is, and it is the interpolation of the kept patches alone (weights renormalised): the
   reference has no OneVision path, and the tower's dropped patches have no features to blend. Its mean-pooled query
   (the Qwen2-VL port's substitute for [CLS]) scores the SigLIP views.
+- On Qwen-VL the encoder keeps or drops whole 2 x 2 merge groups (the mean score of the group's patches), image by
+  image, and later blocks attend over each image's (or window's) kept patches: the reference prunes single patches
+  over the whole packed sequence, so its merger then fuses four unrelated patches, and it leaves ``cu_seqlens``
+  unchanged, which mixes images; its image tokens then take the first K positions of the original grid, vlprune
+  keeps each kept token's own multimodal position.
 - The language-model stage's value vectors are averaged over the key-value heads, which equals the reference's
   average over the repeated heads of grouped-query attention.
 """
@@ -61,6 +70,7 @@ from vlprune.errors import VlpruneError
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     ANYRES_FAMILIES,
+    QWEN_FAMILIES,
     Pruner,
     QueryRows,
     Selection,
@@ -173,7 +183,7 @@ class FlowCut(Pruner):
         return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
 
     def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        if family not in ANYRES_FAMILIES:
+        if family not in ANYRES_FAMILIES and family not in QWEN_FAMILIES:
             return self.plan(num_visual, num_layers)
         if not self.llm_layer + 1 < num_layers:
             raise VlpruneError(
@@ -193,7 +203,9 @@ class FlowCut(Pruner):
             ),
         ]
 
-    def vision_budget(self, image_tokens: int, view_patches: int, views: int) -> int:
+    def vision_budget(self, family: str, image_tokens: int, view_patches: int, views: int) -> int:
+        if family in QWEN_FAMILIES:  # the reference's Qwen2-VL port: 2T tokens (8T patches) leave the encoder
+            return min(view_patches, 2 * resolve_keep(self._required_keep(image_tokens), image_tokens))
         if views == 1:
             return resolve_keep(self._required_keep(view_patches), view_patches)
         return min(view_patches, max(1, resolve_keep(self.keep, image_tokens) // 2))
@@ -237,9 +249,24 @@ class FlowCut(Pruner):
             kept_count = ctx.keep.to(current.device)
         else:
             kept_count = adaptive_keep(attention, real_patch, ctx.keep, layers_left)
-        rank = current.masked_fill(~real_patch, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-        position = rank.argsort(dim=-1)  # each patch's place in the ranking
-        keep_patch = (position < kept_count[:, None]) & real_patch
+        if ctx.group > 1:
+            keep_patch = _keep_whole_groups(current, real_patch, kept_count, ctx.group)
+        else:
+            rank = current.masked_fill(~real_patch, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+            position = rank.argsort(dim=-1)  # each patch's place in the ranking
+            keep_patch = (position < kept_count[:, None]) & real_patch
         if not ctx.has_cls:
             return keep_patch
         return torch.cat([torch.ones_like(keep_patch[:, :1]), keep_patch], dim=1)
+
+
+def _keep_whole_groups(score: torch.Tensor, real: torch.Tensor, kept: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, T) the merge groups (``group`` consecutive patches, one language-model token) with the highest mean score,
+    ``ceil(kept / group)`` of them per image: the encoder's tokens are pruned as the merger will read them."""
+    batch, count = score.shape
+    group_score = score.masked_fill(~real, 0.0).view(batch, count // group, group).mean(dim=-1)
+    group_real = real.view(batch, count // group, group).all(dim=-1)
+    rank = group_score.masked_fill(~group_real, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    groups = (kept + group - 1) // group
+    keep_group = (rank.argsort(dim=-1) < groups[:, None]) & group_real
+    return keep_group.repeat_interleave(group, dim=1)

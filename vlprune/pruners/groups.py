@@ -23,12 +23,19 @@ def tile_crops(num_visual: int, crops: int) -> torch.Tensor:
     side = math.isqrt(num_visual)
     if side * side != num_visual:
         raise VlpruneError(f"tiles=True needs a square token grid, got {num_visual} visual tokens")
+    return grid_tiles(side, side, crops)
+
+
+def grid_tiles(height: int, width: int, crops: int) -> torch.Tensor:
+    """(height * width,) crop index of each token of a ``height`` x ``width`` raster grid cut into
+    ``r x (crops / r)`` rectangular tiles (r the largest divisor of ``crops`` up to its square root), the remainders
+    as in :func:`strip_crops`."""
     rows = max(d for d in range(1, math.isqrt(crops) + 1) if crops % d == 0)
     columns = crops // rows
-    if rows > side or columns > side:
-        raise VlpruneError(f"crops={crops} does not fit a {side} x {side} token grid")
-    row_of = strip_crops(side, rows)  # which tile row each grid row belongs to, remainder as in strips
-    column_of = strip_crops(side, columns)
+    if rows > height or columns > width:
+        raise VlpruneError(f"crops={crops} does not fit a {height} x {width} token grid")
+    row_of = strip_crops(height, rows)  # which tile row each grid row belongs to, remainder as in strips
+    column_of = strip_crops(width, columns)
     return (row_of[:, None] * columns + column_of[None, :]).reshape(-1)
 
 

@@ -38,7 +38,16 @@ Deviations, each for a reason:
 - Towers without a [CLS] token (SigLIP, OneVision's tower) take the reference's own substitute from its Qwen2.5-VL
   file (``qwen-model-HoloV/modeling_qwen2_5_vl.py``): the attention each token receives at the vision feature layer,
   averaged over heads and queries (there the last ViT block, as OneVision's feature layer is; per crop on tiled
-  inputs). That file's 2 x 2 merge-group averaging is specific to Qwen's patch merger and does not apply here.
+  inputs). That file's 2 x 2 merge-group averaging is specific to Qwen's patch merger and applies on Qwen-VL only.
+
+Qwen-VL (the reference's ``modeling_qwen2_5_vl.py``): the attention each patch receives at the last encoder block,
+averaged over its image's queries and the heads, pooled over each 2 x 2 merge group; crops by the same rule
+(``num_patches = int(1024 / 576 · N / keep)``, the one its Qwen file uses). Deviations: the scores are put back from
+the encoder's window order into the raster order of the tokens (the reference reverses the window permutation for the
+features but not for the scores, so they only line up on images of one window), per image (the reference averages
+over the queries of every image of the call, which scales each image's scores), and the span is the image tokens
+(the reference's starts at ``<|vision_start|>`` and misses the last image token); kept tokens keep their multimodal
+positions, as in the reference.
 
 LLaVA-NeXT (the reference's ``llava_arch.py``: the ``image_newline`` lines commented out, unpadding kept): the line
 breaks are removed and the rest, the base view then the stitched tile grid row by row, is chunked and pruned as one

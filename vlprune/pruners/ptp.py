@@ -25,7 +25,8 @@ From the public re-implementation (unverified), and the project's choices where 
   ``keep`` counts the tokens after it.
 - Regions: on tiled inputs (LLaVA-NeXT, OneVision) the regions are the sub-images as the paper defines them: the base
   view and each tile, each token's saliency computed within its own crop. LLaVA-1.5 has one image and no tiles, so
-  there the regions are spatial tiles of the token grid, ``regions=4`` (2 x 2) by default.
+  there the regions are spatial tiles of the token grid, ``regions=4`` (2 x 2) by default; so on Qwen-VL, whose
+  dynamic-resolution grids take the image's aspect ratio, tiles of that grid.
 - Line breaks (``image_newline``) carry no saliency and form no region: they are dropped unless the budget exceeds
   every other token (nothing in the paper's abstract says otherwise).
 """
@@ -37,9 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.geometry import VisualGeometry
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan, check_layer
-from vlprune.pruners.groups import crop_quotas, keep_by_quota, tile_crops
+from vlprune.pruners.groups import crop_quotas, grid_tiles, keep_by_quota, tile_crops
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,15 @@ def min_max(values: torch.Tensor) -> torch.Tensor:
 def instruction_relevance(attention: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, N) the most any instruction token attends to each visual token. attention: (B, T, N); valid: (B, T)."""
     return attention.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+
+
+def spatial_regions(geometry: VisualGeometry, sample: int, regions: int) -> torch.Tensor:
+    """(N,) region of each visual token of an untiled sample: ``regions`` rectangular tiles of its image's own
+    token grid (square for LLaVA-1.5, any aspect ratio for Qwen-VL's dynamic resolution)."""
+    row, col = geometry.row[sample], geometry.col[sample]
+    height, width = int(row.max()) + 1, int(col.max()) + 1
+    tiles = grid_tiles(height, width, regions).to(row.device)
+    return tiles[row.clamp(min=0) * width + col.clamp(min=0)]
 
 
 def region_quotas(saliency: torch.Tensor, region_of: torch.Tensor, keep: int) -> torch.Tensor:
@@ -115,10 +126,17 @@ class PTP(Pruner):
         relevance = instruction_relevance(ctx.query_attention, ctx.query_mask)
         score = (1 - self.alpha) * min_max(saliency) + self.alpha * min_max(relevance)
         geometry = ctx.geometry
-        if geometry is None or not bool(geometry.is_tile.any()):
+        if geometry is None:
             region_of = tile_crops(ctx.num_visual, self.regions)
             quota = region_quotas(saliency, region_of, ctx.keep)
             return Selection(keep_index=keep_by_quota(score, region_of, quota), scores=score)
+        if not bool(geometry.is_tile.any()):
+            rows = []
+            for sample in range(ctx.batch_size):
+                region_of = spatial_regions(geometry, sample, self.regions)
+                quota = region_quotas(saliency[sample : sample + 1], region_of, ctx.keep)
+                rows.append(keep_by_quota(score[sample : sample + 1], region_of, quota)[0])
+            return Selection(keep_index=torch.stack(rows), scores=score)
         rows = []
         for sample in range(ctx.batch_size):
             region_of = geometry.view[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles

@@ -25,12 +25,13 @@ What the reference does and vlprune reproduces:
    ``R1, R2, t, m, α`` maximising the cosine similarity of the last prompt token's last-layer hidden state with and
    without pruning over a few unlabelled samples; its JSON output feeds ``--config``.
 
-**Multi-crop images** (LLaVA-OneVision, the reference's ``anyres_max`` path, and LLaVA-NeXT alike): the map is
+**Multi-crop images** (LLaVA-OneVision, the reference's ``anyres_max`` path, and LLaVA-NeXT alike; Qwen-VL's images
+of any size the same way, one crop per image, each token the mean of its 2 x 2 merge group): the map is
 computed per view (the base image and each tile) from that view's attention, placed on the visual tokens as the model
 packs its features (the tiles' maps stitched, unpadded and, where OneVision shrinks the grid, bilinearly resized
 with the features), and every ``image_newline`` token gets importance 1, so it stays. Recycling is on by default
-there, as in the reference: the pruned tokens are grouped by cells of side ``m`` on the base view's grid and, apart,
-on the stitched grid whose width counts the line-break column.
+for tiled images, as in the reference: the pruned tokens are grouped by cells of side ``m`` on the base view's grid
+and, apart, on the stitched grid whose width counts the line-break column.
 
 Defaults are the reference's released configurations for 10%, 25% and 50% of the tokens (t, m, R1, R2 of the nearest
 one, R1 scaled to the budget, R3 solved from the constraint; α = 0 in all of them, so the entropy term is off);
@@ -63,7 +64,6 @@ from vlprune.geometry import BASE, VisualGeometry
 from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
 from vlprune.pruners.base import (
-    ANYRES_FAMILIES,
     Pruner,
     Selection,
     Stage,
@@ -86,12 +86,16 @@ RELEASED = {
 
 
 def importance_map(attention: torch.Tensor, sensitivity: float) -> torch.Tensor:
-    """(B, N) attention from the relatively important tokens to each token. attention: (B, N, N) rows = queries."""
-    received = attention.mean(dim=1)  # (B, N)
-    important = received > sensitivity * received.mean(dim=-1, keepdim=True)
-    important = torch.where(important.any(dim=-1, keepdim=True), important, torch.ones_like(important))
+    """(B, N) attention from the relatively important tokens to each token. attention: (B, N, N) rows = queries;
+    all-zero rows and their columns are padding (maps of images with fewer patches, padded to the largest)."""
+    real = attention.sum(dim=-1) > 0  # (B, N): a real row is a softmax row
+    count = real.sum(dim=-1, keepdim=True).clamp(min=1)
+    received = attention.sum(dim=1) / count  # (B, N): mean over the real query rows
+    mean = received.masked_fill(~real, 0).sum(dim=-1, keepdim=True) / count
+    important = (received > sensitivity * mean) & real
+    important = torch.where(important.any(dim=-1, keepdim=True), important, real)
     weights = important.float()[..., None]
-    return (attention * weights).sum(dim=1) / weights.sum(dim=1)
+    return (attention * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 def patch_entropy(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
@@ -235,7 +239,9 @@ class VFlowOpt(Pruner):
         return self._stages(num_visual, num_layers, multi_crop=False)
 
     def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return self._stages(num_visual, num_layers, multi_crop=family in ANYRES_FAMILIES)
+        # LLaVA-1.5's untiled path reads one square map per image; the other families' maps come per crop (a view,
+        # or a Qwen-VL image of any size) and are packed onto the tokens as the model packs its features.
+        return self._stages(num_visual, num_layers, multi_crop=family != "llava")
 
     def _stages(self, num_visual: int, num_layers: int, multi_crop: bool) -> list[StagePlan]:
         counts = [num_visual] * 3 if is_probe(num_visual) else self.counts(num_visual, num_layers)
@@ -272,18 +278,23 @@ class VFlowOpt(Pruner):
         """The reference's anyres path: per-view maps packed onto the tokens, line breaks at importance 1."""
         assert ctx.pack_crop_values is not None and ctx.vision_crop_pixels is not None and ctx.geometry is not None
         attention = ctx.vision_crop_attention
-        grid = math.isqrt(attention.shape[1])
         placed = ctx.pack_crop_values(torch.zeros(attention.shape[:2], device=attention.device), 0.0)
         _, t, m, alpha = self.settings(placed.shape[1], ctx.num_layers)
         importance = importance_map(attention, t)  # (crops, P)
         if alpha != 0:
-            if grid * grid != attention.shape[1]:
-                raise VlpruneError(f"the entropy term needs square views, got {attention.shape[1]} patches per view")
+            grid = math.isqrt(attention.shape[1])
+            if grid * grid != attention.shape[1] or ctx.vision_crop_pixels.dim() != 4:
+                raise VlpruneError(
+                    f"the entropy term needs square views as images, got {attention.shape[1]} patches per view and "
+                    f"pixels of shape {tuple(ctx.vision_crop_pixels.shape)}"
+                )
             importance = importance + alpha * torch.softmax(patch_entropy(ctx.vision_crop_pixels, grid), dim=-1)
         packed = ctx.pack_crop_values(importance.float(), 1.0)  # (B, N0)
         current = gather_tokens(packed.to(ctx.visual_hidden.device), ctx.visual_origin.clamp(min=0))
-        if ctx.stage_index > 0 or self.recycle is False:
+        tiled = bool(ctx.geometry.is_tile.any())
+        if ctx.stage_index > 0 or not (self.recycle if self.recycle is not None else tiled):
             return Selection(keep_index=top_k_sorted(current, ctx.keep), scores=current)
+        grid = int(ctx.geometry.row.max()) + 1  # the base view's side (the grid the reference's m is given on)
         side = m * grid / REFERENCE_GRID
         cells = cells_of_views(ctx.geometry, grid, side)
         room = min(int(ctx.num_visual / side**2), ctx.keep)

@@ -29,6 +29,8 @@ Choices the paper leaves open, and deviations, each with its reason:
   FLOPs at LLaVA-1.5's shapes). Other projectors take the generic path.
 - When every token has the same sensitivity (a linear projector), ``Ŝ`` is 1 for all and the selection is DivPrune's
   max-min order started from the first token.
+- On Qwen-VL, whose projector (the patch merger) turns four patches into one token, a token's input is its four
+  patches' features concatenated and the merger is that token's projector; the paper evaluates LLaVA models only.
 """
 
 from __future__ import annotations
