@@ -141,3 +141,46 @@ def test_a_llava_next_folder_answers_a_ragged_batch_like_the_pipeline(tmp_path) 
     answers = wrapper.generate_until(requests)
     pipeline = vlprune.load(str(tmp_path), method="fastv", keep=0.25)
     assert answers == [pipeline(image, "What color?", max_new_tokens=3).text for image in images]
+
+
+def test_a_qwen_folder_answers_and_scores_through_the_wrapper(tmp_path) -> None:
+    """pretrained=<a Qwen2.5-VL folder>: generate_until answers as the pipeline does, and a continuation fed through
+    the cache after the multimodal-RoPE prompt (positions continued from rope_deltas) scores as one forward pass over
+    prompt + continuation, unpruned."""
+    import torch
+    from lmms_eval.models import get_model
+
+    from vlprune.testing_qwen import build_tiny_qwen2_5_vl
+
+    model, processor = build_tiny_qwen2_5_vl()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = make_test_image(0, 96).resize((48, 32))
+    docs = [{"image": image}]
+    wrapper = get_model("vlprune").create_from_arg_string(f"pretrained={tmp_path},method=fastv,keep=0.25", {})
+    wrapper.task_dict = {"fake": {"test": docs}}
+    request = ("<image>\nWhat color?", {"max_new_tokens": 3, "until": []}, doc_to_visual, 0, "fake", "test")
+    [answer] = wrapper.generate_until([fake_request("generate_until", request)])
+    assert answer == vlprune.load(str(tmp_path), method="fastv", keep=0.25)(image, "What color?", max_new_tokens=3).text
+    plain = get_model("vlprune").create_from_arg_string(f"pretrained={tmp_path}", {})
+    plain.task_dict = wrapper.task_dict
+    context, continuation = "What color?", " red square"
+    [(log_prob, _)] = plain.loglikelihood(
+        [fake_request("loglikelihood", (context, continuation, doc_to_visual, 0, "fake", "test"))]
+    )
+    pipeline = plain.pipeline
+    prompt = pipeline.model_inputs([image], [pipeline.chat_prompt(context)])
+    targets = pipeline.processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt["input_ids"], targets], dim=1)
+    types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(targets)], dim=1)
+    pipeline.model.model.rope_deltas = None
+    with torch.no_grad():
+        logits = pipeline.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=types,
+            pixel_values=prompt["pixel_values"],
+            image_grid_thw=prompt["image_grid_thw"],
+        ).logits[0, -targets.shape[1] - 1 : -1]
+    expected = torch.log_softmax(logits, dim=-1).gather(1, targets[0][:, None]).sum()
+    assert log_prob == pytest.approx(float(expected), abs=1e-4)

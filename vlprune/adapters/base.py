@@ -75,6 +75,11 @@ class ModelAdapter:
     vision_has_cls: bool
     vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
 
+    def continuation_position_ids(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Position ids of ``count`` tokens fed through the cache after a prompt of ``start`` tokens (batch of one), as
+        ``generate`` would number them."""
+        return torch.arange(start, start + count, device=device)[None]
+
     def check_call(self, model_kwargs: dict[str, Any]) -> None:
         """Refuse a model call this family cannot prune (raises VlpruneError); by default every call is fine."""
 

@@ -94,6 +94,15 @@ class Qwen2VLAdapter(ModelAdapter):
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
+    def continuation_position_ids(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """The three multimodal rows of tokens after the prompt: text positions shifted by the prompt's
+        ``rope_deltas``, which the model stored when it numbered the prompt."""
+        deltas = self.base_model.rope_deltas
+        if deltas is None:
+            raise RuntimeError(f"{self.family}: the prompt's rope_deltas are missing; prefill the prompt first")
+        positions = torch.arange(start, start + count, device=device)[None] + deltas.to(device)
+        return positions[None].expand(3, -1, -1)
+
     def check_call(self, model_kwargs: dict[str, Any]) -> None:
         if model_kwargs.get("pixel_values_videos") is not None:
             raise VlpruneError(

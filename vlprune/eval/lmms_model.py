@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lmms_eval.api.model import lmms
 
+from vlprune.adapters import adapter_for
 from vlprune.api import DEFAULT_MODEL, load
 from vlprune.engine import attach
 from vlprune.errors import VlpruneError
@@ -119,7 +120,7 @@ class VLPruneLMMS(lmms):
             logits = [prefill.logits[0, -1:]]
             if len(targets) > 1:
                 steps = targets[None, :-1]
-                positions = torch.arange(length, length + steps.shape[1], device=self.device)[None]
+                positions = adapter_for(model).continuation_position_ids(length, steps.shape[1], self.device)
                 following = model(
                     input_ids=steps,
                     attention_mask=torch.ones(1, length + steps.shape[1], dtype=torch.long, device=self.device),
