@@ -63,7 +63,7 @@ def test_both_first_stages_keep_the_reference_formula_on_eager_attention(vision:
         expected.append(top_sorted(reference_scores(first[b], text, visual), 32))
     assert stages[0].kept_indices == expected
 
-    oracle = MaskOracle(model, inputs["input_ids"], [(1, stages[0].kept_indices)], image_token)
+    oracle = MaskOracle(model, inputs["input_ids"], [(1, stages[0].kept_indices)], (image_token,))
     try:
         second = model(**inputs, output_attentions=True).attentions[1]  # layer 1 on the stage-1 tokens
     finally:

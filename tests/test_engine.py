@@ -55,8 +55,8 @@ class MaskOracle:
     """Vanilla model, but from each stage's layer on the visual tokens it pruned cannot be seen as keys (prefill and
     decode). ``stages``: (layer, kept original visual indices per sample) in layer order."""
 
-    def __init__(self, model, input_ids: torch.Tensor, stages: list[tuple[int, list[list[int]]]], image_token_id: int):
-        visual = input_ids == image_token_id
+    def __init__(self, model, input_ids: torch.Tensor, stages: list[tuple[int, list[list[int]]]], visual_ids: tuple):
+        visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
         self.pruned_from: dict[int, torch.Tensor] = {}
         for layer, kept in stages:
             pruned = torch.zeros_like(visual)
@@ -99,7 +99,10 @@ class MaskOracle:
 def greedy_under_mask(model, inputs, stages: list[tuple[int, list[list[int]]]]):
     """``greedy`` on the unpruned model with the pruned tokens masked from each stage layer on (``stages``: the
     (layer, kept_indices) of a pruned run's statistics): what pruning must equal with original positions."""
-    oracle = MaskOracle(model, inputs["input_ids"], stages, model.config.image_token_id)
+    visual_ids = tuple(
+        int(token) for token in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if token
+    )  # a video's tokens are visual tokens too (Qwen-VL)
+    oracle = MaskOracle(model, inputs["input_ids"], stages, visual_ids)
     try:
         return greedy(model, inputs)
     finally:

@@ -14,6 +14,7 @@ from test_engine import greedy, greedy_under_mask, hook_count
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import vlprune
+import vlprune.adapters
 from vlprune.errors import VlpruneError
 from vlprune.pruners import available_methods, create, families_of
 from vlprune.testing import make_test_image
@@ -231,12 +232,66 @@ def test_every_method_runs_or_refuses_with_its_reason(family: str) -> None:
     assert {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "adaptinfer", "fastv+var"} <= set(ran)
 
 
-def test_a_video_prompt_is_refused_with_the_reason() -> None:
+def video_inputs(processor):
+    """A batch of an image sample (48 x 32) and a video sample (four 32 x 32 frames: two temporal patches)."""
+    frames = [make_test_image(seed, 32) for seed in range(4)]
+    image = make_test_image(5, 96).resize(SIZES[0])
+    return build_tiny_qwen_inputs(processor, [image], ["What colour is the square?", "What moves?"], videos=[frames])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_tokens_are_visual_tokens_with_their_frames(family: str) -> None:
+    """A video's tokens are visual tokens: keep-all equals vanilla, pruning equals masking on a batch of an image and
+    a video (Qwen3-VL puts timestamps between the frames and DeepStack planes on both), and the geometry numbers each
+    token's frame."""
+    model, processor = qwen_model(family)
+    inputs = video_inputs(processor)
+    tokens, logits = greedy(model, inputs)
+    with vlprune.attach(model, create("none")):
+        same_tokens, same_logits = greedy(model, inputs)
+    assert torch.equal(tokens, same_tokens)
+    torch.testing.assert_close(same_logits, logits, atol=1e-6, rtol=0)
+    with vlprune.attach(model, create("random", keep=0.3)) as session:
+        pruned_tokens, pruned_logits = greedy(model, inputs)
+    [stage] = session.stats.stages
+    assert session.stats.visual_tokens_per_sample == [24, 32]
+    masked_tokens, masked_logits = greedy_under_mask(model, inputs, [(0, stage.kept_indices)])
+    assert torch.equal(pruned_tokens, masked_tokens)
+    torch.testing.assert_close(pruned_logits, masked_logits, atol=1e-4, rtol=0)
+    adapter = vlprune.adapters.adapter_for(model)
+    geometry = adapter.visual_geometry(dict(inputs), [24, 32], torch.device("cpu"))
+    assert geometry.frame[0].tolist() == [0] * 24 + [-1] * 8  # the image sample is padded to the video's 32
+    assert geometry.frame[1].tolist() == [0] * 16 + [1] * 16
+    assert geometry.row[1].tolist() == [r for _ in range(2) for r in range(4) for _ in range(4)]
+    assert bool((geometry.crop[1] == -1).all()) and geometry.crop[0, :24].tolist() == [0] * 24
+
+
+@pytest.mark.parametrize("method", ["fastv", "divprune", "sparsevlm"])
+def test_a_batch_of_an_image_and_a_video_equals_its_samples_alone(method: str) -> None:
+    model, processor = qwen_model("qwen2.5-vl")
+    batch = video_inputs(processor)
+    with vlprune.attach(model, create(method, keep=0.3)) as session:
+        tokens, logits = greedy(model, batch)
+        together = session.stats
+        frames = [make_test_image(seed, 32) for seed in range(4)]
+        singles = [
+            build_tiny_qwen_inputs(
+                processor, [make_test_image(5, 96).resize(SIZES[0])], ["What colour is the square?"]
+            ),
+            build_tiny_qwen_inputs(processor, [], ["What moves?"], videos=[frames]),
+        ]
+        for index, single in enumerate(singles):
+            single_tokens, single_logits = greedy(model, single)
+            assert torch.equal(single_tokens[0], tokens[index])
+            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
+            assert session.stats.stages[0].kept_indices[0] == together.stages[0].kept_indices[index]
+
+
+def test_a_method_reading_the_encoder_refuses_a_video_with_the_reason() -> None:
     model, processor = qwen_model("qwen2-vl")
-    frames = [make_test_image(seed, 32) for seed in range(2)]
-    inputs = build_tiny_qwen_inputs(processor, [], ["What moves?"], videos=[frames])
-    with vlprune.attach(model, create("fastv", keep=0.25)), pytest.raises(VlpruneError, match="videos"):
-        model(**inputs)
+    inputs = video_inputs(processor)
+    with vlprune.attach(model, create("holov", keep=0.25)), pytest.raises(VlpruneError, match="videos"):
+        greedy(model, inputs)
 
 
 def test_a_qwen_folder_runs_through_load_and_the_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

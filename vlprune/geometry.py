@@ -45,6 +45,7 @@ class VisualGeometry:
             whole batch as the tower receives them; -1 for line breaks.
         crop_token: index of the patch among that crop's tokens as they reach the projector; where OneVision
             interpolates, the nearest source patch (its centre-aligned nearest neighbour); -1 for line breaks.
+        frame: the token's frame within its video (0 for images); -1 for line breaks and padding.
         num_crops: the crops the vision tower encodes for the whole batch.
     """
 
@@ -58,6 +59,7 @@ class VisualGeometry:
     full_col: torch.Tensor
     crop: torch.Tensor
     crop_token: torch.Tensor
+    frame: torch.Tensor
     num_crops: int
 
     @property
@@ -125,6 +127,7 @@ class ImageTokens:
     full_col: torch.Tensor
     crop: torch.Tensor
     crop_token: torch.Tensor
+    frame: torch.Tensor
     num_crops: int
 
     def __len__(self) -> int:
@@ -153,6 +156,7 @@ def single_view(height: int, width: int, leading_cls: bool = False, newline: boo
         "full_col": minus,
         "crop": torch.zeros(length, dtype=torch.long),
         "crop_token": token,
+        "frame": torch.zeros(length, dtype=torch.long),
     }
     if newline:
         parts = {name: torch.cat([value, torch.tensor([-1])]) for name, value in parts.items()}
@@ -206,6 +210,7 @@ def tiled_view(
         "full_col": with_breaks(column, width),
         "crop": with_breaks(1 + tile_row * tiles_across + tile_col, -1),
         "crop_token": with_breaks(within_row * patches + within_col, -1),
+        "frame": with_breaks(torch.zeros_like(within_row), -1),
     }
     parts = {name: torch.cat([getattr(base, name), value]) for name, value in tiles.items()}
     return ImageTokens(**parts, num_crops=1 + tiles_down * tiles_across)
@@ -229,12 +234,12 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
     total = sum(len(image) for image in images)
     if total != sum(per_sample):
         raise ValueError(f"the images give {total} visual tokens, the prompts hold {sum(per_sample)}")
-    columns: dict[str, list[torch.Tensor]] = {name: [] for name in ("image", *_TOKEN_FIELDS)}
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in ("image", *TOKEN_FIELDS)}
     crop_offset, image_index, filled, sample = 0, 0, 0, 0
     for image in images:
         if filled == per_sample[sample]:
             sample, filled, image_index = sample + 1, 0, 0
-        for name in _TOKEN_FIELDS:
+        for name in TOKEN_FIELDS:
             value = getattr(image, name)
             columns[name].append(torch.where(value >= 0, value + crop_offset, value) if name == "crop" else value)
         columns["image"].append(torch.full((len(image),), image_index))
@@ -254,5 +259,60 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
     return VisualGeometry(**tensors, num_crops=crop_offset)
 
 
-_TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token")
-_GEOMETRY_FIELDS = ("image", *_TOKEN_FIELDS)
+TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token", "frame")
+_GEOMETRY_FIELDS = ("image", *TOKEN_FIELDS)
+
+
+def interleaved_geometry(
+    images: list[ImageTokens],
+    videos: list[ImageTokens],
+    input_ids: torch.Tensor,
+    image_token: int,
+    video_token: int,
+    device: torch.device,
+) -> VisualGeometry:
+    """The geometry of a batch whose image and video tokens are filled, each kind in order over the batch, from the
+    images' and the videos' tokens; ``image`` numbers each sample's images and videos in the order they appear."""
+    streams = {}
+    for kind, items, offset in ((image_token, images, 0), (video_token, videos, len(images))):
+        table = {name: [getattr(item, name) for item in items] for name in TOKEN_FIELDS}
+        crop_offsets = torch.tensor([0] + [item.num_crops for item in items]).cumsum(0)[:-1].tolist()
+        table["crop"] = [
+            torch.where(item.crop >= 0, item.crop + start, item.crop)
+            for item, start in zip(items, crop_offsets, strict=True)
+        ]
+        columns = {
+            name: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long) for name, parts in table.items()
+        }
+        owner = [torch.full((len(item),), offset + index) for index, item in enumerate(items)]
+        columns["item"] = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)
+        streams[kind] = columns
+    taken = dict.fromkeys(streams, 0)
+    rows: list[dict[str, torch.Tensor]] = []
+    for sample_ids in input_ids.cpu():
+        kinds = sample_ids[(sample_ids == image_token) | (sample_ids == video_token)]
+        index = torch.empty(len(kinds), dtype=torch.long)
+        row = {name: torch.empty(len(kinds), dtype=torch.long) for name in (*TOKEN_FIELDS, "item")}
+        for kind, columns in streams.items():
+            at = kinds == kind
+            count = int(at.sum())
+            if taken[kind] + count > len(columns["view"]):
+                raise ValueError("the prompts hold more image or video tokens than the encoded grids give")
+            index[at] = torch.arange(taken[kind], taken[kind] + count)
+            for name in row:
+                row[name][at] = columns[name][index[at]]
+            taken[kind] += count
+        items = row.pop("item").tolist()
+        first_seen = {item: rank for rank, item in enumerate(dict.fromkeys(items))}
+        row["image"] = torch.tensor([first_seen[item] for item in items], dtype=torch.long)
+        rows.append(row)
+    if any(taken[kind] != len(columns["view"]) for kind, columns in streams.items()):
+        raise ValueError("the encoded grids give more image or video tokens than the prompts hold")
+    width = max(len(row["view"]) for row in rows)
+    fields = {}
+    for name in ("image", *TOKEN_FIELDS):
+        fill = PADDING if name == "view" else -1
+        fields[name] = torch.stack(
+            [torch.cat([row[name], torch.full((width - len(row[name]),), fill, dtype=torch.long)]) for row in rows]
+        ).to(device)
+    return VisualGeometry(**fields, num_crops=sum(item.num_crops for item in images))

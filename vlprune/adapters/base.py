@@ -42,6 +42,7 @@ class ModelAdapter:
             "crop_map"), or None for all of it.
         vision_chunked: whether the tower runs its attention image by image over one packed sequence (Qwen-VL), so
             the feature layer's attention arrives in one call per image (see :meth:`received_tokens`).
+        encodes_videos: whether the base model encodes videos (``get_video_features``) whose tokens are visual tokens.
         deepstack: whether the language model adds vision features to the visual positions after its first layers
             (Qwen3-VL), which the engine then prunes alike.
     """
@@ -53,6 +54,7 @@ class ModelAdapter:
     reads_vision_tower: bool = True
     vision_reads: frozenset[str] | None = None
     vision_chunked: bool = False
+    encodes_videos: bool = False
     deepstack: bool = False
     model: nn.Module
     config: Any

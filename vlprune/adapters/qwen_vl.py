@@ -13,12 +13,12 @@ Qwen3-VL adds the features of some vision layers to the visual positions after t
 (``_deepstack_process``); the engine shortens those planes with the same kept indices (see
 :mod:`vlprune.engine.deepstack`).
 
-The vision encoder's attention reaches stages as each image's attention map among its patches at the last block, and as
-the attention each token receives there (a
-full-attention block, image by image; put back from Qwen2.5-VL's window order into raster order and pooled over each
-merge group), HoloV's substitute for [CLS] in its Qwen2.5-VL code; the merger's input reaches them per token (its
-m x m patches concatenated) with the merger as that token's projector (:class:`MergedTokenProjector`). Not yet:
-pruning inside the encoder, its keys, and videos.
+The vision encoder is read at its last block, a full-attention block run image by image: each image's attention map
+among its patches and the attention each patch receives (HoloV's substitute for [CLS] in its Qwen2.5-VL code), put
+back from Qwen2.5-VL's window order into raster order and pooled over each merge group; the merger's input per token
+(its m x m patches concatenated), with the merger as that token's projector (:class:`MergedTokenProjector`). FlowCut
+prunes inside the encoder (:mod:`vlprune.engine.packed_vision`). Videos are visual tokens frame by frame; the
+encoder's video pass is not read (methods that read it refuse videos). Not yet: the encoder's keys.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ from torch import nn
 
 from vlprune.adapters.base import LanguageModelShape, ModelAdapter
 from vlprune.errors import VlpruneError
-from vlprune.geometry import VisualGeometry, batch_geometry, single_view
+from vlprune.geometry import (
+    TOKEN_FIELDS,
+    ImageTokens,
+    VisualGeometry,
+    batch_geometry,
+    interleaved_geometry,
+    single_view,
+)
 from vlprune.kernels import gather_tokens
 
 
@@ -54,7 +61,8 @@ class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` (or a bare ``Qwen2VLModel``)."""
 
     family = "qwen2-vl"
-    geometry_inputs = ("image_grid_thw",)
+    geometry_inputs = ("image_grid_thw", "video_grid_thw", "input_ids")
+    encodes_videos = True
     position_modes = ("original",)
     reads_vision_tower = True  # through vlprune.engine.packed_vision
     vision_reads = frozenset({"received", "features", "crop_map"})
@@ -71,6 +79,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.projector = self.base_model.visual.merger
         self._token_projector = MergedTokenProjector(self.projector, self.merge_size**2)
         self.image_token_id = int(self.config.image_token_id)
+        self.video_token_id = int(self.config.video_token_id)
         self.vision_has_cls = False
         self.vision_drops_cls = False
         text = self.config.text_config
@@ -103,32 +112,53 @@ class Qwen2VLAdapter(ModelAdapter):
         positions = torch.arange(start, start + count, device=device)[None] + deltas.to(device)
         return positions[None].expand(3, -1, -1)
 
-    def check_call(self, model_kwargs: dict[str, Any]) -> None:
-        if model_kwargs.get("pixel_values_videos") is not None:
-            raise VlpruneError(
-                f"{self.family}: pruning prompts with videos is not implemented yet; pass images (pixel_values)"
-            )
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, True at the image and the video placeholder tokens."""
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
     def visual_geometry(
         self, model_kwargs: dict[str, Any], per_sample: list[int], device: torch.device
     ) -> VisualGeometry:
-        """One merged grid per image, (h / m) x (w / m) tokens in raster order, from ``image_grid_thw``."""
-        grids = model_kwargs.get("image_grid_thw")
-        if grids is None:
+        """One merged grid per image, (h / m) x (w / m) tokens in raster order, from ``image_grid_thw``; a video's
+        tokens frame by frame (``frame``: the temporal patch), from ``video_grid_thw``. The model fills the image
+        tokens and the video tokens of the batch, each in order, from its two streams of features, so the tokens of
+        each sample take their places from the prompt (``input_ids``; Qwen3-VL puts text between a video's frames)."""
+        image_grids, video_grids = model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")
+        if image_grids is None and video_grids is None:
             raise VlpruneError(
-                f"the {self.family} model encoded no image_grid_thw for this prefill: pass pixel_values with the "
-                "processor's image_grid_thw"
+                f"the {self.family} model encoded no image_grid_thw or video_grid_thw for this prefill: pass "
+                "pixel_values (or pixel_values_videos) with the processor's grids"
             )
-        merge = self.merge_size
-        images = []
-        for frames, height, width in grids.tolist():
-            if frames != 1:
-                raise VlpruneError(f"{self.family}: an image of {frames} temporal patches is not supported")
-            images.append(single_view(height // merge, width // merge))
+        images = [self._frames(grid, video=False) for grid in ([] if image_grids is None else image_grids.tolist())]
+        if video_grids is None:
+            try:
+                return batch_geometry(images, per_sample, device)
+            except ValueError as error:
+                raise VlpruneError(
+                    f"{self.family}: {error}; were the prompts and pixel values made together?"
+                ) from None
+        videos = [self._frames(grid, video=True) for grid in video_grids.tolist()]
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None:
+            raise VlpruneError(f"{self.family}: placing video tokens needs the prompts' input_ids")
         try:
-            return batch_geometry(images, per_sample, device)
+            return interleaved_geometry(images, videos, input_ids, self.image_token_id, self.video_token_id, device)
         except ValueError as error:
-            raise VlpruneError(f"{self.family}: {error}; were the prompts and pixel values made together?") from None
+            raise VlpruneError(f"{self.family}: {error}; were the prompts and pixels made together?") from None
+
+    def _frames(self, grid: list[int], video: bool) -> ImageTokens:
+        frames, height, width = grid
+        merge = self.merge_size
+        if frames != 1 and not video:
+            raise VlpruneError(f"{self.family}: an image of {frames} temporal patches is not supported")
+        one = single_view(height // merge, width // merge)
+        if frames == 1 and not video:
+            return one
+        fields = {name: getattr(one, name).repeat(frames) for name in TOKEN_FIELDS}
+        fields["frame"] = torch.arange(frames).repeat_interleave(len(one))
+        fields["crop"] = torch.full_like(fields["crop"], -1)  # the encoder's video pass is not read
+        fields["crop_token"] = torch.full_like(fields["crop_token"], -1)
+        return ImageTokens(**fields, num_crops=0)
 
     def vision_feature_attention(self) -> nn.Module:
         """The last vision block's attention, whose output the merger reads (a full-attention block, image by image)."""

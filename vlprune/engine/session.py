@@ -161,7 +161,13 @@ class PruningSession:
                 watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
             if self._bridge.watches_feature_layer:
                 watched[self.adapter.vision_feature_attention()] = self._bridge.on_attention
-            self._handles.extend(self._bridge.install())
+            refuse_videos = None
+            if self._bridge.reads_tower or self._vision_stages.active:
+                refuse_videos = (
+                    f"method {self.pruner.name!r} reads the vision encoder, which is not implemented for videos on "
+                    f"{self.adapter.family} yet; pass images, or a method that prunes in the language model"
+                )
+            self._handles.extend(self._bridge.install(refuse_videos))
             if self.adapter.deepstack:
                 self._handles.append(wrap_deepstack(self.adapter.language_model, self._pruned_layout))
             if self._vision_stages.active:

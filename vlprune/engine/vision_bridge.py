@@ -73,12 +73,19 @@ class VisionBridge:
     def watches_feature_layer(self) -> bool:
         return self.needs_cls or self.needs_keys or self.needs_map or self.needs_received or self.needs_crop_map
 
-    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+    @property
+    def reads_tower(self) -> bool:
+        return self.watches_feature_layer or self.needs_features
+
+    def install(self, refuse_videos: str | None = None) -> list[torch.utils.hooks.RemovableHandle]:
         """Register the tower and projector hooks; the caller observes the feature layer's attention (see
-        :meth:`on_attention`) when :attr:`watches_feature_layer`."""
+        :meth:`on_attention`) when :attr:`watches_feature_layer`. ``refuse_videos``: the message a video encoding
+        raises (the vision side of this session cannot read videos)."""
         handles: list[Any] = []
         if self.adapter.geometry_inputs:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs))
+        if self.adapter.encodes_videos:
+            handles.append(_record_image_inputs(self.adapter, self.image_inputs, "get_video_features", refuse_videos))
         if self.needs_map or self.needs_crop_map or self.adapter.vision_chunked:
             tower = self.adapter.vision_tower
             handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
@@ -251,21 +258,35 @@ class RestoreAttribute:
             delattr(self.owner, self.name)
 
 
-def _record_image_inputs(adapter: ModelAdapter, record: dict[str, Any]) -> RestoreAttribute:
+def _record_image_inputs(
+    adapter: ModelAdapter, record: dict[str, Any], encoder: str = "get_image_features", refuse: str | None = None
+) -> RestoreAttribute:
     """Record the keyword arguments the geometry reads (``image_sizes``, ...) each time the base model encodes
-    images. ``generate`` encodes them before the language model's call and passes only the features to it, so the
-    call itself no longer carries them; the wrapper is an attribute of this model instance only, and detaching
-    removes it."""
+    images (``encoder``: or videos, with ``get_video_features``). ``generate`` encodes them before the language
+    model's call and passes only the features to it, so the call itself no longer carries them; the wrapper is an
+    attribute of this model instance only, and detaching removes it. ``refuse``: a message to raise instead of
+    encoding (videos, for a method that reads the vision encoder there)."""
     owner = adapter.base_model
-    encode = owner.get_image_features  # the bound method of the model's class
-    names = adapter.geometry_inputs
+    encode = getattr(owner, encoder)  # the bound method of the model's class
+    names = [name for name in adapter.geometry_inputs if name in inspect.signature(encode).parameters]
 
     @functools.wraps(encode)
-    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+    def recording_encoder(*args: Any, **kwargs: Any) -> Any:
+        if refuse is not None:
+            raise VlpruneError(refuse)
         bound = inspect.signature(encode).bind_partial(*args, **kwargs)
-        record.clear()
-        record.update({name: bound.arguments[name] for name in names if bound.arguments.get(name) is not None})
-        return encode(*args, **kwargs)
+        own = {name: bound.arguments[name] for name in names if bound.arguments.get(name) is not None}
+        for name in names:
+            record.pop(name, None)
+        record.update(own)  # the tower's hooks read it while it encodes
+        before = dict(record)
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            # An encoder called inside this one (Qwen3-VL encodes videos through get_image_features) records nothing.
+            record.clear()
+            record.update({name: value for name, value in before.items() if name not in names})
+            record.update(own)
 
-    owner.get_image_features = get_image_features
-    return RestoreAttribute(owner, "get_image_features")
+    setattr(owner, encoder, recording_encoder)
+    return RestoreAttribute(owner, encoder)
