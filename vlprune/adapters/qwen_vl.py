@@ -288,13 +288,19 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's
         return visual.blocks[last].attn
 
     def _raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        from transformers.vision_utils import get_vision_window_index
-
-        visual = self.base_model.visual
-        window_index, _ = get_vision_window_index(
-            grid[None].to(tokens.device), visual.spatial_merge_size, visual.window_size, visual.patch_size
-        )
+        window_index, _ = self.window_index(grid[None].to(tokens.device))
         return tokens[torch.argsort(window_index.to(tokens.device))]
+
+    def window_index(self, grids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The encoder's window permutation of the merged tokens and its window bounds in patches, from the model's
+        own function (transformers 5.24's ``vision_utils.get_vision_window_index``, or the encoder's
+        ``get_window_index`` method of earlier versions)."""
+        visual = self.base_model.visual
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:
+            return visual.get_window_index(grids)
+        return get_vision_window_index(grids, visual.spatial_merge_size, visual.window_size, visual.patch_size)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -136,11 +136,7 @@ class PackedVisionStages:
         """(P,) window of each patch in processing order (Qwen2.5-VL), or its image where there are no windows."""
         if not hasattr(self.visual, "window_size"):
             return images
-        from transformers.vision_utils import get_vision_window_index
-
-        _, bounds = get_vision_window_index(
-            grids, self.visual.spatial_merge_size, self.visual.window_size, self.visual.patch_size
-        )
+        _, bounds = self.adapter.window_index(grids)
         bounds = torch.as_tensor(bounds, device=device).unique_consecutive()
         return torch.searchsorted(bounds[1:], torch.arange(len(images), device=device), right=True)
 
