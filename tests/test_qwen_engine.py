@@ -263,10 +263,14 @@ def test_video_tokens_are_visual_tokens_with_their_frames(family: str) -> None:
     assert geometry.frame[0].tolist() == [0] * 24 + [-1] * 8  # the image sample is padded to the video's 32
     assert geometry.frame[1].tolist() == [0] * 16 + [1] * 16
     assert geometry.row[1].tolist() == [r for _ in range(2) for r in range(4) for _ in range(4)]
-    assert bool((geometry.crop[1] == -1).all()) and geometry.crop[0, :24].tolist() == [0] * 24
+    assert geometry.crop[0, :24].tolist() == [0] * 24  # the image is the encoder's first chunk,
+    assert geometry.crop[1].tolist() == [1] * 16 + [2] * 16  # the video's time steps the next two
+    assert geometry.num_crops == 3
 
 
-@pytest.mark.parametrize("method", ["fastv", "divprune", "sparsevlm"])
+@pytest.mark.parametrize(
+    "method", ["fastv", "divprune", "sparsevlm", "holov", "ptp", "zoo-prune", "vflowopt", "flowcut"]
+)
 def test_a_batch_of_an_image_and_a_video_equals_its_samples_alone(method: str) -> None:
     model, processor = qwen_model("qwen2.5-vl")
     batch = video_inputs(processor)
@@ -285,13 +289,6 @@ def test_a_batch_of_an_image_and_a_video_equals_its_samples_alone(method: str) -
             assert torch.equal(single_tokens[0], tokens[index])
             torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
             assert session.stats.stages[0].kept_indices[0] == together.stages[0].kept_indices[index]
-
-
-def test_a_method_reading_the_encoder_refuses_a_video_with_the_reason() -> None:
-    model, processor = qwen_model("qwen2-vl")
-    inputs = video_inputs(processor)
-    with vlprune.attach(model, create("holov", keep=0.25)), pytest.raises(VlpruneError, match="videos"):
-        greedy(model, inputs)
 
 
 def test_a_qwen_folder_runs_through_load_and_the_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,10 +347,10 @@ def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
     import sys
 
     attention = model.model.visual.blocks[-1].attn
-    captured = {}
+    calls = []  # one per encoder call: the images', then the videos'
 
     def record(module, args, kwargs) -> None:
-        captured["block"] = (args[0] if args else kwargs["hidden_states"], kwargs)
+        calls.append((args[0] if args else kwargs["hidden_states"], kwargs))
 
     handle = attention.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -361,16 +358,15 @@ def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
             model(**inputs)
     finally:
         handle.remove()
-    hidden, kwargs = captured["block"]
     module = sys.modules[type(attention).__module__]
-    with torch.no_grad():
-        query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
-        query, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
-    bounds = kwargs["cu_seqlens"].tolist()
     maps = []
-    for start, end in itertools.pairwise(bounds):
-        q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)  # (H, n, d)
-        maps.append(torch.softmax(q @ k.transpose(-1, -2) * attention.scaling, dim=-1).mean(dim=0))
+    for hidden, kwargs in calls:
+        with torch.no_grad():
+            query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
+            query, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
+        for start, end in itertools.pairwise(kwargs["cu_seqlens"].tolist()):  # an image, or a video's time step
+            q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)  # (H, n, d)
+            maps.append(torch.softmax(q @ k.transpose(-1, -2) * attention.scaling, dim=-1).mean(dim=0))
     return maps
 
 
@@ -448,10 +444,11 @@ def test_each_tokens_features_through_its_projector_give_its_input_embedding(fam
             return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
 
     model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    with vlprune.attach(model, FeatureReader()), torch.no_grad():
-        model(**inputs)
-    assert checked == visual_counts(model, inputs)
+    for inputs in (qwen_inputs(processor, 2), video_inputs(processor)):  # two images; an image and a video
+        checked.clear()
+        with vlprune.attach(model, FeatureReader()), torch.no_grad():
+            model(**inputs)
+        assert checked == [24, 32]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -528,3 +525,63 @@ def image_start(group: int, inputs) -> int:
     """The first processing-order group of the image that ``group`` belongs to."""
     starts = torch.cumsum(inputs["image_grid_thw"].prod(-1) // 4, 0).tolist()
     return max([0] + [start for start in starts if start <= group])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_videos_received_attention_is_read_time_step_by_time_step(family: str) -> None:
+    """On a video the encoder attends one temporal patch at a time; each of its tokens reads the attention its patches
+    receive within their own time step (after the image's, in the encoder's order of calls)."""
+    from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+
+    captured = []
+
+    class ReceivedReader(Pruner):
+        name = "received-reader-video-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_received_attention=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            captured.append(ctx.vision_received_attention[0])
+            return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
+
+    model, processor = qwen_model(family)
+    inputs = video_inputs(processor)
+    maps = last_block_maps(model, inputs, ReceivedReader())
+    grids = [inputs["image_grid_thw"][0]] + [torch.tensor([1, 8, 8])] * 2  # the image, then the video's two steps
+    expected = [to_tokens(model, family, weights.mean(dim=0), grid) for weights, grid in zip(maps, grids, strict=True)]
+    torch.testing.assert_close(captured[0], expected[0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(captured[1], torch.cat(expected[1:]), atol=1e-6, rtol=1e-4)
+
+
+def test_after_a_cut_a_videos_time_steps_still_attend_apart() -> None:
+    """Qwen2-VL's full-attention blocks attend within an image or within one temporal patch of a video; after patches
+    are dropped inside the encoder, the later blocks keep that: one chunk per time step, of its kept patches."""
+    from vlprune.pruners.flowcut import FlowCut
+
+    class DropEveryOtherGroup(FlowCut):
+        name = "flowcut-drop-video-test"
+
+        def select_in_vision(self, ctx):
+            if ctx.layer > 0:
+                return super().select_in_vision(ctx)
+            groups = ctx.real.view(ctx.real.shape[0], -1, 4).clone()
+            groups[:, 1::2] = False
+            return groups.view_as(ctx.real)
+
+    model, processor = qwen_model("qwen2-vl")
+    inputs = video_inputs(processor)
+    seen = []
+
+    def record(module, args, kwargs) -> None:
+        seen.append(kwargs["cu_seqlens"].tolist())
+
+    with vlprune.attach(model, DropEveryOtherGroup(keep=0.2)), torch.no_grad():
+        handle = model.model.visual.blocks[1].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    # The image: 24 groups -> 12 kept; the video: two steps of 16 groups each -> every other group of the video's 32.
+    assert seen == [[0, 48], [0, 32, 64]]

@@ -274,9 +274,13 @@ def interleaved_geometry(
     """The geometry of a batch whose image and video tokens are filled, each kind in order over the batch, from the
     images' and the videos' tokens; ``image`` numbers each sample's images and videos in the order they appear."""
     streams = {}
-    for kind, items, offset in ((image_token, images, 0), (video_token, videos, len(images))):
+    image_crops = sum(item.num_crops for item in images)
+    for kind, items, offset, first_crop in (
+        (image_token, images, 0, 0),
+        (video_token, videos, len(images), image_crops),  # the encoder's video pass follows its image pass
+    ):
         table = {name: [getattr(item, name) for item in items] for name in TOKEN_FIELDS}
-        crop_offsets = torch.tensor([0] + [item.num_crops for item in items]).cumsum(0)[:-1].tolist()
+        crop_offsets = (first_crop + torch.tensor([0] + [item.num_crops for item in items]).cumsum(0)[:-1]).tolist()
         table["crop"] = [
             torch.where(item.crop >= 0, item.crop + start, item.crop)
             for item, start in zip(items, crop_offsets, strict=True)
@@ -315,4 +319,4 @@ def interleaved_geometry(
         fields[name] = torch.stack(
             [torch.cat([row[name], torch.full((width - len(row[name]),), fill, dtype=torch.long)]) for row in rows]
         ).to(device)
-    return VisualGeometry(**fields, num_crops=sum(item.num_crops for item in images))
+    return VisualGeometry(**fields, num_crops=image_crops + sum(item.num_crops for item in videos))

@@ -156,20 +156,20 @@ class Qwen2VLAdapter(ModelAdapter):
             return one
         fields = {name: getattr(one, name).repeat(frames) for name in TOKEN_FIELDS}
         fields["frame"] = torch.arange(frames).repeat_interleave(len(one))
-        fields["crop"] = torch.full_like(fields["crop"], -1)  # the encoder's video pass is not read
-        fields["crop_token"] = torch.full_like(fields["crop_token"], -1)
-        return ImageTokens(**fields, num_crops=0)
+        fields["crop"] = fields["frame"].clone()  # the encoder attends temporal patch by temporal patch
+        return ImageTokens(**fields, num_crops=frames)
 
     def vision_feature_attention(self) -> nn.Module:
         """The last vision block's attention, whose output the merger reads (a full-attention block, image by image)."""
         return self.base_model.visual.blocks[-1].attn
 
     def received_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
-        """Per image, the attention received by each patch pooled over its merge group (the mean of the m x m patches
-        that become one token, as HoloV's Qwen2.5-VL code does), in the raster order of the merged grid."""
-        grids = image_inputs.get("image_grid_thw")
-        if grids is None or len(grids) != len(chunks):
-            raise RuntimeError(f"{self.family}: the vision attention of {len(chunks)} images does not match the grids")
+        """Per chunk (an image, or a temporal patch of a video), the attention received by each patch pooled over its
+        merge group (the mean of the m x m patches that become one token, as HoloV's Qwen2.5-VL code does), in the
+        raster order of the merged grid."""
+        grids = chunk_grids(image_inputs)
+        if len(grids) != len(chunks):
+            raise RuntimeError(f"{self.family}: the vision attention of {len(chunks)} chunks does not match the grids")
         unit = self.merge_size**2
         pooled = [
             self._raster_order(chunk.float().view(-1, unit).mean(dim=1), grid)
@@ -181,25 +181,25 @@ class Qwen2VLAdapter(ModelAdapter):
     def pack_crop_values(
         self, values: torch.Tensor, model_kwargs: dict[str, Any], geometry: VisualGeometry, fill: float
     ) -> torch.Tensor:
-        """(B, N0) per-patch values of each image (images, P, padded to the largest image) as one value per
+        """(B, N0) per-patch values of each chunk (chunks, P, padded to the largest) as one value per
         language-model token: the mean over its merge group, in raster order."""
-        grids = model_kwargs.get("image_grid_thw")
-        if grids is None or len(grids) != values.shape[0]:
-            raise RuntimeError(f"{self.family}: per-image values for {values.shape[0]} images do not match the grids")
+        grids = chunk_grids(model_kwargs)
+        if len(grids) != values.shape[0]:
+            raise RuntimeError(f"{self.family}: per-chunk values for {values.shape[0]} chunks do not match the grids")
         chunks = [row[: int(count)] for row, count in zip(values, grids.prod(dim=-1), strict=True)]
         return geometry.crop_values(self.received_tokens(chunks, model_kwargs).to(values.dtype), fill)[..., 0]
 
     def feature_tokens(self, features: torch.Tensor, image_inputs: dict[str, Any]) -> torch.Tensor:
-        """(images, T, m² · D) each language-model token's merger input (its m x m patches concatenated), in raster
-        order, from the merger's input (patches, D) of the packed images."""
-        grids = image_inputs.get("image_grid_thw")
-        if grids is None or int(grids.prod(dim=-1).sum()) != features.shape[0]:
+        """(chunks, T, m² · D) each language-model token's merger input (its m x m patches concatenated), in raster
+        order, from the merger's input (patches, D) of the packed images (and videos' temporal patches)."""
+        grids = chunk_grids(image_inputs)
+        if int(grids.prod(dim=-1).sum()) != features.shape[0]:
             raise RuntimeError(f"{self.family}: the merger's input does not match the recorded image grids")
         unit = self.merge_size**2
-        per_image = features.split(grids.prod(dim=-1).tolist())
+        per_chunk = features.split(grids.prod(dim=-1).tolist())
         tokens = [
-            self._raster_order(image.reshape(-1, unit * features.shape[-1]), grid)
-            for image, grid in zip(per_image, grids, strict=True)
+            self._raster_order(chunk.reshape(-1, unit * features.shape[-1]), grid)
+            for chunk, grid in zip(per_chunk, grids, strict=True)
         ]
         width = max(len(rows) for rows in tokens)
         return torch.stack([torch.nn.functional.pad(rows, (0, 0, 0, width - len(rows))) for rows in tokens])
@@ -314,3 +314,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         from transformers import Qwen3VLModel
 
         return Qwen3VLModel
+
+
+def chunk_grids(inputs: dict[str, Any]) -> torch.Tensor:
+    """(chunks, 3) the (1, h, w) grid of every chunk the encoder attends over: the bridge's list of the prefill's
+    images and videos' temporal patches, or the images' grids alone."""
+    grids = inputs.get("chunk_grids")
+    if grids is not None:
+        return grids
+    images = inputs.get("image_grid_thw")
+    if images is None:
+        raise RuntimeError("no image grids were recorded for this prefill")
+    return torch.tensor([[1, h, w] for t, h, w in images.tolist() for _ in range(t)], dtype=torch.long)

@@ -36,6 +36,7 @@ class _PackedPass:
     image_of: torch.Tensor  # (P,) image of each patch still in the sequence
     origin: torch.Tensor  # (P,) index of each patch among its image's patches
     window_of: torch.Tensor  # (P,) window of each patch (its image for towers without windows)
+    step_of: torch.Tensor  # (P,) the chunk full-attention blocks attend within: an image, or a video's time step
     full_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # the rotary tables of the unpruned sequence
     original: torch.Tensor | None = None  # (P0,) the sequence index of every patch at the start
     kept: torch.Tensor | None = None  # (P,) sequence index (at the start) of each patch still in the sequence
@@ -63,8 +64,10 @@ class PackedVisionStages:
         self.group = adapter.merge_size**2
         self.full_blocks = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.blocks))))
         self._pass: _PackedPass | None = None
-        self.kept_units: list[torch.Tensor] | None = None  # per image, ascending processing-order token indices
-        self.grids: torch.Tensor | None = None
+        self.grids: torch.Tensor | None = None  # the grid_thw of the pass running now
+        # Per finished pass (the images' call, the videos' call): its grids and, per item, the kept tokens' indices in
+        # the encoder's processing order, ascending.
+        self.finished: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
 
     @property
     def active(self) -> bool:
@@ -84,25 +87,38 @@ class PackedVisionStages:
 
     def forget(self) -> None:
         self._pass = None
-        self.kept_units = None
+        self.finished = []
 
     # ------------------------------------------------------------------ per token
 
     def token_kept(self, geometry: VisualGeometry) -> torch.Tensor:
-        """(B, N0) True at the visual tokens whose merge groups the encoder kept."""
-        if self.kept_units is None or self.grids is None:
+        """(B, N0) True at the visual tokens whose merge groups the encoder kept: one mask per chunk (an image, or a
+        video's temporal patch, the images' call first), each in the raster order of its merged grid."""
+        if not self.finished:
             raise RuntimeError("the vision tower did not run its pruning stages for this prefill")
+        image_grids = self.image_inputs.get("image_grid_thw")
+        first = [
+            done for done in self.finished if image_grids is not None and torch.equal(done[0].cpu(), image_grids.cpu())
+        ]
+        ordered = first[:1] + [done for done in self.finished if not any(done is f for f in first[:1])]
         masks = []
-        for units, grid in zip(self.kept_units, self.grids, strict=True):
-            mask = torch.zeros(int(grid.prod()) // self.group, device=units.device)
-            mask[units] = 1.0
-            masks.append(self.adapter._raster_order(mask, grid))
+        for grids, kept_units in ordered:
+            for (frames, height, width), units in zip(grids.tolist(), kept_units, strict=True):
+                per_frame = height * width // self.group
+                mask = torch.zeros(frames * per_frame, device=units.device)
+                mask[units] = 1.0
+                for frame in range(frames):
+                    step = mask[frame * per_frame : (frame + 1) * per_frame]
+                    masks.append(self.adapter._raster_order(step, torch.tensor([1, height, width])))
         width = max(len(mask) for mask in masks)
         padded = torch.stack([nn.functional.pad(mask, (0, width - len(mask))) for mask in masks])
         return geometry.crop_values(padded[..., None])[..., 0] > 0.5
 
-    def kept_share(self, geometry: VisualGeometry, image_inputs: dict[str, Any]) -> torch.Tensor:
-        return self.token_kept(geometry).float()
+    def renormalised(
+        self, hidden: torch.Tensor, slots: torch.Tensor, geometry: VisualGeometry, image_inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """``hidden`` unchanged: every token here is one merge group, kept or dropped whole."""
+        return hidden
 
     # ------------------------------------------------------------------ hooks
 
@@ -117,6 +133,9 @@ class PackedVisionStages:
         starts = torch.cumsum(counts, 0) - counts
         origin = torch.arange(int(counts.sum()), device=device) - starts[images]
         window = self._windows(grids, images, device)
+        per_step = (grids[:, 1] * grids[:, 2]).to(device)
+        steps_before = torch.cumsum(grids[:, 0].to(device), 0) - grids[:, 0].to(device)
+        step = steps_before[images] + origin // per_step[images]
         budgets = []
         for count in counts.tolist():
             tokens = count // self.group
@@ -126,11 +145,12 @@ class PackedVisionStages:
             budgets.append(budget * self.group)
         index = torch.arange(len(origin), device=device)
         self._pass = _PackedPass(
-            image_of=images, origin=origin, window_of=window, original=index, kept=index,
+            image_of=images, origin=origin, window_of=window, step_of=step, original=index, kept=index,
             keep=torch.tensor(budgets, device=device),
         )  # fmt: skip
+        if any(torch.equal(grids, done[0]) for done in self.finished):
+            self.finished = []  # the same inputs again: a new encoding
         self.grids = grids
-        self.kept_units = None
 
     def _windows(self, grids: torch.Tensor, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(P,) window of each patch in processing order (Qwen2.5-VL), or its image where there are no windows."""
@@ -166,7 +186,7 @@ class PackedVisionStages:
                 return None
             keep = decision.nonzero()[:, 0]
             run.kept, run.image_of = run.kept[keep], run.image_of[keep]
-            run.origin, run.window_of = run.origin[keep], run.window_of[keep]
+            run.origin, run.window_of, run.step_of = run.origin[keep], run.window_of[keep], run.step_of[keep]
             shortened = hidden[keep]
             return (shortened, *output[1:]) if isinstance(output, tuple) else shortened
 
@@ -233,7 +253,7 @@ class PackedVisionStages:
             run.full_cos_sin = kwargs["position_embeddings"]
         cos, sin = run.full_cos_sin
         kwargs["position_embeddings"] = (cos[run.kept], sin[run.kept])
-        groups = run.image_of if index in self.full_blocks else run.window_of
+        groups = run.step_of if index in self.full_blocks else run.window_of
         lengths = torch.unique_consecutive(groups, return_counts=True)[1]
         bounds = nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
         kwargs["cu_seqlens"] = bounds
@@ -261,5 +281,5 @@ class PackedVisionStages:
         counts = (self.grids.prod(dim=-1) // self.group).tolist()
         starts = [sum(counts[:i]) for i in range(len(counts))]
         image_of_unit = run.image_of[:: self.group]
-        self.kept_units = [units[image_of_unit == i] - starts[i] for i in range(len(counts))]
+        self.finished.append((self.grids, [units[image_of_unit == i] - starts[i] for i in range(len(counts))]))
         self._pass = None

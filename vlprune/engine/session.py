@@ -161,13 +161,7 @@ class PruningSession:
                 watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
             if self._bridge.watches_feature_layer:
                 watched[self.adapter.vision_feature_attention()] = self._bridge.on_attention
-            refuse_videos = None
-            if self._bridge.reads_tower or self._vision_stages.active:
-                refuse_videos = (
-                    f"method {self.pruner.name!r} reads the vision encoder, which is not implemented for videos on "
-                    f"{self.adapter.family} yet; pass images, or a method that prunes in the language model"
-                )
-            self._handles.extend(self._bridge.install(refuse_videos))
+            self._handles.extend(self._bridge.install())
             if self.adapter.deepstack:
                 self._handles.append(wrap_deepstack(self.adapter.language_model, self._pruned_layout))
             if self._vision_stages.active:
@@ -377,7 +371,7 @@ class PruningSession:
         vision_kept = None
         if stage.layer == 0 and self._vision_stages.active:
             vision_kept = self._vision_kept(geometry, origin)
-            hidden = self._renormalised_vision_tokens(hidden, slots, geometry, image_inputs)
+            hidden = self._vision_stages.renormalised(hidden, slots, geometry, image_inputs)
         present = int(slots.shape[1])
         keep = present if stage.keep is None else min(stage.keep, present) if stage.keep_at_most else stage.keep
         context = StageContext(
@@ -637,22 +631,6 @@ class PruningSession:
         except RuntimeError:
             raise RuntimeError("the vision tower did not run its pruning stages for this prefill") from None
         return gather_tokens(kept, origin.clamp(min=0)) & (origin >= 0)
-
-    def _renormalised_vision_tokens(
-        self, hidden: torch.Tensor, slots: torch.Tensor, geometry: VisualGeometry, image_inputs: dict[str, Any]
-    ) -> torch.Tensor:
-        """The hidden states with each visual token that blends kept and dropped patches (OneVision's down-scaled
-        grid; the tower's dropped patches reach the projector as zeros) divided by its kept share, so that it is
-        the down-scaling of the kept patches alone, weights renormalised. Tokens of one patch are left as they are."""
-        if not self.adapter.multi_crop:
-            return hidden
-        share = self._vision_stages.kept_share(geometry, image_inputs).to(hidden.device)  # (B, N0)
-        blended = (share > 0) & (share < 1)
-        if not bool(blended.any()):
-            return hidden
-        scale = torch.where(blended, share, torch.ones_like(share)).to(hidden.dtype)
-        scaled = gather_tokens(hidden, slots) / scale[..., None]
-        return hidden.scatter(1, slots[..., None].expand(-1, -1, hidden.shape[-1]), scaled)
 
     def _finish_prefill(self, cache: Any) -> None:
         prefill = self._prefill

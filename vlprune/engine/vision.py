@@ -122,6 +122,23 @@ class VisionStages:
         one patch; between them where OneVision's down-scaling blends a kept patch with dropped (zero) ones."""
         return self.adapter.pack_crop_values(self.crop_kept().float(), image_inputs, geometry, 0.0)
 
+    def renormalised(
+        self, hidden: torch.Tensor, slots: torch.Tensor, geometry: VisualGeometry, image_inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The language model's input ``hidden`` (B, L, D) with each visual token (at ``slots``) that blends kept and
+        dropped patches (OneVision's down-scaled grid; the dropped patches reach the projector as zeros) divided by
+        its kept share, so that it is the down-scaling of the kept patches alone, weights renormalised. Tokens of
+        one patch are left as they are."""
+        if not self.adapter.multi_crop:
+            return hidden
+        share = self.kept_share(geometry, image_inputs).to(hidden.device)  # (B, N0)
+        blended = (share > 0) & (share < 1)
+        if not bool(blended.any()):
+            return hidden
+        scale = torch.where(blended, share, torch.ones_like(share)).to(hidden.dtype)
+        scaled = gather_tokens(hidden, slots) / scale[..., None]
+        return hidden.scatter(1, slots[..., None].expand(-1, -1, hidden.shape[-1]), scaled)
+
     # ------------------------------------------------------------------ hooks
 
     def _on_tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

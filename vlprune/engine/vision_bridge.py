@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,27 +66,21 @@ class VisionBridge:
         self.features: torch.Tensor | None = None  # (crops, T', F) projector input
         self.attention_map: torch.Tensor | None = None  # (crops, T, T)
         self.pixels: torch.Tensor | None = None
-        self.received_chunks: list[torch.Tensor] = []  # (n_i,) per image, for a chunked tower
-        self.chunk_maps: list[torch.Tensor] = []  # (n_i, n_i) per image, for a chunked tower
+        self.passes: list[_ChunkedPass] = []  # a chunked tower's calls of this prefill (images, videos)
         self.image_inputs: dict[str, Any] = {}  # what the adapter's geometry reads, from the last image encoding
 
     @property
     def watches_feature_layer(self) -> bool:
         return self.needs_cls or self.needs_keys or self.needs_map or self.needs_received or self.needs_crop_map
 
-    @property
-    def reads_tower(self) -> bool:
-        return self.watches_feature_layer or self.needs_features
-
-    def install(self, refuse_videos: str | None = None) -> list[torch.utils.hooks.RemovableHandle]:
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Register the tower and projector hooks; the caller observes the feature layer's attention (see
-        :meth:`on_attention`) when :attr:`watches_feature_layer`. ``refuse_videos``: the message a video encoding
-        raises (the vision side of this session cannot read videos)."""
+        :meth:`on_attention`) when :attr:`watches_feature_layer`."""
         handles: list[Any] = []
         if self.adapter.geometry_inputs:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs))
         if self.adapter.encodes_videos:
-            handles.append(_record_image_inputs(self.adapter, self.image_inputs, "get_video_features", refuse_videos))
+            handles.append(_record_image_inputs(self.adapter, self.image_inputs, "get_video_features"))
         if self.needs_map or self.needs_crop_map or self.adapter.vision_chunked:
             tower = self.adapter.vision_tower
             handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
@@ -95,7 +90,7 @@ class VisionBridge:
 
     def forget(self) -> None:
         self.cls = self.keys = self.features = self.attention_map = self.pixels = None
-        self.received_chunks, self.chunk_maps = [], []
+        self.passes = []
         self.image_inputs.clear()
 
     # ------------------------------------------------------------------ capture
@@ -120,9 +115,10 @@ class VisionBridge:
         if self.adapter.vision_chunked:  # one call per image: keep what each patch receives (and the map)
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
             attention = attention_rows(query, key, rows, scale, mask, causal=False)  # (1, n_i, n_i)
-            self.received_chunks.append(attention.mean(dim=1)[0])
-            if self.needs_crop_map:
-                self.chunk_maps.append(attention[0])
+            if self.passes:
+                self.passes[-1].received.append(attention.mean(dim=1)[0])
+                if self.needs_crop_map:
+                    self.passes[-1].maps.append(attention[0])
             return
         if self.needs_map or self.needs_received or self.needs_crop_map:
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
@@ -130,10 +126,26 @@ class VisionBridge:
 
     def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
-        self.received_chunks, self.chunk_maps = [], []  # a new encoding
+        if self.adapter.vision_chunked:
+            grids = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            if grids is not None and any(torch.equal(grids, done.grids) for done in self.passes):
+                self.passes = []  # the same images again: a new encoding
+            self.passes.append(_ChunkedPass(grids=grids))
 
     def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
         self.features = args[0]
+        if self.adapter.vision_chunked and self.passes:
+            self.passes[-1].features = args[0]
+
+    def _chunks(self) -> tuple[list[_ChunkedPass], dict[str, Any]]:
+        """A chunked tower's passes in crop order (the images' pass before the videos'), and the adapter inputs
+        naming each chunk's grid: one (1, h, w) per image and per temporal patch of a video."""
+        image_grids = self.image_inputs.get("image_grid_thw")
+        first = [p for p in self.passes if image_grids is not None and torch.equal(p.grids.cpu(), image_grids.cpu())]
+        ordered = first[:1] + [p for p in self.passes if not any(p is q for q in first[:1])]
+        rows = [row for p in ordered for row in p.grids.tolist() for _ in range(row[0])]
+        grids = torch.tensor([[1, h, w] for _, h, w in rows], dtype=torch.long)
+        return ordered, {**self.image_inputs, "chunk_grids": grids}
 
     # ------------------------------------------------------------------ per visual token
 
@@ -177,16 +189,19 @@ class VisionBridge:
         tokens); on a chunked tower, each token's m x m patches concatenated."""
         features = self.features
         if features is not None and self.adapter.vision_chunked:
-            features = self.adapter.feature_tokens(features, self.image_inputs)
+            passes, inputs = self._chunks()
+            features = self.adapter.feature_tokens(torch.cat([p.features for p in passes]), inputs)
         return self.tokens(features, geometry, layout, slots, "projector input")
 
     def received(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N) attention each current visual token receives at the feature layer, averaged over its crop's patch
         queries ([CLS] excluded when LLaVA drops it) and the heads; 0 for line breaks and recycled tokens."""
         if self.adapter.vision_chunked:
-            if not self.received_chunks:
+            passes, inputs = self._chunks()
+            chunks = [chunk for p in passes for chunk in p.received]
+            if not chunks:
                 raise RuntimeError("the vision tower's attention was not captured for this prefill")
-            per_image = self.adapter.received_tokens(self.received_chunks, self.image_inputs)
+            per_image = self.adapter.received_tokens(chunks, inputs)
             return self.tokens(per_image, geometry, layout, slots, "received attention")[..., 0]
         attention = self.attention_map
         if attention is None:
@@ -222,14 +237,13 @@ class VisionBridge:
         if not wanted:
             return {}
         attention, pixels = self.attention_map, self.pixels
-        if self.adapter.vision_chunked and self.chunk_maps:  # images of different sizes: zero-padded maps
-            width = max(len(chunk) for chunk in self.chunk_maps)
-            attention = torch.stack(
-                [
-                    torch.nn.functional.pad(chunk, (0, width - len(chunk), 0, width - len(chunk)))
-                    for chunk in self.chunk_maps
-                ]
-            )
+        if self.adapter.vision_chunked:  # images (and frames) of different sizes: zero-padded maps
+            passes, chunk_inputs = self._chunks()
+            image_inputs = {**image_inputs, "chunk_grids": chunk_inputs["chunk_grids"]}
+            maps = [chunk for p in passes for chunk in p.maps]
+            width = max((len(chunk) for chunk in maps), default=0)
+            pad = torch.nn.functional.pad
+            attention = torch.stack([pad(chunk, (0, width - len(chunk), 0, width - len(chunk))) for chunk in maps])
         if attention is None or pixels is None:
             raise RuntimeError("the vision tower's attention map was not captured for this prefill")
         if self.adapter.vision_drops_cls:
@@ -246,6 +260,16 @@ class VisionBridge:
         return {"vision_crop_attention": attention, "vision_crop_pixels": pixels, "pack_crop_values": pack}
 
 
+@dataclass(eq=False)
+class _ChunkedPass:
+    """One call of a chunked (Qwen-VL) tower: what it encoded and what the session read of it, chunk by chunk."""
+
+    grids: torch.Tensor  # (items, 3) the call's grid_thw
+    received: list[torch.Tensor] = field(default_factory=list)  # (n,) per chunk: attention each patch receives
+    maps: list[torch.Tensor] = field(default_factory=list)  # (n, n) per chunk
+    features: torch.Tensor | None = None  # (patches, D) what the merger received
+
+
 class RestoreAttribute:
     """A hook handle for an instance attribute this session set: ``remove`` deletes it, so the class's method shows
     through again."""
@@ -259,21 +283,18 @@ class RestoreAttribute:
 
 
 def _record_image_inputs(
-    adapter: ModelAdapter, record: dict[str, Any], encoder: str = "get_image_features", refuse: str | None = None
+    adapter: ModelAdapter, record: dict[str, Any], encoder: str = "get_image_features"
 ) -> RestoreAttribute:
     """Record the keyword arguments the geometry reads (``image_sizes``, ...) each time the base model encodes
     images (``encoder``: or videos, with ``get_video_features``). ``generate`` encodes them before the language
     model's call and passes only the features to it, so the call itself no longer carries them; the wrapper is an
-    attribute of this model instance only, and detaching removes it. ``refuse``: a message to raise instead of
-    encoding (videos, for a method that reads the vision encoder there)."""
+    attribute of this model instance only, and detaching removes it."""
     owner = adapter.base_model
     encode = getattr(owner, encoder)  # the bound method of the model's class
     names = [name for name in adapter.geometry_inputs if name in inspect.signature(encode).parameters]
 
     @functools.wraps(encode)
     def recording_encoder(*args: Any, **kwargs: Any) -> Any:
-        if refuse is not None:
-            raise VlpruneError(refuse)
         bound = inspect.signature(encode).bind_partial(*args, **kwargs)
         own = {name: bound.arguments[name] for name in names if bound.arguments.get(name) is not None}
         for name in names:
