@@ -585,3 +585,50 @@ def test_after_a_cut_a_videos_time_steps_still_attend_apart() -> None:
             handle.remove()
     # The image: 24 groups -> 12 kept; the video: two steps of 16 groups each -> every other group of the video's 32.
     assert seen == [[0, 48], [0, 32, 64]]
+
+
+def test_sweep_and_bench_run_on_a_qwen_folder(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vlprune sweep`` and ``vlprune bench --model <a local Qwen2-VL folder>``: every cell is measured pruned (fewer
+    tokens and FLOPs, the family's original positions); bench prints its timing table."""
+    import json
+
+    from vlprune.cli import main
+
+    model, processor = build_tiny_qwen2_vl()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "sweep"
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(folder),
+            "--dataset",
+            "shapes",
+            "--split",
+            "test",
+            "--limit",
+            "2",
+            "--methods",
+            "fastv,holov",
+            "--keep",
+            "0.25",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    pruned = [row for row in rows if row["method"] != "none"]
+    assert {row["method"] for row in pruned} == {"fastv", "holov"} and len(pruned) == 4  # two samples each
+    assert all(row["positions"] == "original" and row["flops_ratio"] < 1 for row in pruned)
+    unpruned = {row["visual_tokens"] for row in rows if row["method"] == "none"}
+    assert len(unpruned) == 1 and all(row["equivalent_visual_tokens"] < min(unpruned) for row in pruned)
+    capsys.readouterr()
+    code = main(
+        ["bench", "--model", str(folder), "--method", "fastv", "--keep", "0.25", "--warmup", "0", "--repeats", "1"]
+    )
+    assert code == 0 and "fastv" in capsys.readouterr().out

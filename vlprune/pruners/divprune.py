@@ -26,6 +26,9 @@ Deviations, each for a reason:
 LLaVA-NeXT (the reference's ``llava_arch.py`` keeps the ``spatial_unpad`` path): one selection over the whole visual
 span, the base view, the unpadded tiles and the ``image_newline`` line breaks alike, the budget a share of that
 span's real length (``SUBSET_RATIO`` times it), as vlprune does for any family with a fractional ``keep``.
+
+Qwen-VL: the reference has no Qwen path; the same rule runs on the language model's input embeddings of the image
+(or video) tokens, and the kept tokens keep their multimodal positions (the only numbering vlprune offers there).
 """
 
 from __future__ import annotations
