@@ -17,6 +17,7 @@ import vlprune
 import vlprune.adapters
 from vlprune.errors import VlpruneError
 from vlprune.pruners import available_methods, create, families_of
+from vlprune.pruners.flowcut import FlowCut
 from vlprune.testing import make_test_image
 from vlprune.testing_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl, build_tiny_qwen_inputs
 
@@ -478,22 +479,24 @@ def test_flowcut_prunes_whole_merge_groups_inside_the_encoder_then_cuts_after_la
     assert merger_rows == [4 * sum(first.visual_out_per_sample)]  # the encoder's output: whole merge groups only
 
 
+class DropEveryOtherGroup(FlowCut):
+    """FlowCut that, after encoder block 0, drops every other merge group of each image (a known cut to check what
+    the later blocks attend over), then prunes as FlowCut."""
+
+    name = "flowcut-drop-every-other-group-test"
+
+    def select_in_vision(self, ctx):
+        if ctx.layer > 0:
+            return super().select_in_vision(ctx)
+        groups = ctx.real.view(ctx.real.shape[0], -1, 4).clone()
+        groups[:, 1::2] = False
+        return groups.view_as(ctx.real)
+
+
 def test_windowed_blocks_after_a_cut_attend_within_the_windows_that_keep_patches() -> None:
     """After dropping patches inside Qwen2.5-VL's encoder, a windowed block gets one chunk per window that still holds
     patches, each as long as the window's kept patches (here: every other merge group dropped after block 0)."""
     from transformers.vision_utils import get_vision_window_index
-
-    from vlprune.pruners.flowcut import FlowCut
-
-    class DropEveryOtherGroup(FlowCut):
-        name = "flowcut-drop-test"
-
-        def select_in_vision(self, ctx):
-            if ctx.layer > 0:
-                return super().select_in_vision(ctx)
-            groups = ctx.real.view(ctx.real.shape[0], -1, 4).clone()
-            groups[:, 1::2] = False
-            return groups.view_as(ctx.real)
 
     model, processor = qwen_model("qwen2.5-vl")
     inputs = qwen_inputs(processor, 2)
@@ -558,18 +561,6 @@ def test_a_videos_received_attention_is_read_time_step_by_time_step(family: str)
 def test_after_a_cut_a_videos_time_steps_still_attend_apart() -> None:
     """Qwen2-VL's full-attention blocks attend within an image or within one temporal patch of a video; after patches
     are dropped inside the encoder, the later blocks keep that: one chunk per time step, of its kept patches."""
-    from vlprune.pruners.flowcut import FlowCut
-
-    class DropEveryOtherGroup(FlowCut):
-        name = "flowcut-drop-video-test"
-
-        def select_in_vision(self, ctx):
-            if ctx.layer > 0:
-                return super().select_in_vision(ctx)
-            groups = ctx.real.view(ctx.real.shape[0], -1, 4).clone()
-            groups[:, 1::2] = False
-            return groups.view_as(ctx.real)
-
     model, processor = qwen_model("qwen2-vl")
     inputs = video_inputs(processor)
     seen = []

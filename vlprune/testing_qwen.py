@@ -207,6 +207,40 @@ def _text_kwargs(tokenizer: PreTrainedTokenizerFast, num_hidden_layers: int) -> 
     }
 
 
+def _vision_kwargs() -> dict[str, object]:
+    """Vision-tower config arguments shared by the three families (3 blocks of 4 heads, the tiny patch geometry)."""
+    return {
+        "depth": VISION_DEPTH,
+        "num_heads": 4,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+    }
+
+
+def _assemble(
+    model_cls: type,
+    config_cls: type,
+    vision_config: object,
+    text_config: object,
+    processor: ProcessorMixin,
+    attn_implementation: str,
+    seed: int,
+    weight_scale: float,
+) -> torch.nn.Module:
+    """The seeded model of a composite Qwen-VL config, finished like every tiny model (see ``finish_tiny_model``)."""
+    tokenizer = processor.tokenizer
+    config = config_cls(
+        vision_config=vision_config,
+        text_config=text_config,
+        **_token_ids(tokenizer),
+        attn_implementation=attn_implementation,
+    )
+    model = _instantiate(model_cls, config, seed)
+    finish_tiny_model(model, tokenizer, weight_scale)
+    return model
+
+
 def _check_args(num_hidden_layers: int, attn_implementation: str, weight_scale: float) -> None:
     _check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
     if num_hidden_layers <= 0:
@@ -243,28 +277,16 @@ def build_tiny_qwen2_vl(
     _check_args(num_hidden_layers, attn_implementation, weight_scale)
     processor = _processor(Qwen2VLProcessor, Qwen2VLVideoProcessor(**_geometry(), cap_pixels_per_frame=True))
     tokenizer = processor.tokenizer
-    config = Qwen2VLConfig(
-        vision_config=Qwen2VLVisionConfig(
-            depth=VISION_DEPTH,
-            embed_dim=_VISION_HIDDEN,
-            hidden_size=_TEXT_HIDDEN,
-            mlp_ratio=2,
-            num_heads=4,
-            patch_size=PATCH_SIZE,
-            spatial_merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        ),
-        text_config=Qwen2VLTextConfig(
-            **_text_kwargs(tokenizer, num_hidden_layers),
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        **_token_ids(tokenizer),
-        attn_implementation=attn_implementation,
+    vision = Qwen2VLVisionConfig(**_vision_kwargs(), embed_dim=_VISION_HIDDEN, hidden_size=_TEXT_HIDDEN, mlp_ratio=2)
+    text = Qwen2VLTextConfig(
+        **_text_kwargs(tokenizer, num_hidden_layers),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
-    model = _instantiate(Qwen2VLForConditionalGeneration, config, seed)
-    finish_tiny_model(model, tokenizer, weight_scale)
+    model = _assemble(
+        Qwen2VLForConditionalGeneration, Qwen2VLConfig, vision, text, processor, attn_implementation, seed, weight_scale
+    )
     return model, processor
 
 
@@ -284,31 +306,25 @@ def build_tiny_qwen2_5_vl(
     _check_args(num_hidden_layers, attn_implementation, weight_scale)
     processor = _processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor(**_geometry(), cap_pixels_per_frame=True))
     tokenizer = processor.tokenizer
-    config = Qwen2_5_VLConfig(
-        vision_config=Qwen2_5_VLVisionConfig(
-            depth=VISION_DEPTH,
-            hidden_size=_VISION_HIDDEN,
-            intermediate_size=2 * _VISION_HIDDEN,
-            out_hidden_size=_TEXT_HIDDEN,
-            num_heads=4,
-            patch_size=PATCH_SIZE,
-            spatial_merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-            window_size=WINDOW_SIZE,
-            fullatt_block_indexes=list(FULLATT_BLOCK_INDEXES),
-            tokens_per_second=2,
-        ),
-        text_config=Qwen2_5_VLTextConfig(
-            **_text_kwargs(tokenizer, num_hidden_layers),
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        **_token_ids(tokenizer),
-        attn_implementation=attn_implementation,
+    vision = Qwen2_5_VLVisionConfig(
+        **_vision_kwargs(),
+        hidden_size=_VISION_HIDDEN,
+        intermediate_size=2 * _VISION_HIDDEN,
+        out_hidden_size=_TEXT_HIDDEN,
+        window_size=WINDOW_SIZE,
+        fullatt_block_indexes=list(FULLATT_BLOCK_INDEXES),
+        tokens_per_second=2,
     )
-    model = _instantiate(Qwen2_5_VLForConditionalGeneration, config, seed)
-    finish_tiny_model(model, tokenizer, weight_scale)
+    text = Qwen2_5_VLTextConfig(
+        **_text_kwargs(tokenizer, num_hidden_layers),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = _assemble(
+        Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, vision, text, processor, attn_implementation, seed,
+        weight_scale,
+    )  # fmt: skip
     return model, processor
 
 
@@ -334,34 +350,27 @@ def build_tiny_qwen3_vl(
     video_processor = Qwen3VLVideoProcessor(**_geometry(), do_sample_frames=False, cap_pixels_per_frame=True)
     processor = _processor(Qwen3VLProcessor, video_processor)
     tokenizer = processor.tokenizer
-    config = Qwen3VLConfig(
-        vision_config=Qwen3VLVisionConfig(
-            depth=VISION_DEPTH,
-            hidden_size=_VISION_HIDDEN,
-            intermediate_size=2 * _VISION_HIDDEN,
-            out_hidden_size=_TEXT_HIDDEN,
-            num_heads=4,
-            patch_size=PATCH_SIZE,
-            spatial_merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-            num_position_embeddings=8 * 8,
-            deepstack_visual_indexes=list(DEEPSTACK_VISUAL_INDEXES),
-        ),
-        text_config=Qwen3VLTextConfig(
-            **_text_kwargs(tokenizer, num_hidden_layers),
-            head_dim=_HEAD_DIM,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5e5,
-                "mrope_section": list(_MROPE_SECTION_INTERLEAVED),
-                "mrope_interleaved": True,
-            },
-        ),
-        **_token_ids(tokenizer),
-        attn_implementation=attn_implementation,
+    vision = Qwen3VLVisionConfig(
+        **_vision_kwargs(),
+        hidden_size=_VISION_HIDDEN,
+        intermediate_size=2 * _VISION_HIDDEN,
+        out_hidden_size=_TEXT_HIDDEN,
+        num_position_embeddings=8 * 8,
+        deepstack_visual_indexes=list(DEEPSTACK_VISUAL_INDEXES),
     )
-    model = _instantiate(Qwen3VLForConditionalGeneration, config, seed)
-    finish_tiny_model(model, tokenizer, weight_scale)
+    text = Qwen3VLTextConfig(
+        **_text_kwargs(tokenizer, num_hidden_layers),
+        head_dim=_HEAD_DIM,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e5,
+            "mrope_section": list(_MROPE_SECTION_INTERLEAVED),
+            "mrope_interleaved": True,
+        },
+    )
+    model = _assemble(
+        Qwen3VLForConditionalGeneration, Qwen3VLConfig, vision, text, processor, attn_implementation, seed, weight_scale
+    )
     factor = float(weight_scale) ** 0.5
     with torch.no_grad():
         for name, param in model.model.language_model.named_parameters():

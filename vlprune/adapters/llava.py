@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlprune.adapters.base import LanguageModelShape, ModelAdapter, innermost_attention, vision_encoder_layers
+from vlprune.adapters.base import ModelAdapter, innermost_attention, vision_encoder_layers
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry, batch_geometry, single_view
-from vlprune.kernels import gather_tokens
 
 # Vision towers that put a [CLS] token first. SigLIP has none.
 _TOWERS_WITH_CLS = {"clip_vision_model": True, "dinov2": True, "siglip_vision_model": False}
@@ -41,19 +39,7 @@ class LlavaAdapter(ModelAdapter):
             )
         self.vision_has_cls = _TOWERS_WITH_CLS[vision_type]
         self.vision_drops_cls = self.vision_has_cls and self.config.vision_feature_select_strategy == "default"
-        self._check_language_model()
-
-    def _check_language_model(self) -> None:
-        text = self.config.text_config
-        layer_types = getattr(text, "layer_types", None) or []
-        windowed = sorted({kind for kind in layer_types if kind != "full_attention"})
-        if windowed:
-            raise VlpruneError(
-                f"language model layers of type {windowed} are not supported; vlprune builds full causal masks only"
-            )
-        for index, layer in enumerate(self.decoder_layers):
-            if getattr(layer.self_attn, "layer_idx", index) != index:
-                raise VlpruneError(f"decoder layer {index} reports layer_idx={layer.self_attn.layer_idx}")
+        self.check_language_model()
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:
@@ -116,47 +102,6 @@ class LlavaAdapter(ModelAdapter):
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""
         return self.vision_attention(self.vision_feature_layer_index())
-
-    def query_key(
-        self,
-        index: int,
-        hidden: torch.Tensor,
-        rows: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE queries of ``rows`` and keys of every token that decoder layer ``index`` would compute from its
-        input ``hidden`` (B, L, D), without running the layer. rows: (B, R). Returns (B, H, R, d) and (B, Hkv, L, d).
-        """
-        layer = self.decoder_layers[index]
-        attention = layer.self_attn
-        module = sys.modules[type(attention).__module__]
-        normed = layer.input_layernorm(hidden)
-        batch, length = hidden.shape[:2]
-        picked = gather_tokens(normed, rows)
-        query = attention.q_proj(picked).view(batch, rows.shape[1], -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms before RoPE
-            query, key = attention.q_norm(query), attention.k_norm(key)
-        cos, sin = position_embeddings
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        query, _ = module.apply_rotary_pos_emb(query, query, gather_tokens(cos, rows), gather_tokens(sin, rows))
-        key, _ = module.apply_rotary_pos_emb(key, key, cos, sin)
-        return query, key
-
-    def language_model_shape(self) -> LanguageModelShape:
-        text = self.config.text_config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        mlp = self.decoder_layers[0].mlp
-        return LanguageModelShape(
-            num_layers=len(self.decoder_layers),
-            hidden_size=text.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            intermediate_size=text.intermediate_size,
-            gated_mlp=hasattr(mlp, "gate_proj"),
-        )
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}

@@ -23,13 +23,12 @@ encoder's video pass is not read (methods that read it refuse videos). Not yet: 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlprune.adapters.base import LanguageModelShape, ModelAdapter
+from vlprune.adapters.base import ModelAdapter
 from vlprune.errors import VlpruneError
 from vlprune.geometry import (
     TOKEN_FIELDS,
@@ -39,7 +38,6 @@ from vlprune.geometry import (
     interleaved_geometry,
     single_view,
 )
-from vlprune.kernels import gather_tokens
 
 
 class MergedTokenProjector(nn.Module):
@@ -82,12 +80,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.video_token_id = int(self.config.video_token_id)
         self.vision_has_cls = False
         self.vision_drops_cls = False
-        text = self.config.text_config
-        windowed = sorted({kind for kind in (getattr(text, "layer_types", None) or []) if kind != "full_attention"})
-        if windowed:
-            raise VlpruneError(
-                f"language model layers of type {windowed} are not supported; vlprune builds full causal masks only"
-            )
+        self.check_language_model()
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:
@@ -220,46 +213,6 @@ class Qwen2VLAdapter(ModelAdapter):
     @property
     def vision_tower(self) -> nn.Module:
         return self.base_model.visual
-
-    def query_key(
-        self,
-        index: int,
-        hidden: torch.Tensor,
-        rows: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE queries of ``rows`` (B, R) and keys of every token that decoder layer ``index`` would compute
-        from its input ``hidden`` (B, L, D), with the layer's multimodal cos/sin. Returns (B, H, R, d), (B, Hkv, L, d).
-        """
-        layer = self.decoder_layers[index]
-        attention = layer.self_attn
-        module = sys.modules[type(attention).__module__]
-        normed = layer.input_layernorm(hidden)
-        batch, length = hidden.shape[:2]
-        picked = gather_tokens(normed, rows)
-        query = attention.q_proj(picked).view(batch, rows.shape[1], -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms before RoPE
-            query, key = attention.q_norm(query), attention.k_norm(key)
-        cos, sin = position_embeddings
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        query, _ = module.apply_rotary_pos_emb(query, query, gather_tokens(cos, rows), gather_tokens(sin, rows))
-        key, _ = module.apply_rotary_pos_emb(key, key, cos, sin)
-        return query, key
-
-    def language_model_shape(self) -> LanguageModelShape:
-        text = self.config.text_config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return LanguageModelShape(
-            num_layers=len(self.decoder_layers),
-            hidden_size=text.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            intermediate_size=text.intermediate_size,
-            gated_mlp=hasattr(self.decoder_layers[0].mlp, "gate_proj"),
-        )
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vlprune.adapters import ModelAdapter
+from vlprune.engine.vision_bridge import images_first
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.pruners.base import Pruner, VisionLayerContext
@@ -37,10 +38,10 @@ class _PackedPass:
     origin: torch.Tensor  # (P,) index of each patch among its image's patches
     window_of: torch.Tensor  # (P,) window of each patch (its image for towers without windows)
     step_of: torch.Tensor  # (P,) the chunk full-attention blocks attend within: an image, or a video's time step
+    original: torch.Tensor  # (P0,) the sequence index of every patch at the start
+    kept: torch.Tensor  # (P,) sequence index (at the start) of each patch still in the sequence
+    keep: torch.Tensor  # (images,) patches each image keeps at the end
     full_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # the rotary tables of the unpruned sequence
-    original: torch.Tensor | None = None  # (P0,) the sequence index of every patch at the start
-    kept: torch.Tensor | None = None  # (P,) sequence index (at the start) of each patch still in the sequence
-    keep: torch.Tensor | None = None  # (images,) patches each image keeps at the end
     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     state: dict = field(default_factory=dict)
     scaling: float = 1.0
@@ -96,11 +97,7 @@ class PackedVisionStages:
         video's temporal patch, the images' call first), each in the raster order of its merged grid."""
         if not self.finished:
             raise RuntimeError("the vision tower did not run its pruning stages for this prefill")
-        image_grids = self.image_inputs.get("image_grid_thw")
-        first = [
-            done for done in self.finished if image_grids is not None and torch.equal(done[0].cpu(), image_grids.cpu())
-        ]
-        ordered = first[:1] + [done for done in self.finished if not any(done is f for f in first[:1])]
+        ordered = images_first(self.finished, [grids for grids, _ in self.finished], self.image_inputs)
         masks = []
         for grids, kept_units in ordered:
             for (frames, height, width), units in zip(grids.tolist(), kept_units, strict=True):
@@ -246,7 +243,7 @@ class PackedVisionStages:
 
     def _on_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         run = self._pass
-        if run is None or run.original is None or len(run.kept) == len(run.original):
+        if run is None or len(run.kept) == len(run.original):
             return None
         index = list(self.blocks).index(module)
         if run.full_cos_sin is None:

@@ -626,10 +626,7 @@ class PruningSession:
 
     def _vision_kept(self, geometry: VisualGeometry, origin: torch.Tensor) -> torch.Tensor:
         """(B, N) True at the current visual tokens whose patches the vision-encoder stages kept."""
-        try:
-            kept = self._vision_stages.token_kept(geometry)
-        except RuntimeError:
-            raise RuntimeError("the vision tower did not run its pruning stages for this prefill") from None
+        kept = self._vision_stages.token_kept(geometry)
         return gather_tokens(kept, origin.clamp(min=0)) & (origin >= 0)
 
     def _finish_prefill(self, cache: Any) -> None:

@@ -140,9 +140,7 @@ class VisionBridge:
     def _chunks(self) -> tuple[list[_ChunkedPass], dict[str, Any]]:
         """A chunked tower's passes in crop order (the images' pass before the videos'), and the adapter inputs
         naming each chunk's grid: one (1, h, w) per image and per temporal patch of a video."""
-        image_grids = self.image_inputs.get("image_grid_thw")
-        first = [p for p in self.passes if image_grids is not None and torch.equal(p.grids.cpu(), image_grids.cpu())]
-        ordered = first[:1] + [p for p in self.passes if not any(p is q for q in first[:1])]
+        ordered = images_first(self.passes, [p.grids for p in self.passes], self.image_inputs)
         rows = [row for p in ordered for row in p.grids.tolist() for _ in range(row[0])]
         grids = torch.tensor([[1, h, w] for _, h, w in rows], dtype=torch.long)
         return ordered, {**self.image_inputs, "chunk_grids": grids}
@@ -258,6 +256,18 @@ class VisionBridge:
             return adapter.pack_crop_values(values, image_inputs, geometry, fill)
 
         return {"vision_crop_attention": attention, "vision_crop_pixels": pixels, "pack_crop_values": pack}
+
+
+def images_first(passes: list[Any], grids: list[torch.Tensor], image_inputs: dict[str, Any]) -> list[Any]:
+    """A chunked tower's passes in crop order: the one that encoded the recorded images (``image_grid_thw``) first,
+    then the others (the videos') as they ran; ``grids`` is each pass's grid_thw."""
+    image_grids = image_inputs.get("image_grid_thw")
+    first = [
+        index
+        for index, grid in enumerate(grids)
+        if image_grids is not None and torch.equal(grid.cpu(), image_grids.cpu())
+    ][:1]
+    return [passes[index] for index in first] + [run for index, run in enumerate(passes) if index not in first]
 
 
 @dataclass(eq=False)
