@@ -623,3 +623,35 @@ def test_sweep_and_bench_run_on_a_qwen_folder(tmp_path, capsys: pytest.CaptureFi
         ["bench", "--model", str(folder), "--method", "fastv", "--keep", "0.25", "--warmup", "0", "--repeats", "1"]
     )
     assert code == 0 and "fastv" in capsys.readouterr().out
+
+
+def test_statistics_count_each_samples_real_tokens_and_each_layers_cache() -> None:
+    """FLOPs from each sample's own real counts (a ragged batch keeps 25% of each sample's tokens) and the KV cache's
+    lengths and bytes per layer, against hand computations from the tiny model's shape."""
+    model, processor = qwen_model("qwen2.5-vl")
+    inputs = qwen_inputs(processor, 2)
+    counts, real = visual_counts(model, inputs), inputs["attention_mask"].sum(1).tolist()
+    length = inputs["input_ids"].shape[1]
+    text = model.config.text_config
+    hidden, ffn, heads, kv_heads = text.hidden_size, text.intermediate_size, text.num_attention_heads, 2
+    head_dim = hidden // heads
+
+    def hand_layer_flops(n: int) -> int:
+        projections = 2 * (2 * n * hidden * heads * head_dim) + 2 * (2 * n * hidden * kv_heads * head_dim)
+        return projections + 2 * (2 * n * n * heads * head_dim) + 3 * (2 * n * hidden * ffn)
+
+    with vlprune.attach(model, create("fastv", keep=0.25, layer=2)) as session:
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    stats = session.stats
+    kept = [int(0.25 * count) for count in counts]
+    assert counts[0] != counts[1] and stats.visual_tokens_per_sample == counts
+    assert stats.stages[0].visual_out_per_sample == kept
+    pruned_real = [r - c + k for r, c, k in zip(real, counts, kept, strict=True)]
+    assert stats.prefill_flops == sum(2 * hand_layer_flops(n) for n in real + pruned_real)
+    assert stats.unpruned_prefill_flops == sum(4 * hand_layer_flops(n) for n in real)
+    # Layers 0-1 cache the whole padded prompt; after the stage, padding included, the batch is as long as its
+    # longest pruned sample (the shorter one is left-filled).
+    pruned_length = max(length - c + k for c, k in zip(counts, kept, strict=True))
+    assert stats.kv_cache_lengths == [length, length, pruned_length, pruned_length]
+    bytes_per_token = 2 * 2 * kv_heads * head_dim * torch.tensor([], dtype=model.dtype).element_size()
+    assert stats.kv_cache_bytes == bytes_per_token * (2 * length + 2 * pruned_length)
