@@ -98,6 +98,7 @@ RAGGED_CASES = [
     ("holov", {"keep": 0.25}),  # the received attention of each image's last vision block
     ("ptp", {"keep": 0.25}),
     ("zoo-prune", {"keep": 0.25}),  # the merger's input per token
+    ("visionzip", {"keep": 0.25}),  # received attention and keys; contextual tokens merged in place
     ("vflowopt", {"keep": 0.3}),  # each image's attention map, padded to the largest
     ("flowcut", {"keep": 0.3}),  # pruning inside the packed encoder, images keeping different counts
 ]
@@ -270,7 +271,7 @@ def test_video_tokens_are_visual_tokens_with_their_frames(family: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["fastv", "divprune", "sparsevlm", "holov", "ptp", "zoo-prune", "vflowopt", "flowcut"]
+    "method", ["fastv", "divprune", "sparsevlm", "holov", "ptp", "zoo-prune", "vflowopt", "flowcut", "visionzip"]
 )
 def test_a_batch_of_an_image_and_a_video_equals_its_samples_alone(method: str) -> None:
     model, processor = qwen_model("qwen2.5-vl")
@@ -340,6 +341,55 @@ def test_received_attention_is_each_images_last_block_attention_pooled_in_raster
     for image, weights in enumerate(maps):
         expected = to_tokens(model, family, weights.mean(dim=0), inputs["image_grid_thw"][image])
         torch.testing.assert_close(captured["received"][image], expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_keys_are_each_images_last_block_keys_pooled_in_raster_order(family: str) -> None:
+    """What VisionZip merges by on Qwen-VL: the last vision block's post-RoPE keys, averaged over the heads and each
+    merge group, in the raster order of the language model's tokens. Recomputed from the block's own projections."""
+    import sys
+
+    from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
+
+    captured = []
+
+    class KeyReader(Pruner):
+        name = "key-reader-qwen-test"
+        stage = Stage.PRE_LLM
+
+        def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
+            return [StagePlan(layer=0, keep=None, vision_keys=True)]
+
+        def select(self, ctx: StageContext) -> Selection:
+            captured.append(ctx.vision_keys)
+            return Selection(keep_index=torch.arange(ctx.num_visual).expand(ctx.batch_size, -1))
+
+    model, processor = qwen_model(family)
+    inputs = qwen_inputs(processor, 2)
+    attention = model.model.visual.blocks[-1].attn
+    calls = []
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"], kwargs)),
+        with_kwargs=True,
+    )
+    try:
+        with vlprune.attach(model, KeyReader()), torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    [(hidden, kwargs)] = calls
+    module = sys.modules[type(attention).__module__]
+    with torch.no_grad():
+        query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
+        _, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
+    bounds = list(itertools.pairwise(kwargs["cu_seqlens"].tolist()))
+    counts = visual_counts(model, inputs)
+    for image, (start, end) in enumerate(bounds):
+        per_patch = key[start:end].float().mean(dim=1)  # (n, d), heads averaged
+        expected = torch.stack(
+            [to_tokens(model, family, column, inputs["image_grid_thw"][image]) for column in per_patch.T], -1
+        )
+        torch.testing.assert_close(captured[image][0, : counts[image]], expected, atol=1e-5, rtol=1e-4)
 
 
 def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:

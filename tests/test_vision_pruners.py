@@ -477,3 +477,33 @@ def test_an_ordered_selection_enters_the_language_model_in_that_order() -> None:
         hidden = model.model.language_model(inputs_embeds=laid_out).last_hidden_state
         expected = model.lm_head(hidden)[0, -1]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_visionzip_qwen_path_merges_contextual_tokens_into_their_centres_in_place() -> None:
+    """The reference's Qwen2.5-VL rule written out by hand: 5% of the tokens contextual, the top-received rest
+    dominant, centres strided over the rest and kept in place with centre + mean of its members' embeddings."""
+    torch.manual_seed(3)
+    batch, count, width = 2, 40, 6
+    hidden, keys, received = torch.randn(batch, count, width), torch.randn(batch, count, 5), torch.rand(batch, count)
+    pruner = vlprune.pruners.create("visionzip", keep=10)
+    [stage] = pruner.plan_for_family("qwen2.5-vl", count, 4)
+    assert (stage.keep, stage.vision_received_attention, stage.vision_keys) == (10, True, True)
+    assert stage.vision_cls_attention is False and stage.vision_features is False
+    selection = pruner.select(
+        context(hidden, 10, vision_received_attention=received, vision_keys=keys, vision_cls_attention=None)
+    )
+    for sample in range(batch):
+        contextual = 2  # max(int(0.05 * 40), 1)
+        dominant = received[sample].topk(10 - contextual).indices.tolist()
+        rest = [i for i in range(count) if i not in dominant]
+        centres = rest[:: len(rest) // contextual][:contextual]
+        unit = torch.nn.functional.normalize(keys[sample], dim=-1)
+        expected = {i: hidden[sample, i] for i in dominant}
+        for centre in centres:
+            members = [
+                i for i in rest if i not in centres and centres[int((unit[i] @ unit[centres].T).argmax())] == centre
+            ]
+            mean = hidden[sample, members].mean(dim=0) if members else torch.zeros(width)
+            expected[centre] = hidden[sample, centre] + mean
+        assert selection.keep_index[sample].tolist() == sorted(expected)
+        torch.testing.assert_close(selection.kept_hidden[sample], torch.stack([expected[i] for i in sorted(expected)]))

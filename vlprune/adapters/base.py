@@ -115,6 +115,11 @@ class ModelAdapter:
         received by its patches (``chunks``: one (n_i,) tensor per image, in the tower's order), for a chunked tower."""
         raise NotImplementedError
 
+    def pooled_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(images, T, F) per-token values from per-patch values (``chunks``: one (n_i, F) tensor per image, in the
+        tower's order), for a chunked tower."""
+        raise NotImplementedError
+
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""
         raise NotImplementedError

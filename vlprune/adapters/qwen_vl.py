@@ -14,11 +14,12 @@ Qwen3-VL adds the features of some vision layers to the visual positions after t
 :mod:`vlprune.engine.deepstack`).
 
 The vision encoder is read at its last block, a full-attention block run image by image: each image's attention map
-among its patches and the attention each patch receives (HoloV's substitute for [CLS] in its Qwen2.5-VL code), put
-back from Qwen2.5-VL's window order into raster order and pooled over each merge group; the merger's input per token
-(its m x m patches concatenated), with the merger as that token's projector (:class:`MergedTokenProjector`). FlowCut
-prunes inside the encoder (:mod:`vlprune.engine.packed_vision`). Videos are visual tokens frame by frame; the
-encoder's video pass is not read (methods that read it refuse videos). Not yet: the encoder's keys.
+among its patches, the attention each patch receives (HoloV's substitute for [CLS] in its Qwen2.5-VL code) and the
+block's keys (post-RoPE, heads averaged: VisionZip's Qwen2.5-VL code), put back from Qwen2.5-VL's window order into
+raster order and pooled over each merge group; the merger's input per token (its m x m patches concatenated), with
+the merger as that token's projector (:class:`MergedTokenProjector`). FlowCut prunes inside the encoder
+(:mod:`vlprune.engine.packed_vision`). Videos are visual tokens frame by frame; the encoder's video pass is read time
+step by time step.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Qwen2VLAdapter(ModelAdapter):
     encodes_videos = True
     position_modes = ("original",)
     reads_vision_tower = True  # through vlprune.engine.packed_vision
-    vision_reads = frozenset({"received", "features", "crop_map"})
+    vision_reads = frozenset({"received", "keys", "features", "crop_map"})
     vision_chunked = True
     deepstack = False
 
@@ -159,17 +160,22 @@ class Qwen2VLAdapter(ModelAdapter):
     def received_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
         """Per chunk (an image, or a temporal patch of a video), the attention received by each patch pooled over its
         merge group (the mean of the m x m patches that become one token, as HoloV's Qwen2.5-VL code does), in the
-        raster order of the merged grid."""
+        raster order of the merged grid: (chunks, T, 1), zero-padded to the largest chunk."""
+        return self.pooled_tokens([chunk[:, None] for chunk in chunks], image_inputs)
+
+    def pooled_tokens(self, chunks: list[torch.Tensor], image_inputs: dict[str, Any]) -> torch.Tensor:
+        """(chunks, T, F) per-patch values (n, F) of each chunk, in the tower's processing order, as the mean over
+        each merge group in the raster order of the merged grid, zero-padded to the largest chunk."""
         grids = chunk_grids(image_inputs)
         if len(grids) != len(chunks):
-            raise RuntimeError(f"{self.family}: the vision attention of {len(chunks)} chunks does not match the grids")
+            raise RuntimeError(f"{self.family}: the vision values of {len(chunks)} chunks do not match the grids")
         unit = self.merge_size**2
         pooled = [
-            self._raster_order(chunk.float().view(-1, unit).mean(dim=1), grid)
+            self._raster_order(chunk.float().view(-1, unit, chunk.shape[-1]).mean(dim=1), grid)
             for chunk, grid in zip(chunks, grids, strict=True)
         ]
         width = max(len(tokens) for tokens in pooled)
-        return torch.stack([torch.nn.functional.pad(tokens, (0, width - len(tokens))) for tokens in pooled])[..., None]
+        return torch.stack([torch.nn.functional.pad(tokens, (0, 0, 0, width - len(tokens))) for tokens in pooled])
 
     def pack_crop_values(
         self, values: torch.Tensor, model_kwargs: dict[str, Any], geometry: VisualGeometry, fill: float

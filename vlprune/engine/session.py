@@ -393,9 +393,7 @@ class PruningSession:
             else None,
             vision_features=bridge.feature_tokens(geometry, layout, slots) if stage.vision_features else None,
             projector=self.adapter.token_projector if stage.vision_features else None,
-            vision_keys=bridge.tokens(bridge.keys, geometry, layout, slots, "vision keys", with_cls=True)
-            if stage.vision_keys
-            else None,
+            vision_keys=bridge.key_tokens(geometry, layout, slots) if stage.vision_keys else None,
             vision_kept=vision_kept,
             **self._initial_embeddings(slots, stage.initial_embeddings),
             **bridge.map_inputs(hidden.shape[0], prefill.num_visual, stage.vision_attention),

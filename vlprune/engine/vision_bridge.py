@@ -117,6 +117,8 @@ class VisionBridge:
             attention = attention_rows(query, key, rows, scale, mask, causal=False)  # (1, n_i, n_i)
             if self.passes:
                 self.passes[-1].received.append(attention.mean(dim=1)[0])
+                if self.needs_keys:
+                    self.passes[-1].keys.append(key[0].float().mean(dim=0))  # (n_i, d), heads averaged
                 if self.needs_crop_map:
                     self.passes[-1].maps.append(attention[0])
             return
@@ -181,6 +183,16 @@ class VisionBridge:
         origin = gather_tokens(layout.origin.to(device), slots)
         picked = gather_tokens(per_token, origin.clamp(min=0))
         return picked.masked_fill((origin < 0)[..., None], 0.0)
+
+    def key_tokens(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) head-mean keys of the current visual tokens at the feature layer (zeros for line breaks and
+        recycled tokens); on a chunked tower, the mean over each token's merge group."""
+        if self.adapter.vision_chunked:
+            passes, inputs = self._chunks()
+            chunks = [chunk for p in passes for chunk in p.keys]
+            keys = self.adapter.pooled_tokens(chunks, inputs) if chunks else None
+            return self.tokens(keys, geometry, layout, slots, "vision keys")
+        return self.tokens(self.keys, geometry, layout, slots, "vision keys", with_cls=True)
 
     def feature_tokens(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N, F) what the projector received for each current visual token (zeros for line breaks and recycled
@@ -276,6 +288,7 @@ class _ChunkedPass:
 
     grids: torch.Tensor  # (items, 3) the call's grid_thw
     received: list[torch.Tensor] = field(default_factory=list)  # (n,) per chunk: attention each patch receives
+    keys: list[torch.Tensor] = field(default_factory=list)  # (n, d) per chunk: head-mean keys
     maps: list[torch.Tensor] = field(default_factory=list)  # (n, n) per chunk
     features: torch.Tensor | None = None  # (patches, D) what the merger received
 

@@ -39,9 +39,13 @@ Choices and deviations, each with its reason:
   raters' attention to the visual tokens and (scale, bias) = (0.8, 0), (9, 6), (13.5, 0) for 64, 128, 192 (the
   nearest of them for other budgets), at its layers [2, 6, 15, 19]. Each sample of a batch gets its own count, as
   in the reference's one-sample-at-a-time runs (the engine runs a stage whose count the data decides per sample).
-- LLaVA-NeXT, OneVision and Qwen-VL: the LLaVA-1.5 rules and budget tables run over the whole visual sequence (the
-  official v1.5 code hard-codes 576 tokens; its v2 Qwen2.5-VL path was not read for this port, so its settings there
-  are not reproduced); on Qwen-VL kept tokens keep their multimodal positions and recycled ones get text-like ones.
+- LLaVA-NeXT, OneVision and Qwen-VL: the LLaVA-1.5 rules and budget tables run over the whole visual sequence. The
+  official code has no path for them: every branch (main, v1.5, v2.0, video at 26a5f48) holds LLaVA-1.5 and
+  Video-LLaVA only, with 576 tokens hard-coded, and the repository's requests for Qwen code are unanswered (its
+  issues 20 and 27). On Qwen-VL the raters are the text after the first visual token, kept tokens keep their
+  multimodal positions (as SparseVLM+ keeps position ids) and recycled ones get text-like ones; SparseVLM+'s
+  priority heads scale to the model's head count and its RoPE gravity is that of 1-D RoPE over the positions' text
+  row (the sequence index), not of the multimodal (t, h, w) rotation: no reference defines it there.
 """
 
 from __future__ import annotations

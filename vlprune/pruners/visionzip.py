@@ -36,6 +36,24 @@ their sizes (the reference gives each view the same counts, so its total grows w
 reference keeps every view's [CLS] as a token and feeds no line breaks and no unpadding; vlprune keeps the model's
 layout (unpadded tiles), drops the line breaks, and puts all contextual tokens after the kept ones, where the
 reference puts the base view's right after its dominant tokens and the tiles' after the stitched grid.
+
+Qwen-VL (the reference's ``Qwen2_5_VL/qwen2_5vl_visionzip.py``, commit 68993a3, written for Qwen2.5-VL and carried
+over unchanged to Qwen2-VL and Qwen3-VL): there is no [CLS] token, so
+
+1. a token's score is the attention its patches receive at the last vision block (a full-attention block; heads
+   averaged, queries summed, then the mean over the token's 2 x 2 merge group, put back in raster order);
+2. of the N tokens of a sample, ``contextual = max(int(0.05 · N), 1)`` (the reference's 65% + 5% and 45% + 5%
+   settings) and ``dominant = keep - contextual``; the dominant tokens are the top-scored ones;
+3. the contextual centres are strided over the rest as above and the rest merge into them by the similarity of their
+   keys (the last block's post-RoPE keys, averaged over the merge group and the heads); a contextual token is the
+   centre's language-model input embedding plus its members' mean, and it takes the centre's place and multimodal
+   position: the language model sees the kept and merged tokens in their original order, positions gathered (the
+   reference gathers its 3-D position ids and leaves ``rope_deltas`` as computed on the full prompt).
+
+Deviations: the reference reads the attention with flash attention's varlen kernel but recomputes the scores over
+all images of the call at once, without the per-image mask (one image per prompt, as it is run, is unaffected);
+vlprune scores each image within itself. It is batch 1 only and handles images only; vlprune runs batches and scores
+a video's tokens the same way, time step by time step as the encoder attends.
 """
 
 from __future__ import annotations
@@ -47,10 +65,20 @@ import torch
 from vlprune.errors import VlpruneError
 from vlprune.kernels import gather_tokens, merge_tokens
 from vlprune.pruners import register
-from vlprune.pruners.base import Pruner, RecycledTokens, Selection, Stage, StageContext, StagePlan, top_k_sorted
+from vlprune.pruners.base import (
+    QWEN_FAMILIES,
+    Pruner,
+    RecycledTokens,
+    Selection,
+    Stage,
+    StageContext,
+    StagePlan,
+    top_k_sorted,
+)
 from vlprune.pruners.groups import crop_quotas
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference's 54 + 10, 108 + 20, 162 + 30
+QWEN_CONTEXTUAL_SHARE = 0.05  # of the image's tokens, in the reference's Qwen2.5-VL code
 
 
 def contextual_centres(remaining: int, contextual: int) -> torch.Tensor:
@@ -95,9 +123,15 @@ class VisionZip(Pruner):
 
     contextual: int | None = None
 
-    def split(self, keep: int, num_visual: int) -> tuple[int, int]:
-        """(dominant, contextual) for a budget of ``keep`` tokens."""
-        contextual = round(keep * CONTEXTUAL_SHARE) if self.contextual is None else self.contextual
+    def split(self, keep: int, num_visual: int, qwen: bool = False) -> tuple[int, int]:
+        """(dominant, contextual) for a budget of ``keep`` tokens (``qwen``: the reference's Qwen-VL split, 5% of the
+        tokens contextual)."""
+        if self.contextual is not None:
+            contextual = self.contextual
+        elif qwen:
+            contextual = max(int(QWEN_CONTEXTUAL_SHARE * num_visual), 1)
+        else:
+            contextual = round(keep * CONTEXTUAL_SHARE)
         if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < keep:
             raise VlpruneError(f"contextual={contextual!r} must be an int in [0, keep={keep})")
         if contextual > num_visual - (keep - contextual):
@@ -109,9 +143,19 @@ class VisionZip(Pruner):
         # The stage keeps the dominant tokens; the contextual ones come on top as recycled tokens.
         return [StagePlan(layer=0, keep=dominant, vision_cls_attention=True, vision_keys=True, vision_features=True)]
 
+    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
+        if family not in QWEN_FAMILIES:
+            return self.plan(num_visual, num_layers)
+        # The contextual tokens replace their centres in place, so the stage keeps the whole budget.
+        keep = self._required_keep(num_visual)
+        self.split(keep, num_visual, qwen=True)
+        return [StagePlan(layer=0, keep=keep, vision_received_attention=True, vision_keys=True)]
+
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
-        assert ctx.vision_cls_attention is not None and ctx.vision_keys is not None and ctx.projector is not None
+        if ctx.vision_cls_attention is None:  # the Qwen-VL plan reads the attention each token receives
+            return self._select_merged_in_place(ctx)
+        assert ctx.vision_keys is not None and ctx.projector is not None
         dominant, contextual = self.split(self._required_keep(ctx.num_visual), ctx.num_visual)
         if ctx.geometry is not None and bool(ctx.geometry.is_tile.any()):
             return self._select_per_view(ctx, dominant, contextual)
@@ -131,6 +175,24 @@ class VisionZip(Pruner):
         return Selection(
             keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
         )
+
+    def _select_merged_in_place(self, ctx: StageContext) -> Selection:
+        """Qwen-VL: dominant tokens by received attention, contextual tokens merged from the rest's embeddings into
+        their centres, which stay in place among the kept tokens."""
+        assert ctx.vision_received_attention is not None and ctx.vision_keys is not None
+        dominant, contextual = self.split(ctx.keep, ctx.num_visual, qwen=True)
+        scores = ctx.vision_received_attention
+        dominant_index = top_k_sorted(scores, dominant)
+        is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, dominant_index, False)
+        rest = is_rest.nonzero()[:, 1].view(ctx.batch_size, -1)  # (B, M), ascending
+        centres = contextual_centres(rest.shape[1], contextual).to(rest.device)
+        merged, _ = merge_contextual(
+            gather_tokens(ctx.visual_hidden, rest), gather_tokens(ctx.vision_keys, rest), centres
+        )
+        keep_index, order = torch.cat([dominant_index, rest[:, centres]], dim=1).sort(dim=1)
+        hidden = torch.cat([gather_tokens(ctx.visual_hidden, dominant_index).float(), merged], dim=1)
+        kept_hidden = gather_tokens(hidden, order).to(ctx.visual_hidden.dtype)
+        return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=scores)
 
     def _select_per_view(self, ctx: StageContext, dominant: int, contextual: int) -> Selection:
         """LLaVA-NeXT: each view (base, tiles) takes its share of the dominant and of the contextual tokens, in
