@@ -18,6 +18,12 @@ Each row: the median prefill time over ``--repeats`` runs after ``--warmup`` run
 over ``none`` measured in the same run (interleaved, so both see the same machine state), and the speed-up the
 theoretical language-model FLOPs predict. The vision tower and projector run in every row, so the measured
 speed-up stays below the FLOPs one.
+
+``--compile`` instead compares captured generation (``vlprune.attach(..., compile=True)``: static shapes, compiled
+graphs, CUDA graphs on a GPU) pruned and unpruned, with plain eager transformers for reference: the first call
+(compilation and capture) apart, the language model's prefill, the time to the first token and a 32-token answer.
+
+    python benchmarks/prefill.py --preset small --compile --methods fastv,fastervlm --keep 64
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class Preset:
 PRESETS = {
     "llava-1.5-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40),
     "small": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40),
+    "tiny": Preset(56, 14, 64, 2, 2, 64, 4, 2, 128, 4, 4),  # 16 visual tokens: the scripts' own tests
     "llava-next-7b": Preset(336, 14, 1024, 24, 16, 4096, 32, 32, 11008, 35, 40, tile_grid=(2, 2)),
     "small-next": Preset(224, 14, 384, 12, 6, 768, 12, 12, 2048, 35, 40, tile_grid=(2, 2)),
     "qwen2.5-vl-7b": Preset(672, 14, 1280, 32, 16, 3584, 28, 28, 18944, 14, 40, qwen=True, kv_heads=4),
@@ -252,6 +259,9 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="captured generation, pruned against unpruned")
+    parser.add_argument("--backend", default=None, help="torch.compile backend with --compile (default inductor)")
+    parser.add_argument("--answer", type=int, default=32, help="answer tokens with --compile")
     args = parser.parse_args()
 
     preset, dtype = PRESETS[args.preset], getattr(torch, args.dtype)
@@ -260,6 +270,9 @@ def main() -> None:
     budgets = [float(k) if "." in k else int(k) for k in args.keep.split(",")]
     cases = [(m, k) for m in args.methods.split(",") for k in budgets]
     pruners = {case: vlprune.pruners.create(case[0], keep=case[1]) for case in cases}
+    if args.compile:
+        print_captured(args, model, inputs, pruners)
+        return
 
     times: dict[tuple[str, int | float] | None, list[float]] = {case: [] for case in [None, *cases]}
     flops_ratio: dict[tuple[str, int | float], float] = {}
@@ -290,6 +303,22 @@ def main() -> None:
         median = statistics.median(times[case])
         speedups = f"{base / median:.2f}x | {1 / flops_ratio[case]:.2f}x"
         print(f"| {case[0]} | {kept[case]} | {median * 1e3:.1f} | {speedups} |")
+
+
+def print_captured(args: argparse.Namespace, model, inputs, pruners: dict) -> None:
+    from vlprune.eval.bench_captured import CAPTURED_HEADER, captured_rows
+
+    variants = [(f"captured {name} {keep}", pruner) for (name, keep), pruner in pruners.items()]
+    rows = captured_rows(model, inputs, variants, args.repeats, answer_tokens=args.answer, backend=args.backend)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"preset {args.preset}, {device_name}, {args.dtype}, batch {args.batch}, {inputs['input_ids'].shape[1]} "
+        f"prompt tokens, median of {args.repeats}, backend {args.backend or 'inductor'}"
+    )
+    print(CAPTURED_HEADER)
+    baseline = rows[1]
+    for row in rows:
+        print(row.table_row(baseline))
 
 
 if __name__ == "__main__":

@@ -338,3 +338,35 @@ def test_installed_console_script_lists_methods() -> None:
     rows = parse_table(completed.stdout)
     assert {"none", "random", "fastv", "fastervlm"} <= set(rows)
     assert rows["fastv"][0] == "in-LLM"
+
+
+def test_run_and_load_with_compile_give_the_eager_answer(
+    capsys: pytest.CaptureFixture[str], image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile`` / ``load(compile=True)``: the captured session answers as the eager engine, and a pipeline keeps
+    its session (and graphs) from one call to the next. The "eager" backend runs the captured graphs uncompiled."""
+    monkeypatch.setenv("VLPRUNE_COMPILE_BACKEND", "eager")
+    expected = vlprune.load("tiny-random", method="fastv", keep=16)(image, QUESTION, max_new_tokens=3)
+    with vlprune.load("tiny-random", method="fastv", keep=16, compile=True) as pipeline:
+        first = pipeline(image, QUESTION, max_new_tokens=3)
+        second = pipeline(image, QUESTION, max_new_tokens=3)
+        assert pipeline.captured_session().compilations == 2
+    assert first.text == second.text == expected.text and torch.equal(first.token_ids, expected.token_ids)
+    assert first.stats.stages[0].kept_indices == expected.stats.stages[0].kept_indices
+    payload = run_json(capsys, image, "--method", "fastv", "--keep", "16", "--compile")
+    assert (
+        payload["answer"]
+        == vlprune.load("tiny-random", method="fastv", keep=16)(image, QUESTION, max_new_tokens=2).text
+    )
+
+
+def test_bench_compile_compares_captured_pruned_and_unpruned(monkeypatch: pytest.MonkeyPatch, image: Path) -> None:
+    from vlprune.eval.bench_captured import bench_captured
+
+    pipeline = vlprune.load("tiny-random")
+    result = bench_captured(pipeline, "fastv", 16, image, QUESTION, repeats=1, backend="eager", answer_tokens=4)
+    variants = [row.variant for row in result.rows]
+    assert variants == ["eager transformers, unpruned", "captured unpruned", "captured fastv"]
+    assert [row.kept_tokens for row in result.rows] == [64, 64, 16]
+    assert all(row.first_token_ms > 0 and row.answer_ms > 0 for row in result.rows)
+    assert len(result.table_rows()) == 3 and all(line.count("|") == 9 for line in result.table_rows())

@@ -77,12 +77,20 @@ class Pipeline:
     """A VLM, its processor and a pruner. Call it with an image and a question."""
 
     def __init__(
-        self, model: nn.Module, processor: Any, pruner: pruners.Pruner, *, positions: str | None = None
+        self,
+        model: nn.Module,
+        processor: Any,
+        pruner: pruners.Pruner,
+        *,
+        positions: str | None = None,
+        compile: bool = False,
     ) -> None:
         adapter = adapter_for(model)  # refuse an unsupported model now, before any call reads its config
         self.model = model
         self.processor = processor
         self.pruner = pruner
+        self.compile = compile
+        self._captured: Any = None  # the captured session, attached from the first call until close()
         if positions is not None:
             resolve_positions(pruner, positions, adapter)
         # None: every pruner run through this pipeline (its own, a sweep's, a benchmark's) follows its reference.
@@ -118,11 +126,36 @@ class Pipeline:
         inputs = self.model_inputs(images, prompts)
         visual = inputs["input_ids"] == self.model.config.image_token_id
         num_visual = int(visual.sum(1)[0])
-        with attach(self.model, self.pruner, positions=self.positions, num_visual=num_visual) as session:
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        if self.compile:
+            session = self.captured_session(num_visual)
+            output = session.generate(**inputs, max_new_tokens=max_new_tokens)
+        else:
+            with attach(self.model, self.pruner, positions=self.positions, num_visual=num_visual) as session:
+                output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
         return Result(text=texts[0] if single else texts, stats=session.stats, token_ids=new_tokens)
+
+    def captured_session(self, num_visual: int | None = None) -> Any:
+        """The pipeline's :class:`~vlprune.engine.captured.CapturedSession` (``compile=True``), attached at the first
+        call and kept, so that its graphs serve every later call; :meth:`close` detaches it."""
+        if self._captured is None:
+            self._captured = attach(
+                self.model, self.pruner, positions=self.positions, num_visual=num_visual, compile=True
+            )
+        return self._captured
+
+    def close(self) -> None:
+        """Detach the captured session, if any (the model is then exactly as loaded)."""
+        if self._captured is not None:
+            self._captured.detach()
+            self._captured = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def model_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model's inputs for images and full prompt texts: left-padded, on the model's device, pixel values in its
@@ -325,11 +358,14 @@ def load(
     *,
     positions: str | None = None,
     device_map: str | None = None,
+    compile: bool = False,
     **method_options: Any,
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (a built-in name, folder or HF id, or a ``(model, processor)`` pair) with the
     pruner ``method`` keeping ``keep`` visual tokens (an int, or a fraction in (0, 1)) and acting at ``layer``.
     ``positions`` ("original" or "reindex") overrides the RoPE numbering of the method's reference (None).
+    ``compile=True`` runs each call's prefill and decode steps as captured graphs (see :mod:`vlprune.engine.captured`;
+    greedy, the first call of each prompt-length bucket compiles); ``Pipeline.close()`` detaches it.
 
     Everything that can be checked without the weights is checked first (the method, its options, the device, the
     dtype, the positions, and the budget and layers against the model's configuration when it is on disk), so that
@@ -349,7 +385,7 @@ def load(
     else:
         check_before_loading(str(model), [pruner], device=device, device_map=device_map)
         loaded, processor = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    return Pipeline(loaded, processor, pruner, positions=positions)
+    return Pipeline(loaded, processor, pruner, positions=positions, compile=compile)
 
 
 def _folder_on_disk(name: str) -> Path | None:

@@ -25,6 +25,9 @@ class _Parser(argparse.ArgumentParser):
         raise VlpruneError(f"{message} (see {self.prog} --help)")
 
 
+COMPILE_HELP = "run the prefill and each decode step as captured graphs (torch.compile; greedy)"
+
+
 def _budget(text: str) -> int | float:
     try:
         return parse_budget(text)
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     run.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
     run.add_argument("--json", action="store_true", help="print the answer and the statistics as JSON")
+    run.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy on a VQA dataset, overall and per question type")
     evaluate.add_argument(
@@ -117,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", default=None, help="JSON with method, keep and options (from calibrate)")
     evaluate.add_argument("--batch-size", type=_positive, default=8)
+    evaluate.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
 
@@ -167,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", default=None, help="image (default: a shipped sample)")
     bench.add_argument("--question", default="What color is the circle?")
     bench.add_argument("--batch", type=_positive, default=1)
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="compare pruned and unpruned both captured (and plain eager HF): prefill, first token, 32-token answer",
+    )
     bench.add_argument("--warmup", type=_non_negative, default=2)
     bench.add_argument("--repeats", type=_positive, default=7)
     bench.add_argument("--device", default=None)
@@ -209,9 +219,11 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         positions=args.positions,
         device_map=args.device_map,
+        compile=args.compile,
         **options,
     )
-    result = pipeline(args.image, args.question, max_new_tokens=args.max_new_tokens)
+    with pipeline:
+        result = pipeline(args.image, args.question, max_new_tokens=args.max_new_tokens)
     if args.json:
         payload = {
             "answer": result.text,
@@ -233,9 +245,17 @@ def _eval(args: argparse.Namespace) -> int:
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
     method, keep, options = _method_settings(args)
     pipeline = load(
-        args.model, method=method, keep=keep, layer=args.layer, device=args.device, dtype=args.dtype, **options
+        args.model,
+        method=method,
+        keep=keep,
+        layer=args.layer,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        **options,
     )
-    result = evaluate(pipeline, samples, batch_size=args.batch_size)
+    with pipeline:
+        result = evaluate(pipeline, samples, batch_size=args.batch_size)
     print(f"{args.model} on {args.dataset} {args.split}, method {method}, keep {keep or 'all'}")
     print(result.table())
     return 0
@@ -329,11 +349,21 @@ def _bench(args: argparse.Namespace) -> int:
 
     import vlprune
     from vlprune.eval.bench import TABLE_HEADER, bench
+    from vlprune.eval.bench_captured import CAPTURED_HEADER, bench_captured
 
     image = args.image or str(Path(vlprune.__file__).parent / "samples" / "scene1.png")
     pruner = pruners.create(args.method, keep=args.keep, **dict(args.option))
     check_before_loading(args.model, [pruner], device=args.device)
     pipeline = load(args.model, device=args.device, dtype=args.dtype)
+    if args.compile:
+        captured = bench_captured(
+            pipeline, args.method, args.keep, image, args.question, batch=args.batch, repeats=args.repeats,
+            **dict(args.option),
+        )  # fmt: skip
+        print(f"{args.model}: batch {args.batch}, median of {args.repeats}, captured graphs ({captured.backend})")
+        print(CAPTURED_HEADER)
+        print("\n".join(captured.table_rows()))
+        return 0
     result = bench(
         pipeline,
         args.method,

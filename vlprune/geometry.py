@@ -47,6 +47,8 @@ class VisualGeometry:
             interpolates, the nearest source patch (its centre-aligned nearest neighbour); -1 for line breaks.
         frame: the token's frame within its video (0 for images); -1 for line breaks and padding.
         num_crops: the crops the vision tower encodes for the whole batch.
+        tiled: per sample, whether any of its tokens comes from a tile (known on the host when the geometry is built,
+            so pruners choose their per-view path without reading the device).
     """
 
     image: torch.Tensor
@@ -61,6 +63,12 @@ class VisualGeometry:
     crop_token: torch.Tensor
     frame: torch.Tensor
     num_crops: int
+    tiled: tuple[bool, ...]
+
+    @property
+    def has_tiles(self) -> bool:
+        """Some sample's tokens come from tiles (LLaVA-NeXT and OneVision's multi-crop images)."""
+        return any(self.tiled)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,18 +107,18 @@ class VisualGeometry:
         values = {
             name: torch.gather(getattr(self, name), 1, index).masked_fill(missing, -1) for name in _GEOMETRY_FIELDS
         }
-        return VisualGeometry(**values, num_crops=self.num_crops)
+        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled)
 
     def sample(self, index: int, count: int) -> VisualGeometry:
         """Sample ``index``'s first ``count`` tokens alone, as a batch of one."""
         values = {name: getattr(self, name)[index : index + 1, :count] for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops)
+        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled[index : index + 1])
 
     def to(self, device: torch.device) -> VisualGeometry:
         if self.view.device == device:
             return self
         values = {name: getattr(self, name).to(device) for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops)
+        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled)
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,8 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
         tensors[name] = torch.stack(
             [torch.cat([row, torch.full((width - len(row),), fill, dtype=torch.long)]) for row in samples]
         ).to(device)
-    return VisualGeometry(**tensors, num_crops=crop_offset)
+    tiled = tuple(bool((row > BASE).any()) for row in torch.cat(columns["view"]).split(list(per_sample)))
+    return VisualGeometry(**tensors, num_crops=crop_offset, tiled=tiled)
 
 
 TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token", "frame")
@@ -319,4 +328,5 @@ def interleaved_geometry(
         fields[name] = torch.stack(
             [torch.cat([row[name], torch.full((width - len(row[name]),), fill, dtype=torch.long)]) for row in rows]
         ).to(device)
-    return VisualGeometry(**fields, num_crops=image_crops + sum(item.num_crops for item in videos))
+    tiled = tuple(bool((row["view"] > BASE).any()) for row in rows)  # on the host
+    return VisualGeometry(**fields, num_crops=image_crops + sum(item.num_crops for item in videos), tiled=tiled)

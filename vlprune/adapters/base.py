@@ -84,6 +84,12 @@ class ModelAdapter:
         ``generate`` would number them."""
         return torch.arange(start, start + count, device=device)[None]
 
+    def prompt_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The position ids ``generate`` gives a left-padded prompt (real tokens 0, 1, ...), or None where the model
+        numbers its prompts itself."""
+        positions = attention_mask.long().cumsum(dim=-1) - 1
+        return positions.masked_fill(attention_mask == 0, 1)
+
     def check_call(self, model_kwargs: dict[str, Any]) -> None:
         """Refuse a model call this family cannot prune (raises VlpruneError); by default every call is fine."""
 

@@ -56,6 +56,20 @@ class MergedTokenProjector(nn.Module):
         return merged.view(*leading, merged.shape[-1])
 
 
+class MultimodalRotary(nn.Module):
+    """The language model's multimodal rotary embedding, taking (B, K) positions too: those number a token (p, p, p),
+    as the model numbers text (transformers before 5.24 accepts only the (3, B, K) form)."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 2:
+            positions = positions[None].expand(3, -1, -1)
+        return self.rotary(hidden, positions)
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` (or a bare ``Qwen2VLModel``)."""
 
@@ -74,7 +88,7 @@ class Qwen2VLAdapter(ModelAdapter):
         self.config = model.config
         self.language_model = self.base_model.language_model
         self.decoder_layers = self.language_model.layers
-        self.rotary_embedding = self.language_model.rotary_emb
+        self.rotary_embedding = MultimodalRotary(self.language_model.rotary_emb)
         self.projector = self.base_model.visual.merger
         self._token_projector = MergedTokenProjector(self.projector, self.merge_size**2)
         self.image_token_id = int(self.config.image_token_id)
@@ -105,6 +119,9 @@ class Qwen2VLAdapter(ModelAdapter):
             raise RuntimeError(f"{self.family}: the prompt's rope_deltas are missing; prefill the prompt first")
         positions = torch.arange(start, start + count, device=device)[None] + deltas.to(device)
         return positions[None].expand(3, -1, -1)
+
+    def prompt_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return None  # the model numbers its prompts itself (get_rope_index)
 
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True at the image and the video placeholder tokens."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vlprune.kernels import gather_tokens
+from vlprune.pruners.base import first_true
 
 
 @dataclass
@@ -38,15 +39,18 @@ class Layout:
     real: torch.Tensor
     positions: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    visual_width: int | None = None  # visual tokens per sample when every sample has this many (no device read)
+    text_width: int | None = None  # the most real text tokens after the first visual token, when known
     _visual_slots: torch.Tensor | None = field(default=None, repr=False)
     _text_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def visual_slots(self) -> torch.Tensor:
         """(B, N) slot indices of the visual tokens, ascending; in a ragged batch N is the largest sample's count and
-        a sample with fewer repeats its last one (computed once: finding them synchronises a GPU)."""
+        a sample with fewer repeats its last one (computed once: without ``visual_width``, finding them synchronises
+        a GPU)."""
         if self._visual_slots is None:
-            self._visual_slots, _ = padded_visual_slots(self.is_visual)
+            self._visual_slots, _ = padded_visual_slots(self.is_visual, self.visual_width)
         return self._visual_slots
 
     @property
@@ -56,11 +60,8 @@ class Layout:
         if self._text_rows is None:
             columns = torch.arange(self.length, device=self.is_visual.device)[None, :]
             text = self.real & ~self.is_visual & (columns > self.visual_slots[:, :1])
-            per_sample = [row.nonzero()[:, 0] for row in text]
-            width = max(len(r) for r in per_sample)
-            rows = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in per_sample])
-            valid = torch.stack([torch.arange(width, device=rows.device) < len(r) for r in per_sample])
-            self._text_rows = (rows, valid)
+            width = self.text_width if self.text_width is not None else int(text.sum(dim=1).max())
+            self._text_rows = first_true(text, width)
         return self._text_rows
 
     @property
@@ -78,20 +79,18 @@ class Layout:
             real=self.real.to(device),
             positions=self.positions.to(device),
             position_embeddings=None if embeddings is None else (embeddings[0].to(device), embeddings[1].to(device)),
+            visual_width=self.visual_width,
+            text_width=self.text_width,
         )
 
 
-def padded_visual_slots(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_visual_slots(is_visual: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Nmax) slot indices of each sample's visual tokens, ascending, and (B, Nmax) validity; a sample with fewer
-    tokens repeats its last one (so gathers stay in range). One device read (the largest count)."""
-    length = is_visual.shape[1]
-    columns = torch.arange(length, device=is_visual.device).expand_as(is_visual)
-    ranked = torch.where(is_visual, columns, columns + length).sort(dim=1).values
-    width = int(is_visual.sum(dim=1).max())
-    ranked = ranked[:, :width]
-    valid = ranked < length
-    last = torch.gather(ranked, 1, (valid.sum(dim=1, keepdim=True) - 1).clamp(min=0))
-    return torch.where(valid, ranked, last), valid
+    tokens repeats its last one (so gathers stay in range). One device read (the largest count) unless ``width``
+    gives it."""
+    if width is None:
+        width = int(is_visual.sum(dim=1).max())
+    return first_true(is_visual, width)
 
 
 def initial_layout(visual_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> Layout:
@@ -117,7 +116,8 @@ def order_after_stage(layout: Layout, kept_slots: torch.Tensor, num_recycled: in
     batch = kept_slots.shape[0]
     stays = ~layout.is_visual
     stays = stays.scatter(1, kept_slots, True)
-    base = stays.nonzero()[:, 1].view(batch, -1)  # (B, L - N + k), ascending
+    width = layout.length - layout.visual_slots.shape[1] + kept_slots.shape[1]
+    base, _ = first_true(stays, width)  # (B, L - N + k), ascending
     # The kept visual slots take the places of the visual slots in the pruner's order (the same when ascending).
     base = base.masked_scatter(torch.gather(layout.is_visual, 1, base), kept_slots)
     if num_recycled == 0:
@@ -133,12 +133,16 @@ def order_after_stage(layout: Layout, kept_slots: torch.Tensor, num_recycled: in
 
 
 def apply_order(
-    layout: Layout, order: torch.Tensor, recycled_positions: torch.Tensor | None, positions: torch.Tensor | None = None
+    layout: Layout,
+    order: torch.Tensor,
+    recycled_positions: torch.Tensor | None,
+    positions: torch.Tensor | None = None,
+    visual_width: int | None = None,
 ) -> Layout:
     """The layout after a stage, given the slot order from :func:`order_after_stage` (position embeddings unset).
 
     ``positions``: the position ids already gathered in this order (the engine gathers them fused with the hidden
-    states); computed here when None.
+    states); computed here when None. ``visual_width``: the visual tokens every sample now holds, when they agree.
     """
     batch, num_recycled = order.shape[0], 0 if recycled_positions is None else recycled_positions.shape[1]
 
@@ -157,6 +161,8 @@ def apply_order(
         origin=gather_tokens(extended(layout.origin, -1), order),
         real=gather_tokens(extended(layout.real, True), order),
         positions=positions,
+        visual_width=visual_width,
+        text_width=layout.text_width,
     )
 
 
@@ -166,17 +172,21 @@ def reindexed(layout: Layout) -> Layout:
     return replace(layout, positions=positions, position_embeddings=None)
 
 
-def prefill_mask(real: torch.Tensor, style: str, dtype: torch.dtype, padded: bool) -> torch.Tensor | None:
+def prefill_mask(
+    real: torch.Tensor, style: str, dtype: torch.dtype, padded: bool, key_room: int = 0
+) -> torch.Tensor | None:
     """The causal mask of a prefill over ``real`` (B, L) in the attention backend's format.
 
     ``style`` "sdpa": boolean (B, 1, L, L), True = attend, or None when nothing is ``padded`` (SDPA then runs causal);
     "eager": additive float (B, 1, L, L) with the dtype's minimum at masked places, as transformers builds it.
+    ``key_room``: that many more key columns, masked (a static KV cache's slots for the answer).
     """
-    if style == "sdpa" and not padded:
+    if style == "sdpa" and not padded and key_room == 0:
         return None
     length = real.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
-    return _format(causal[None, None] & real[:, None, None, :], style, dtype)
+    causal = torch.ones(length, length + key_room, dtype=torch.bool, device=real.device).tril()
+    keys = torch.nn.functional.pad(real, (0, key_room), value=False)
+    return _format(causal[None, None] & keys[:, None, None, :], style, dtype)
 
 
 def decode_mask(key_real: torch.Tensor, query_length: int, style: str, dtype: torch.dtype) -> torch.Tensor:
@@ -185,6 +195,11 @@ def decode_mask(key_real: torch.Tensor, query_length: int, style: str, dtype: to
     rows = torch.arange(query_length, device=key_real.device)[:, None] + (key_length - query_length)
     causal = torch.arange(key_length, device=key_real.device)[None, :] <= rows  # (T, Lk)
     return _format(causal[None, None] & key_real[:, None, None, :], style, dtype)
+
+
+def format_mask(allowed: torch.Tensor, style: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) in the attention backend's format ("sdpa": as is; "eager": additive)."""
+    return _format(allowed, style, dtype)
 
 
 def _format(allowed: torch.Tensor, style: str, dtype: torch.dtype) -> torch.Tensor:

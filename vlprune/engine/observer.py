@@ -55,12 +55,15 @@ def _module_eager_function(module: nn.Module) -> Callable[..., Any]:
 
 
 def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
+    # Looked up now, not per call: a captured graph (vlprune.engine.captured) traces the call.
+    shared = type(_interface())._global_mapping.get(name)
+
     def original(module: nn.Module) -> Callable[..., Any]:
         if previous is not _MISSING:
             return previous
         if name == "eager":
             return _module_eager_function(module)
-        return type(_interface())._global_mapping[name]
+        return shared
 
     def vlprune_attention(
         module: nn.Module,

@@ -51,11 +51,16 @@ def check_fits(pruner: Pruner, num_visual: int, num_layers: int) -> list[StagePl
 
 
 def checked_keep_index(
-    selection: Selection, context: StageContext, fixed: bool = True, keep_order: bool = False
+    selection: Selection,
+    context: StageContext,
+    fixed: bool = True,
+    keep_order: bool = False,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """The pruner's indices, checked, and sorted unless ``keep_order`` (an ordered selection with re-indexed
     positions); ``fixed=False`` (a plan with ``keep=None``) lets the pruner choose the count (the engine
-    runs such stages sample by sample)."""
+    runs such stages sample by sample). ``check_values=False`` checks the shape only (a captured graph reads
+    nothing back from the device; the eager engine checks every method's indices)."""
     if selection.ordered and selection.kept_hidden is not None:
         raise RuntimeError("a selection cannot be both ordered and carry kept_hidden (which follows ascending order)")
     keep_index = selection.keep_index.to(context.visual_hidden.device).long()
@@ -69,6 +74,6 @@ def checked_keep_index(
     ascending = keep_index.sort(dim=1).values
     out_of_range = (ascending[:, 0] < 0) | (ascending[:, -1] >= context.num_visual)
     repeated = (ascending[:, 1:] == ascending[:, :-1]).any(dim=1)
-    if bool((out_of_range | repeated).any()):  # one device read for both checks
+    if check_values and bool((out_of_range | repeated).any()):  # one device read for both checks
         raise RuntimeError(f"the pruner returned indices outside [0, {context.num_visual}) or the same index twice")
     return keep_index if keep_order else ascending

@@ -84,6 +84,7 @@ class _Prefill:
     initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
     geometry: VisualGeometry | None = None  # computed when a stage first needs it
     host_views: list[list[int]] | None = None  # geometry.view on the host, for the statistics
+    visual_in: list[list[int]] = field(default_factory=list)  # per stage, each sample's visual tokens before it
 
 
 class PruningSession:
@@ -136,6 +137,10 @@ class PruningSession:
         self._decode: DecodeState | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[nn.Module] = []
+        # Static mode (vlprune.engine.captured): counts from the plan, no device reads until the prefill has run.
+        self._static = False
+        self._key_room = 0  # KV slots beyond the prefill that the masks cover (a static cache's room for the answer)
+        self._deferred: list[tuple[StagePlan, torch.Tensor, list[int], list[int]]] = []
         self._attach()
 
     # ------------------------------------------------------------------ attach / detach
@@ -255,6 +260,8 @@ class PruningSession:
         layout = initial_layout(visual, attention_mask)
         # One transfer for every count the prefill needs on the host (each .tolist() on a GPU is a synchronisation).
         counts, real_counts = torch.stack([visual.sum(1), layout.real.sum(1)]).tolist()
+        if len(set(counts)) == 1:
+            layout = replace(layout, visual_width=counts[0])
         plans = self._sample_plans(counts)
         plan = plans[0]
         self._prefill = _Prefill(
@@ -402,7 +409,7 @@ class PruningSession:
             if stage.vision_received_attention or (stage.vision_cls_attention and bridge.cls_substituted)
             else None,
             **self._text_tokens(layout, hidden, stage.text_tokens),
-            stage_index=len(prefill.stage_stats),
+            stage_index=len(prefill.segments),
             num_layers=self.shape.num_layers,
         )
         if stage.query_rows is not None and query is None:
@@ -416,6 +423,7 @@ class PruningSession:
             context,
             fixed=stage.keep is not None,
             keep_order=selection.ordered and self.positions == "reindex",
+            check_values=not self._static,
         )
         kept_slots = gather_tokens(slots, keep_index)
         recycled = selection.recycled
@@ -423,9 +431,17 @@ class PruningSession:
         order = order_after_stage(layout, kept_slots, num_recycled)
         new_hidden, new_layout = self._compact(layout, hidden, order, kept_slots, selection)
         prefill.layout = new_layout
-        prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
-        kept_origin = gather_tokens(context.visual_origin, keep_index).tolist()
-        self._record_stage(stage, new_layout, kept_origin, [num_recycled] * context.batch_size, device)
+        prefill.mask = prefill_mask(
+            new_layout.real, self._mask_style, hidden.dtype, prefill.padded or self._static, self._key_room
+        )
+        kept_origin = gather_tokens(context.visual_origin, keep_index)
+        recycled_counts = [num_recycled] * context.batch_size
+        out = [keep_index.shape[1] + num_recycled] * context.batch_size
+        self._add_segment(stage, new_layout, out, device)
+        if self._static:  # the statistics read the kept indices once the prefill has run
+            self._deferred.append((stage, kept_origin, recycled_counts, out))
+        else:
+            self._add_stage_stats(stage, kept_origin.tolist(), recycled_counts, out)
         return new_hidden
 
     def _run_ragged_stage(
@@ -435,7 +451,7 @@ class PruningSession:
         alone (see :mod:`vlprune.engine.ragged`), and the shorter samples of the next sequence are left-filled."""
         prefill = self._prefill
         layout, device = prefill.layout, hidden.device
-        stage_index = len(prefill.stage_stats)
+        stage_index = len(prefill.segments)
         keep_order = self.positions == "reindex"
         kept_slots, kept_origin, selections = [], [], []
         for sample, (count, original) in enumerate(zip(prefill.current_counts, prefill.visual_counts, strict=True)):
@@ -464,23 +480,17 @@ class PruningSession:
         prefill.layout = new_layout
         prefill.padded = prefill.padded or bool(filler.any())
         prefill.mask = prefill_mask(new_layout.real, self._mask_style, hidden.dtype, prefill.padded)
-        self._record_stage(stage, new_layout, kept_origin, recycled_counts, device)
+        out = [len(kept) + extra for kept, extra in zip(kept_origin, recycled_counts, strict=True)]
+        self._add_segment(stage, new_layout, out, device)
+        self._add_stage_stats(stage, kept_origin, recycled_counts, out)
         return new_hidden
 
-    def _record_stage(
-        self,
-        stage: StagePlan,
-        new_layout: Layout,
-        kept_origin: list[list[int]],
-        recycled: list[int],
-        device: torch.device,
-    ) -> None:
-        """The segment that starts at the stage's layer and the stage's statistics, from each sample's kept tokens
-        (their original indices, -1 for earlier recycled ones) and recycled count. Pruning removes only real tokens
-        and recycling adds real ones, so the counts follow without a device read."""
+    def _add_segment(self, stage: StagePlan, new_layout: Layout, out: list[int], device: torch.device) -> None:
+        """The segment of layers that starts at the stage's layer, from each sample's visual tokens after the stage
+        (``out``). Pruning removes only real tokens and recycling adds real ones, so the counts follow without a
+        device read."""
         prefill = self._prefill
         counts_in = prefill.current_counts
-        out = [len(kept) + extra for kept, extra in zip(kept_origin, recycled, strict=True)]
         previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
         real_counts = [real - (before - now) for real, before, now in zip(previous_counts, counts_in, out, strict=True)]
         shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
@@ -492,6 +502,16 @@ class PruningSession:
                 real_counts=real_counts,
             )
         )
+        prefill.visual_in.append(list(counts_in))
+        prefill.current_counts = out
+
+    def _add_stage_stats(
+        self, stage: StagePlan, kept_origin: list[list[int]], recycled: list[int], out: list[int]
+    ) -> None:
+        """The stage's statistics, from each sample's kept tokens (their original indices, -1 for earlier recycled
+        ones) and recycled count."""
+        prefill = self._prefill
+        counts_in = prefill.visual_in[len(prefill.stage_stats)]
         prefill.stage_stats.append(
             StageStats(
                 layer=stage.layer,
@@ -507,7 +527,12 @@ class PruningSession:
                 visual_out_per_sample=out,
             )
         )
-        prefill.current_counts = out
+
+    def _add_deferred_stats(self) -> None:
+        """The statistics of the stages a static prefill ran, read from the device now that it has run."""
+        for stage, kept_origin, recycled, out in self._deferred:
+            self._add_stage_stats(stage, kept_origin.tolist(), recycled, out)
+        self._deferred = []
 
     def _geometry(self) -> VisualGeometry:
         """The prefill's visual-token geometry, from the call's arguments or, when ``generate`` encoded the images
@@ -583,7 +608,9 @@ class PruningSession:
             extras += [None, None] if recycled is None else list(self._rotary(hidden, recycled_positions))
         gathered = gather_rows(order, sources, extras)
         new_hidden, positions = gathered[0], gathered[1]
-        new_layout = apply_order(layout, order, recycled_positions, positions=positions)
+        num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
+        uniform = None if filler is not None else kept_slots.shape[1] + num_recycled
+        new_layout = apply_order(layout, order, recycled_positions, positions=positions, visual_width=uniform)
         if filler is not None:
             new_layout = replace(
                 new_layout,
@@ -790,8 +817,24 @@ def resolve_positions(pruner: Pruner, positions: str | None, adapter: ModelAdapt
 
 
 def attach(
-    model: nn.Module, pruner: Pruner, *, positions: str | None = None, num_visual: int | None = None
+    model: nn.Module,
+    pruner: Pruner,
+    *,
+    positions: str | None = None,
+    num_visual: int | None = None,
+    compile: bool = False,
+    **compile_options: Any,
 ) -> PruningSession:
     """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit).
-    ``positions=None`` follows the method's reference ("original" or "reindex"; see :class:`PruningSession`)."""
+    ``positions=None`` follows the method's reference ("original" or "reindex"; see :class:`PruningSession`).
+
+    ``compile=True`` gives a :class:`~vlprune.engine.captured.CapturedSession`, whose ``generate`` runs the pruned
+    prefill and each decode step as captured graphs (``compile_options``: its ``buckets``, ``backend``,
+    ``cuda_graphs``); ``model.generate`` still runs the eager engine under it."""
+    if compile:
+        from vlprune.engine.captured import CapturedSession
+
+        return CapturedSession(model, pruner, positions=positions, num_visual=num_visual, **compile_options)
+    if compile_options:
+        raise VlpruneError(f"{sorted(compile_options)} are options of compile=True")
     return PruningSession(model, pruner, positions=positions, num_visual=num_visual)

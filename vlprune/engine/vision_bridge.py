@@ -9,6 +9,7 @@ prefill's :class:`~vlprune.geometry.VisualGeometry` (line breaks and recycled to
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class VisionBridge:
         self.pixels: torch.Tensor | None = None
         self.passes: list[_ChunkedPass] = []  # a chunked tower's calls of this prefill (images, videos)
         self.image_inputs: dict[str, Any] = {}  # what the adapter's geometry reads, from the last image encoding
+        self._per_chunk: dict[str, torch.Tensor | None] = {}  # a chunked tower's values per image, once assembled
+        self._tower_running = False
 
     @property
     def watches_feature_layer(self) -> bool:
@@ -84,13 +87,59 @@ class VisionBridge:
         if self.needs_map or self.needs_crop_map or self.adapter.vision_chunked:
             tower = self.adapter.vision_tower
             handles.append(tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
+            handles.append(tower.register_forward_hook(self._on_tower_output))
         if self.needs_features:
             handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
         return handles
 
+    def recorded(self) -> dict[str, Any]:
+        """What the bridge holds of the last encoding (a stage that calls the projector itself, as VisionZip does,
+        overwrites the recorded projector input: a second run over the same encoding restores this first)."""
+        names = ("cls", "keys", "features", "attention_map", "pixels")
+        recorded = {name: getattr(self, name) for name in names}
+        return {**recorded, "passes": list(self.passes), "_per_chunk": dict(self._per_chunk)}
+
+    def restore(self, recorded: dict[str, Any]) -> None:
+        for name, value in recorded.items():
+            setattr(self, name, copy.copy(value) if isinstance(value, list | dict) else value)
+
+    def prepare(self) -> None:
+        """Assemble a chunked tower's per-image values now (the host work of putting its calls in crop order and
+        its patches in raster order), so that a captured prefill only gathers them per token."""
+        if not self.adapter.vision_chunked:
+            return
+        wanted = {"received": self.needs_received, "keys": self.needs_keys, "features": self.needs_features}
+        for kind, needed in wanted.items():
+            if needed:
+                self._chunked(kind)
+
+    def _chunked(self, kind: str) -> torch.Tensor | None:
+        """A chunked tower's ``kind`` ("received", "keys" or "features") per image (or video time step), assembled
+        once per encoding."""
+        if kind not in self._per_chunk:
+            passes, inputs = self._chunks()
+            if kind == "features":
+                features = [p.features for p in passes]
+                value = (
+                    None
+                    if any(f is None for f in features)
+                    else self.adapter.feature_tokens(torch.cat(features), inputs)
+                )
+            else:
+                chunks = [chunk for p in passes for chunk in (p.received if kind == "received" else p.keys)]
+                if not chunks:
+                    value = None
+                elif kind == "received":
+                    value = self.adapter.received_tokens(chunks, inputs)
+                else:
+                    value = self.adapter.pooled_tokens(chunks, inputs)
+            self._per_chunk[kind] = value
+        return self._per_chunk[kind]
+
     def forget(self) -> None:
         self.cls = self.keys = self.features = self.attention_map = self.pixels = None
         self.passes = []
+        self._per_chunk = {}
         self.image_inputs.clear()
 
     # ------------------------------------------------------------------ capture
@@ -133,11 +182,20 @@ class VisionBridge:
             if grids is not None and any(torch.equal(grids, done.grids) for done in self.passes):
                 self.passes = []  # the same images again: a new encoding
             self.passes.append(_ChunkedPass(grids=grids))
+            self._per_chunk = {}
+            self._tower_running = True
+
+    def _on_tower_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._tower_running = False
 
     def _on_projector_input(self, module: nn.Module, args: tuple) -> None:
+        if self.adapter.vision_chunked:
+            # A chunked tower calls its merger itself; a call from outside it (ZOO-Prune's perturbations) is not
+            # the encoding's.
+            if self._tower_running and self.passes:
+                self.features = self.passes[-1].features = args[0]
+            return
         self.features = args[0]
-        if self.adapter.vision_chunked and self.passes:
-            self.passes[-1].features = args[0]
 
     def _chunks(self) -> tuple[list[_ChunkedPass], dict[str, Any]]:
         """A chunked tower's passes in crop order (the images' pass before the videos'), and the adapter inputs
@@ -188,30 +246,22 @@ class VisionBridge:
         """(B, N, d) head-mean keys of the current visual tokens at the feature layer (zeros for line breaks and
         recycled tokens); on a chunked tower, the mean over each token's merge group."""
         if self.adapter.vision_chunked:
-            passes, inputs = self._chunks()
-            chunks = [chunk for p in passes for chunk in p.keys]
-            keys = self.adapter.pooled_tokens(chunks, inputs) if chunks else None
-            return self.tokens(keys, geometry, layout, slots, "vision keys")
+            return self.tokens(self._chunked("keys"), geometry, layout, slots, "vision keys")
         return self.tokens(self.keys, geometry, layout, slots, "vision keys", with_cls=True)
 
     def feature_tokens(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N, F) what the projector received for each current visual token (zeros for line breaks and recycled
         tokens); on a chunked tower, each token's m x m patches concatenated."""
-        features = self.features
-        if features is not None and self.adapter.vision_chunked:
-            passes, inputs = self._chunks()
-            features = self.adapter.feature_tokens(torch.cat([p.features for p in passes]), inputs)
+        features = self._chunked("features") if self.adapter.vision_chunked else self.features
         return self.tokens(features, geometry, layout, slots, "projector input")
 
     def received(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N) attention each current visual token receives at the feature layer, averaged over its crop's patch
         queries ([CLS] excluded when LLaVA drops it) and the heads; 0 for line breaks and recycled tokens."""
         if self.adapter.vision_chunked:
-            passes, inputs = self._chunks()
-            chunks = [chunk for p in passes for chunk in p.received]
-            if not chunks:
+            per_image = self._chunked("received")
+            if per_image is None:
                 raise RuntimeError("the vision tower's attention was not captured for this prefill")
-            per_image = self.adapter.received_tokens(chunks, inputs)
             return self.tokens(per_image, geometry, layout, slots, "received attention")[..., 0]
         attention = self.attention_map
         if attention is None:

@@ -2,7 +2,9 @@
 
 On CUDA tensors each function runs its fused Triton kernel (``triton_gather``, ``triton_attention``,
 ``triton_merge``); elsewhere it runs the exact PyTorch reference (``vlprune.kernels.reference``), which is also the
-oracle the kernels are tested against. ``VLPRUNE_KERNELS=reference`` forces the references everywhere, for debugging.
+oracle the kernels are tested against. ``VLPRUNE_KERNELS=reference`` forces the references everywhere, for
+debugging. Inside ``torch.compile`` (the captured mode) the references run too, and the compiler generates its own
+fused kernels from them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def kernel_setting() -> str:
 def backend(*tensors: torch.Tensor) -> str:
     """``"triton"`` when every tensor is on a CUDA device, Triton is installed and ``VLPRUNE_KERNELS`` is not
     ``reference``; otherwise ``"reference"``."""
+    if torch.compiler.is_compiling():  # a captured graph: the compiler fuses the references itself
+        return "reference"
     setting = kernel_setting()
     if setting == "reference" or not TRITON_AVAILABLE:
         return "reference"

@@ -441,3 +441,14 @@ def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[-1]:
         return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+
+
+def first_true(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) the columns of the first ``width`` True entries of each row of ``mask`` (B, L), ascending, and
+    (B, width) validity; a row with fewer repeats its last one (column 0 when it has none). The shapes do not
+    depend on the data (unlike ``nonzero``), so nothing is read back from the device and a graph can be captured."""
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # True columns first
+    count = mask.sum(dim=1, keepdim=True)
+    valid = torch.arange(width, device=mask.device)[None, :] < count
+    last = torch.gather(order, 1, (count - 1).clamp(min=0, max=max(width - 1, 0)))
+    return torch.where(valid, order, last), valid

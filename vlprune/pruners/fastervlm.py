@@ -54,7 +54,7 @@ class FasterVLM(Pruner):
         assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for fastervlm"
         scores = ctx.vision_cls_attention
         geometry = ctx.geometry
-        if geometry is None or not bool(geometry.is_tile.any()):
+        if geometry is None or not geometry.has_tiles:
             return Selection(keep_index=top_k_sorted(scores, ctx.keep), scores=scores)
         return Selection(keep_index=top_k_per_view(scores, geometry.view, ctx.keep), scores=scores)
 

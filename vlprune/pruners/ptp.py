@@ -130,7 +130,7 @@ class PTP(Pruner):
             region_of = tile_crops(ctx.num_visual, self.regions)
             quota = region_quotas(saliency, region_of, ctx.keep)
             return Selection(keep_index=keep_by_quota(score, region_of, quota), scores=score)
-        if not bool(geometry.is_tile.any()):
+        if not geometry.has_tiles:
             rows = []
             for sample in range(ctx.batch_size):
                 region_of = spatial_regions(geometry, sample, self.regions)

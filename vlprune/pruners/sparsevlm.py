@@ -67,6 +67,7 @@ from vlprune.pruners.base import (
     Stage,
     StageContext,
     StagePlan,
+    first_true,
     is_probe,
     resolve_keep,
     top_k_sorted,
@@ -271,7 +272,7 @@ class SparseVLM(Pruner):
         if not self.recycles or pruned_count == 0:
             return Selection(keep_index=keep_index, scores=relevance)
         pruned = torch.ones_like(relevance, dtype=torch.bool).scatter(1, keep_index, False)
-        pruned_index = pruned.nonzero()[:, 1].view(ctx.batch_size, pruned_count)
+        pruned_index, _ = first_true(pruned, pruned_count)
         recycled_count = min(int(RECYCLED_SHARE * pruned_count) + 1, pruned_count)
         best = torch.gather(relevance, 1, pruned_index).topk(recycled_count, dim=-1).indices
         recycled_index = torch.gather(pruned_index, 1, best)  # (B, m) among the N visual tokens, by relevance

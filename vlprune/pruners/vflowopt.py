@@ -291,7 +291,7 @@ class VFlowOpt(Pruner):
             importance = importance + alpha * torch.softmax(patch_entropy(ctx.vision_crop_pixels, grid), dim=-1)
         packed = ctx.pack_crop_values(importance.float(), 1.0)  # (B, N0)
         current = gather_tokens(packed.to(ctx.visual_hidden.device), ctx.visual_origin.clamp(min=0))
-        tiled = bool(ctx.geometry.is_tile.any())
+        tiled = ctx.geometry.has_tiles
         if ctx.stage_index > 0 or not (self.recycle if self.recycle is not None else tiled):
             return Selection(keep_index=top_k_sorted(current, ctx.keep), scores=current)
         grid = int(ctx.geometry.row.max()) + 1  # the base view's side (the grid the reference's m is given on)

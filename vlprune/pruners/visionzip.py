@@ -73,6 +73,7 @@ from vlprune.pruners.base import (
     Stage,
     StageContext,
     StagePlan,
+    first_true,
     top_k_sorted,
 )
 from vlprune.pruners.groups import crop_quotas
@@ -157,14 +158,14 @@ class VisionZip(Pruner):
             return self._select_merged_in_place(ctx)
         assert ctx.vision_keys is not None and ctx.projector is not None
         dominant, contextual = self.split(self._required_keep(ctx.num_visual), ctx.num_visual)
-        if ctx.geometry is not None and bool(ctx.geometry.is_tile.any()):
+        if ctx.geometry is not None and ctx.geometry.has_tiles:
             return self._select_per_view(ctx, dominant, contextual)
         scores = ctx.vision_cls_attention
         keep_index = top_k_sorted(scores, dominant)
         if contextual == 0:
             return Selection(keep_index=keep_index, scores=scores)
         is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, keep_index, False)
-        rest = is_rest.nonzero()[:, 1].view(ctx.batch_size, -1)  # (B, M), ascending
+        rest, _ = first_true(is_rest, ctx.num_visual - dominant)  # (B, M), ascending
         centres = contextual_centres(rest.shape[1], contextual)
         merged, _ = merge_contextual(
             gather_tokens(ctx.vision_features, rest), gather_tokens(ctx.vision_keys, rest), centres
@@ -184,7 +185,7 @@ class VisionZip(Pruner):
         scores = ctx.vision_received_attention
         dominant_index = top_k_sorted(scores, dominant)
         is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, dominant_index, False)
-        rest = is_rest.nonzero()[:, 1].view(ctx.batch_size, -1)  # (B, M), ascending
+        rest, _ = first_true(is_rest, ctx.num_visual - dominant)  # (B, M), ascending
         centres = contextual_centres(rest.shape[1], contextual).to(rest.device)
         merged, _ = merge_contextual(
             gather_tokens(ctx.visual_hidden, rest), gather_tokens(ctx.vision_keys, rest), centres

@@ -1,0 +1,43 @@
+"""The benchmark scripts run on the CPU at CI size (their numbers are not checked: timings belong in the README)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, *argv: str) -> str:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as siblings
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_prefill_compile_prints_captured_and_eager_rows(monkeypatch, capsys) -> None:
+    out = run_script(
+        monkeypatch, capsys, "prefill.py", "--preset", "tiny", "--compile", "--backend", "eager",
+        "--methods", "fastv", "--keep", "4", "--repeats", "1", "--answer", "4",
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| eager transformers, unpruned",
+        "| captured unpruned",
+        "| captured fastv 4",
+    ]
+    assert rows[-1].split(" | ")[1] == "4"  # visual tokens kept
+
+
+def test_throughput_prints_rows_and_a_plot(monkeypatch, capsys, tmp_path: Path) -> None:
+    plot = tmp_path / "throughput.png"
+    out = run_script(
+        monkeypatch, capsys, "throughput.py", "--preset", "tiny", "--batches", "2", "--answer", "2",
+        "--repeats", "1", "--backend", "eager", "--methods", "fastv", "--keep", "4", "--plot", str(plot),
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[:3] for row in rows] == [["| none", "all", "2"], ["| fastv", "4", "2"]]
+    assert plot.stat().st_size > 0

@@ -1,0 +1,162 @@
+"""The captured mode (vlprune.engine.captured) on the CPU: the same static path ``torch.compile`` captures as whole
+graphs (``fullgraph=True``; the "eager" backend runs the captured graph as traced, so these tests check the capture
+and the numbers without paying for code generation) equals the eager engine, reuses its graphs, and falls back to
+the eager engine with one warning where a method cannot run with static shapes."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from conftest import QUESTIONS, tiny_model
+from test_engine import hook_count
+
+import vlprune
+from vlprune.engine.captured import ANSWER_ROOM, CapturedSession
+from vlprune.errors import VlpruneError
+from vlprune.pruners import create
+from vlprune.testing import build_tiny_inputs, make_test_image
+
+NEW_TOKENS = 5
+METHODS = [
+    ("fastv", {"keep": 16, "layer": 2}),
+    ("fastervlm", {"keep": 16}),
+    ("visionzip", {"keep": 16}),  # contextual tokens recycled before the language model, re-indexed positions
+    ("sparsevlm", {"keep": 0.3}),  # three stages, rater rows, recycling by clustering
+]
+THIRD_QUESTION = "Is there anything round in the picture, and where is it?"
+
+
+@functools.cache
+def batch_inputs(batch: int):
+    _, processor = tiny_model("clip", 4)
+    questions = [*QUESTIONS, THIRD_QUESTION][:batch]  # different lengths: the shorter prompts are left-padded
+    images = [make_test_image(seed) for seed in range(batch)]
+    return build_tiny_inputs(processor, images, questions)
+
+
+def eager_generate(model, pruner, inputs):
+    with vlprune.attach(model, pruner) as session:
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    return out.sequences, torch.stack(out.logits), session.stats
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method,options", METHODS)
+def test_captured_generation_equals_the_eager_engine(method: str, options: dict, batch: int) -> None:
+    model, _ = tiny_model("clip", 4)
+    inputs = batch_inputs(batch)
+    sequences, logits, stats = eager_generate(model, create(method, **options), inputs)
+    with CapturedSession(model, create(method, **options), backend="eager") as session:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback warning: it ran captured
+            captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
+        decoded = captured.shape[1] - inputs["input_ids"].shape[1] > 1
+        assert session.fallback_reason is None and session.compilations == 1 + decoded  # prefill, decode step
+    assert torch.equal(captured, sequences)
+    torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
+    assert [s.kept_indices for s in session.stats.stages] == [s.kept_indices for s in stats.stages]
+    assert session.stats.visual_tokens_per_layer == stats.visual_tokens_per_layer
+    assert session.stats.prefill_flops == stats.prefill_flops
+    # The static cache holds the bucket's padding too: each layer's length exceeds the eager one by the same amount.
+    extra = {c - e for c, e in zip(session.stats.kv_cache_lengths, stats.kv_cache_lengths, strict=True)}
+    length = inputs["input_ids"].shape[1]
+    assert len(extra) == 1 and extra.pop() == session.bucket_for(length) - length
+
+
+def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_ones() -> None:
+    model, _ = tiny_model("clip", 4)
+    one, three = batch_inputs(1), batch_inputs(3)
+    short = one["input_ids"].shape[1]
+    with CapturedSession(model, create("fastv", keep=16, layer=2), backend="eager", buckets=(short, 2 * short)) as s:
+        first = s.generate(**one, max_new_tokens=3)
+        assert s.compilations == 2
+        again = s.generate(**one, max_new_tokens=3)
+        assert s.compilations == 2 and torch.equal(first, again)
+        s.generate(**three, max_new_tokens=3)  # three prompts, the longest past the first bucket: new caches
+        assert s.compilations == 4 and len(s.capture_seconds) == 2
+    assert {key.bucket for key in s.capture_seconds} == {short, 2 * short}
+    assert {key.answer_room for key in s.capture_seconds} == {ANSWER_ROOM}
+
+
+def test_a_method_pruning_inside_the_vision_encoder_runs_eagerly_with_one_warning() -> None:
+    model, _ = tiny_model("clip", 4)
+    inputs = batch_inputs(1)
+    sequences, _, _ = eager_generate(model, create("flowcut", keep=16), inputs)
+    with CapturedSession(model, create("flowcut", keep=16), backend="eager") as session:
+        with pytest.warns(UserWarning, match="flowcut runs eagerly, not captured: it prunes inside the vision encoder"):
+            first = session.generate(**inputs, max_new_tokens=NEW_TOKENS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # once per reason
+            session.generate(**inputs, max_new_tokens=NEW_TOKENS)
+        assert session.compilations == 0
+    assert torch.equal(first, sequences)
+
+
+def test_code_that_cannot_be_captured_falls_back_with_the_reason() -> None:
+    """VisionZip's LLaVA-NeXT path shares its budget among views in a host loop over the data: tracing it fails,
+    and the session runs the method eagerly, with the same answer as the eager engine."""
+    from test_anyres_engine import anyres_inputs, anyres_model
+
+    model, processor = anyres_model("llava-next")
+    inputs = anyres_inputs(processor, 1)
+    sequences, _, _ = eager_generate(model, create("visionzip", keep=0.25), inputs)
+    session = CapturedSession(model, create("visionzip", keep=0.25), backend="eager")
+    with session, pytest.warns(UserWarning, match="visionzip runs eagerly, not captured: its code cannot be captured"):
+        output = session.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(output, sequences) and session.fallback_reason.startswith("its code cannot be captured")
+
+
+@pytest.mark.parametrize("family,method", [("qwen2.5-vl", "visionzip"), ("llava-onevision", "sparsevlm")])
+def test_other_families_run_captured(family: str, method: str) -> None:
+    """Qwen-VL's multimodal positions (decoding continues one past the prompt's largest (t, h, w) position) and a
+    chunked tower's reads assembled before the graph; OneVision's tiles."""
+    if family.startswith("qwen"):
+        from test_qwen_engine import qwen_inputs, qwen_model
+
+        model, processor = qwen_model(family)
+        inputs = qwen_inputs(processor, 2, sizes=((48, 32), (48, 32)))  # one size: the same count per sample
+    else:
+        from test_anyres_engine import anyres_inputs, anyres_model
+
+        model, processor = anyres_model(family)
+        inputs = anyres_inputs(processor, 2)
+    sequences, logits, _ = eager_generate(model, create(method, keep=0.25), inputs)
+    with CapturedSession(model, create(method, keep=0.25), backend="eager") as session:
+        captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
+        assert session.fallback_reason is None and session.compilations == 2
+    assert torch.equal(captured, sequences)
+    torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
+
+
+def test_deepstack_and_ragged_batches_run_eagerly_with_the_reason() -> None:
+    from test_qwen_engine import qwen_inputs, qwen_model
+
+    model, processor = qwen_model("qwen3-vl")
+    with CapturedSession(model, create("fastv", keep=0.25), backend="eager") as session:
+        assert "DeepStack" in session.fallback_reason
+    model, processor = qwen_model("qwen2-vl")
+    inputs = qwen_inputs(processor, 2)  # two image sizes
+    session = CapturedSession(model, create("fastv", keep=0.25), backend="eager")
+    with session, pytest.warns(UserWarning, match="different numbers of visual tokens"):
+        session.generate(**inputs, max_new_tokens=2)
+
+
+def test_detach_restores_the_model_and_bad_buckets_are_refused() -> None:
+    model, _ = tiny_model("clip", 4)
+    with torch.no_grad():
+        model(**batch_inputs(1))  # transformers installs its own output-recording hooks at the first call
+    before = hook_count(model)
+    with CapturedSession(model, create("fastv", keep=16, layer=2), backend="eager") as session:
+        session.generate(**batch_inputs(1), max_new_tokens=2)
+    assert hook_count(model) == before
+    with pytest.raises(VlpruneError, match="buckets"):
+        CapturedSession(model, create("fastv", keep=16), buckets=(0, 64))
+    assert hook_count(model) == before
+    session = CapturedSession(model, create("fastv", keep=16), backend="eager")
+    with session, pytest.raises(VlpruneError, match="max_new_tokens"):
+        session.generate(**batch_inputs(1), max_new_tokens=0)
