@@ -136,8 +136,6 @@ class CapturedSession(PruningSession):
             return "it prunes inside the vision encoder, whose kept counts differ per image"
         if self._redistribution is not None:
             return "it rewrites the attention of the decoder layers during decoding"
-        if self.adapter.deepstack:
-            return f"{self.adapter.family}'s DeepStack planes are not in the captured prefill yet"
         if getattr(self.adapter.model, "lm_head", None) is None:
             return "the model has no language-model head (pass the ...ForConditionalGeneration model)"
         return None
@@ -262,11 +260,12 @@ class CapturedSession(PruningSession):
 
         def record_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self._prompt_positions = kwargs.get("position_ids")
+            self._deepstack_planes = kwargs.get("deepstack_visual_embeds")
 
         handle = self.adapter.decoder_layers[0].register_forward_pre_hook(stop, with_kwargs=True)
         recorder = self.adapter.language_model.register_forward_pre_hook(record_positions, with_kwargs=True)
         self._capturing = True
-        self._prompt_positions = None
+        self._prompt_positions = self._deepstack_planes = None
         try:
             extra = {}
             positions = self.adapter.prompt_position_ids(padded["attention_mask"])
@@ -380,11 +379,28 @@ class CapturedSession(PruningSession):
 
     def _run_layers(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
         """The decoder layers over the prompt (the session's hooks run the stages) and the last token's logits."""
-        for layer in self.adapter.decoder_layers:
+        planes = self._deepstack_planes if self.adapter.deepstack else None
+        for index, layer in enumerate(self.adapter.decoder_layers):
             output = layer(hidden, **kwargs, **{self._cache_name: cache, "use_cache": True})
             hidden = output[0] if isinstance(output, tuple) else output
+            if planes is not None and index < len(planes):
+                hidden = self._add_deepstack_plane(hidden, planes[index])
         last = self.adapter.language_model.norm(hidden[:, -1:])
         return self.adapter.model.lm_head(last)[:, 0]
+
+    def _add_deepstack_plane(self, hidden: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """DeepStack (Qwen3-VL) after a prefill layer: each current visual token that is an original one gets its
+        own row of ``plane`` (V, D), the rows of the batch's visual tokens in prompt order; recycled tokens get none.
+        The model's ``_deepstack_process`` indexes with a boolean mask, whose shape depends on the data; here every
+        sample has the same number of visual tokens, so the rows are found by arithmetic."""
+        layout = self._prefill.layout
+        slots = layout.visual_slots  # (B, N)
+        origin = torch.gather(layout.origin, 1, slots)
+        per_sample = plane.shape[0] // hidden.shape[0]
+        rows = torch.arange(hidden.shape[0], device=slots.device)[:, None] * per_sample + origin.clamp(min=0)
+        added = plane.to(hidden.device, hidden.dtype)[rows] * (origin >= 0)[..., None].to(hidden.dtype)
+        index = slots[..., None].expand(-1, -1, hidden.shape[-1])
+        return hidden.scatter_add(1, index, added)
 
     def _prefill_graph(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
         return self._run_layers(hidden, kwargs, cache)
