@@ -41,9 +41,11 @@ from transformers.cache_utils import DynamicCache
 from vlprune.engine.layout import format_mask, prefill_mask
 from vlprune.engine.session import Phase, PruningSession
 from vlprune.errors import VlpruneError
-from vlprune.pruners.base import Pruner
+from vlprune.pruners.base import PROBE_TOKENS, Pruner
 
-DEFAULT_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# Every 64 tokens up to 1024 (a LLaVA-1.5 prompt is 576 visual tokens plus its text), then every 256 up to 4096:
+# padding costs prefill compute, each bucket a compilation.
+DEFAULT_BUCKETS = (*range(64, 1025, 64), *range(1280, 4097, 256))
 PROMPT_TENSORS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 BACKEND_VARIABLE = "VLPRUNE_COMPILE_BACKEND"  # the default backend ("eager": the captured graph without codegen)
 ANSWER_ROOM = 16  # answer capacities are multiples of this, so nearby max_new_tokens share a graph
@@ -83,7 +85,8 @@ class CapturedSession(PruningSession):
 
     Args:
         model, pruner, positions, num_visual: as :class:`PruningSession`.
-        buckets: the padded prompt lengths (a prompt longer than the largest is padded to a multiple of 256).
+        buckets: the padded prompt lengths (default every 64 tokens to 1024, then every 256 to 4096; a longer
+            prompt is padded to a multiple of 256).
         backend: a ``torch.compile`` backend name ("inductor", "aot_eager", "eager", ...) or callable; None: the
             ``VLPRUNE_COMPILE_BACKEND`` environment variable, else inductor.
         cuda_graphs: capture CUDA graphs (inductor's ``triton.cudagraphs``); None: on CUDA models only.
@@ -129,7 +132,7 @@ class CapturedSession(PruningSession):
 
     def _static_refusal(self) -> str | None:
         """Why this method cannot run with static shapes on this model, or None."""
-        probe = self.pruner.plan_for_family(self.adapter.family, 576, self.shape.num_layers)
+        probe = self.pruner.plan_for_family(self.adapter.family, PROBE_TOKENS, self.shape.num_layers)
         if any(stage.keep is None for stage in probe):
             return "a stage keeps a number of tokens that the data decides"
         if self._vision_stages.active:
@@ -234,7 +237,8 @@ class CapturedSession(PruningSession):
                 break
             step_tensor = torch.tensor(step - 1, device=logits.device)
             token_embeds = embed(tokens[-1][:, None])
-            logits = captured.decode(token_embeds, step_tensor, *decode_inputs)
+            _new_graph_step(logits.device)
+            logits = captured.decode(token_embeds, step_tensor, *decode_inputs).clone()
             steps.append(logits)
             tokens.append(torch.where(finished, pad, logits.argmax(dim=-1)))
         if key not in self.capture_seconds:
@@ -413,7 +417,8 @@ class CapturedSession(PruningSession):
             for layer in captured.cache.layers:
                 layer.cumulative_length.zero_()
             kwargs = self._first_kwargs(layer_kwargs, hidden, room=key.answer_room)
-            logits = captured.prefill(hidden, kwargs, captured.cache)
+            _new_graph_step(hidden.device)
+            logits = captured.prefill(hidden, kwargs, captured.cache).clone()
             prefill = self._prefill
             self._add_deferred_stats()
             segments = self._decode_segments(captured, prefill, padded)
@@ -496,6 +501,13 @@ def _next_positions(positions: torch.Tensor | None, real: torch.Tensor) -> torch
         positions = positions[-3:].amax(dim=0)  # the multimodal rows (a leading text row, if any, is left out)
     positions = positions.expand(real.shape[0], -1).to(real.device)
     return positions.masked_fill(~real, -1).amax(dim=-1) + 1
+
+
+def _new_graph_step(device: torch.device) -> None:
+    """On CUDA, tell the CUDA-graph runtime a new step starts: the outputs of earlier replays are cloned by then, so
+    it may reuse their memory."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def _known_backends() -> list[str]:
