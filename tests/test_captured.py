@@ -68,6 +68,15 @@ def test_captured_generation_equals_the_eager_engine(method: str, options: dict,
     assert len(extra) == 1 and extra.pop() == session.bucket_for(length) - length
 
 
+def test_the_random_baseline_runs_captured_with_its_host_drawn_scores() -> None:
+    model, _ = tiny_model("clip", 4)
+    inputs = batch_inputs(3)
+    sequences, _, _ = eager_generate(model, create("random", keep=16, layer=2), inputs)
+    with CapturedSession(model, create("random", keep=16, layer=2), backend="eager") as session:
+        assert torch.equal(session.generate(**inputs, max_new_tokens=NEW_TOKENS), sequences)
+        assert session.fallback_reason is None and session.compilations == 2
+
+
 def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_ones() -> None:
     model, _ = tiny_model("clip", 4)
     one, three = batch_inputs(1), batch_inputs(3)

@@ -15,6 +15,15 @@ import torch
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, check_layer
 
+_DRAWS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def seeded_draw(seed: int, count: int) -> torch.Tensor:
+    """(count,) uniform scores from a generator seeded with ``seed``, drawn once per (seed, count)."""
+    if (seed, count) not in _DRAWS:
+        _DRAWS[seed, count] = torch.rand(count, generator=torch.Generator().manual_seed(seed))
+    return _DRAWS[seed, count]
+
 
 @register
 @dataclass
@@ -33,11 +42,11 @@ class RandomPruner(Pruner):
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         layer = check_layer(self.layer, num_layers, method=self.name)
+        seeded_draw(self.seed, num_visual)  # drawn now, on the host, so that a captured graph only reads it
         return [StagePlan(layer=layer, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
-        generator = torch.Generator().manual_seed(self.seed)
-        draw = torch.rand(ctx.num_visual, generator=generator).to(ctx.visual_hidden.device)
+        draw = seeded_draw(self.seed, ctx.num_visual).to(ctx.visual_hidden.device)
         scores = draw.expand(ctx.batch_size, -1)
         keep_index = torch.topk(scores, ctx.keep, dim=-1).indices.sort(dim=-1).values
         return Selection(keep_index=keep_index, scores=scores)
