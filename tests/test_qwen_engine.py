@@ -347,7 +347,6 @@ def test_received_attention_is_each_images_last_block_attention_pooled_in_raster
 def test_vision_keys_are_each_images_last_block_keys_pooled_in_raster_order(family: str) -> None:
     """What VisionZip merges by on Qwen-VL: the last vision block's post-RoPE keys, averaged over the heads and each
     merge group, in the raster order of the language model's tokens. Recomputed from the block's own projections."""
-    import sys
 
     from vlprune.pruners import Pruner, Selection, Stage, StageContext, StagePlan
 
@@ -366,23 +365,7 @@ def test_vision_keys_are_each_images_last_block_keys_pooled_in_raster_order(fami
 
     model, processor = qwen_model(family)
     inputs = qwen_inputs(processor, 2)
-    attention = model.model.visual.blocks[-1].attn
-    calls = []
-    handle = attention.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"], kwargs)),
-        with_kwargs=True,
-    )
-    try:
-        with vlprune.attach(model, KeyReader()), torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    [(hidden, kwargs)] = calls
-    module = sys.modules[type(attention).__module__]
-    with torch.no_grad():
-        query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
-        _, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
-    bounds = list(itertools.pairwise(kwargs["cu_seqlens"].tolist()))
+    [(_, key, bounds)] = last_block_projections(model, inputs, KeyReader())
     counts = visual_counts(model, inputs)
     for image, (start, end) in enumerate(bounds):
         per_patch = key[start:end].float().mean(dim=1)  # (n, d), heads averaged
@@ -392,13 +375,14 @@ def test_vision_keys_are_each_images_last_block_keys_pooled_in_raster_order(fami
         torch.testing.assert_close(captured[image][0, : counts[image]], expected, atol=1e-5, rtol=1e-4)
 
 
-def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
-    """Each image's head-mean attention map at the last vision block (processing order), recomputed from the block's
-    own inputs and projections during a pruned forward pass."""
+def last_block_projections(model, inputs, pruner) -> list[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]:
+    """Per encoder call (the images', then the videos'), the last vision block's post-RoPE queries and keys
+    (patches, H, d) recomputed from the block's own inputs and projections during a pruned forward pass, and each
+    chunk's (start, end) patches (an image, or a video's time step)."""
     import sys
 
     attention = model.model.visual.blocks[-1].attn
-    calls = []  # one per encoder call: the images', then the videos'
+    calls = []
 
     def record(module, args, kwargs) -> None:
         calls.append((args[0] if args else kwargs["hidden_states"], kwargs))
@@ -410,14 +394,23 @@ def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
     finally:
         handle.remove()
     module = sys.modules[type(attention).__module__]
-    maps = []
+    projections = []
     for hidden, kwargs in calls:
         with torch.no_grad():
             query, key, _ = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1).unbind(1)
             query, key = module.apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
-        for start, end in itertools.pairwise(kwargs["cu_seqlens"].tolist()):  # an image, or a video's time step
+        projections.append((query, key, list(itertools.pairwise(kwargs["cu_seqlens"].tolist()))))
+    return projections
+
+
+def last_block_maps(model, inputs, pruner) -> list[torch.Tensor]:
+    """Each chunk's head-mean attention map at the last vision block (processing order), recomputed."""
+    scaling = model.model.visual.blocks[-1].attn.scaling
+    maps = []
+    for query, key, bounds in last_block_projections(model, inputs, pruner):
+        for start, end in bounds:
             q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)  # (H, n, d)
-            maps.append(torch.softmax(q @ k.transpose(-1, -2) * attention.scaling, dim=-1).mean(dim=0))
+            maps.append(torch.softmax(q @ k.transpose(-1, -2) * scaling, dim=-1).mean(dim=0))
     return maps
 
 

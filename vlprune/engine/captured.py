@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from vlprune.engine.layout import format_mask, prefill_mask
-from vlprune.engine.session import Phase, PruningSession
+from vlprune.engine.session import Phase, PruningSession, _now
 from vlprune.errors import VlpruneError
 from vlprune.pruners.base import PROBE_TOKENS, Pruner
 
@@ -356,18 +355,13 @@ class CapturedSession(PruningSession):
         """The engine's prefill state for a static run: layout and geometry computed on the host, then moved."""
         self._static, self._key_room, self._deferred = True, room, []
         mask = padded["attention_mask"].cpu()
-        host_inputs = {name: value for name, value in padded.items()}
-        host_inputs["input_ids"] = padded["input_ids"].cpu()
-        self._start_prefill(visual, mask, host_inputs)
+        self._start_prefill(visual, mask, {**padded, "input_ids": padded["input_ids"].cpu()})
         prefill = self._prefill
         prefill.padded = True
         self._geometry()
         self._bridge.prepare()
-        layout = prefill.layout
-        columns = torch.arange(layout.length)[None, :]
-        text = layout.real & ~layout.is_visual & (columns > layout.visual_slots[:, :1])
-        layout = replace(layout, text_width=int(text.sum(dim=1).max()))
-        prefill.layout = replace(layout.to(device), visual_width=layout.visual_width, text_width=layout.text_width)
+        layout = prefill.layout  # still on the host, where finding the text rows' width reads no device
+        prefill.layout = replace(layout, text_width=layout.text_rows[0].shape[1]).to(device)
         prefill.original_real = prefill.original_real.to(device)
         self._phase = Phase.PREFILL
 
@@ -565,9 +559,3 @@ def _is_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
     if not eos:
         return torch.zeros_like(tokens, dtype=torch.bool)
     return torch.isin(tokens, torch.tensor(sorted(eos), device=tokens.device))
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
