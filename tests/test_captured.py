@@ -18,6 +18,7 @@ from vlprune.engine.captured import ANSWER_ROOM, CapturedSession
 from vlprune.errors import VlpruneError
 from vlprune.pruners import create
 from vlprune.testing import build_tiny_inputs, make_test_image
+from vlprune.testing_qwen import build_tiny_qwen_inputs
 
 NEW_TOKENS = 5
 METHODS = [
@@ -25,6 +26,7 @@ METHODS = [
     ("fastervlm", {"keep": 16}),
     ("visionzip", {"keep": 16}),  # contextual tokens recycled before the language model, re-indexed positions
     ("sparsevlm", {"keep": 0.3}),  # three stages, rater rows, recycling by clustering
+    ("flowcut", {"keep": 16}),  # prunes inside the vision encoder, which runs before the graph
 ]
 THIRD_QUESTION = "Is there anything round in the picture, and where is it?"
 
@@ -78,7 +80,7 @@ def test_the_random_baseline_runs_captured_with_its_host_drawn_scores() -> None:
 
 
 def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_ones() -> None:
-    model, _ = tiny_model("clip", 4)
+    model, processor = tiny_model("clip", 4)
     one, three = batch_inputs(1), batch_inputs(3)
     short = one["input_ids"].shape[1]
     with CapturedSession(model, create("fastv", keep=16, layer=2), backend="eager", buckets=(short, 2 * short)) as s:
@@ -86,18 +88,23 @@ def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_o
         assert s.compilations == 2
         again = s.generate(**one, max_new_tokens=3)
         assert s.compilations == 2 and torch.equal(first, again)
+        # A shorter prompt of the same bucket: the graphs hold no shape or count of the prompt's own text.
+        other = build_tiny_inputs(processor, [make_test_image(5)], ["What is it?"])
+        assert s.generate(**other, max_new_tokens=3).shape[1] == other["input_ids"].shape[1] + 3
+        assert s.compilations == 2
         s.generate(**three, max_new_tokens=3)  # three prompts, the longest past the first bucket: new caches
         assert s.compilations == 4 and len(s.capture_seconds) == 2
     assert {key.bucket for key in s.capture_seconds} == {short, 2 * short}
     assert {key.answer_room for key in s.capture_seconds} == {ANSWER_ROOM}
 
 
-def test_a_method_pruning_inside_the_vision_encoder_runs_eagerly_with_one_warning() -> None:
-    model, _ = tiny_model("clip", 4)
+def test_a_count_the_data_decides_runs_eagerly_with_one_warning() -> None:
+    model, _ = tiny_model("clip", 4, layers=6)  # the rank rule's four stages need six layers
     inputs = batch_inputs(1)
-    sequences, _, _ = eager_generate(model, create("flowcut", keep=16), inputs)
-    with CapturedSession(model, create("flowcut", keep=16), backend="eager") as session:
-        with pytest.warns(UserWarning, match="flowcut runs eagerly, not captured: it prunes inside the vision encoder"):
+    method = {"keep": 64, "rule": "rank"}  # the first version's count per stage, from the rank of the attention
+    sequences, _, _ = eager_generate(model, create("sparsevlm", **method), inputs)
+    with CapturedSession(model, create("sparsevlm", **method), backend="eager") as session:
+        with pytest.warns(UserWarning, match="sparsevlm runs eagerly, not captured: a stage keeps a number of tokens"):
             first = session.generate(**inputs, max_new_tokens=NEW_TOKENS)
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # once per reason
@@ -137,15 +144,23 @@ def test_other_families_run_captured(family: str, method: str, options: dict) ->
 
         model, processor = qwen_model(family)
         inputs = qwen_inputs(processor, 2, sizes=((48, 32), (48, 32)))  # one size: the same count per sample
+        build = build_tiny_qwen_inputs
     else:
         from test_anyres_engine import anyres_inputs, anyres_model
 
         model, processor = anyres_model(family)
         inputs = anyres_inputs(processor, 2)
+        build = build_tiny_inputs
     sequences, logits, _ = eager_generate(model, create(method, **options), inputs)
     with CapturedSession(model, create(method, **options), backend="eager") as session:
         captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
         assert session.fallback_reason is None and session.compilations == 2
+        # The questions swapped between the samples: each prompt's own counts differ, the key and graphs do not.
+        images = [
+            make_test_image(seed, 96).resize((48, 32) if family.startswith("qwen") else (40, 30)) for seed in (0, 1)
+        ]
+        session.generate(**build(processor, images, [QUESTIONS[1], QUESTIONS[0]]), max_new_tokens=NEW_TOKENS)
+        assert session.compilations == 2
     assert torch.equal(captured, sequences)
     torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
 

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,20 +17,22 @@ import torch
 import vlprune
 import vlprune.cli
 from vlprune.cli import main
+from vlprune.engine.captured import DEFAULT_BUCKETS, CapturedSession
 from vlprune.errors import VlpruneError
 from vlprune.eval.datasets import load_dataset
 from vlprune.eval.report import accuracy_table, summarise, write_report
 from vlprune.eval.sweep import (
     RESULTS,
+    Reference,
     ResultsFile,
     SweepSettings,
-    _Reference,
     cells,
     fidelity,
     load_rows,
     merge_shards,
     parse_keeps,
     parse_positions,
+    row_key,
     run_sweep,
     shard_of,
 )
@@ -131,8 +134,8 @@ def test_a_sharded_rerun_skips_the_cells_of_the_merged_results(pipeline, samples
 def test_fidelity_against_hand_computations() -> None:
     p = torch.tensor([0.5, 0.25, 0.25])
     q = torch.tensor([0.25, 0.5, 0.25])
-    reference = _Reference(log_probs=p.log(), hidden=torch.tensor([1.0, 0.0]), answer="Red.")
-    pruned = _Reference(log_probs=q.log(), hidden=torch.tensor([1.0, 1.0]), answer="red")
+    reference = Reference(log_probs=p.log(), hidden=torch.tensor([1.0, 0.0]), answer="Red.")
+    pruned = Reference(log_probs=q.log(), hidden=torch.tensor([1.0, 1.0]), answer="red")
     result = fidelity(reference, pruned)
     expected_kl = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5)
     assert result["same_answer"] is True
@@ -337,3 +340,48 @@ def test_a_sweep_over_both_numberings_measures_each_and_reports_them_apart(pipel
     assert {"fastervlm [original]", "fastervlm [reindex]"} <= labels
     run_sweep(pipeline, samples[:2], settings, tmp_path, progress=False)  # a rerun resumes: nothing left to do
     assert len(load_rows(tmp_path)) == len(rows)
+
+
+def test_a_compiled_sweep_equals_the_eager_one_and_reuses_each_cells_graphs(
+    pipeline, samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile=True`` runs cell by cell, each cell's captured session attached over all samples: the rows hold
+    the eager sweep's answers, statistics and fidelity, and each cell compiles its prefill and decode step once."""
+    monkeypatch.setenv("VLPRUNE_COMPILE_BACKEND", "eager")  # the captured graphs as traced, no code generation
+    compiled_per_session = []
+    detach = CapturedSession.detach
+
+    def recording_detach(session: CapturedSession) -> None:
+        compiled_per_session.append(session.compilations)
+        detach(session)
+
+    monkeypatch.setattr(CapturedSession, "detach", recording_detach)
+    settings = SweepSettings(
+        model="tiny-random", dataset="shapes", split="test", limit=3, methods=["fastv"], keeps=[16], max_new_tokens=3
+    )
+    compiled = SweepSettings(**{**asdict(settings), "compile": True})
+    run_sweep(pipeline, samples, settings, tmp_path / "eager", progress=False)
+    run_sweep(pipeline, samples, compiled, tmp_path / "compiled", progress=False)
+    eager_rows = {row_key(r): r for r in load_rows(tmp_path / "eager")}
+    compiled_rows = {row_key(r): r for r in load_rows(tmp_path / "compiled")}
+    assert eager_rows.keys() == compiled_rows.keys() and len(compiled_rows) == 6
+    for key, row in compiled_rows.items():
+        expected = eager_rows[key]
+        assert row["captured"] and not expected["captured"]
+        for field in ("prediction", "visual_tokens", "equivalent_visual_tokens", "prefill_flops", "same_answer"):
+            assert row[field] == expected[field], (key, field)
+        assert row["kl_first_token"] == pytest.approx(expected["kl_first_token"], abs=1e-5)
+        assert row["hidden_cosine"] == pytest.approx(expected["hidden_cosine"], abs=1e-5)
+    lengths = {
+        len(pipeline.model_inputs([s.image], [pipeline.chat_prompt(s.question)])["input_ids"][0]) for s in samples
+    }
+    buckets = {next(b for b in DEFAULT_BUCKETS if n <= b) for n in lengths}
+    assert compiled_per_session == [2 * len(buckets)] * 2  # the unpruned cell and fastv-16, over all three samples
+    # A folder written before the setting existed continues as an eager sweep, and is no compiled sweep.
+    saved = json.loads((tmp_path / "eager" / "sweep.json").read_text())
+    del saved["compile"]
+    (tmp_path / "eager" / "sweep.json").write_text(json.dumps(saved))
+    run_sweep(pipeline, samples, settings, tmp_path / "eager", progress=False)
+    assert len(load_rows(tmp_path / "eager")) == 6
+    with pytest.raises(VlpruneError, match="compile"):
+        run_sweep(pipeline, samples, compiled, tmp_path / "eager", progress=False)

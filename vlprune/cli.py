@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="RoPE numbering per pruned cell: original, reindex or original,reindex (default: each method's)",
     )
+    sweep.add_argument(
+        "--compile", action="store_true", help=COMPILE_HELP + "; each cell's graphs are reused over all its samples"
+    )
     sweep.add_argument("--device", default=None)
     sweep.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     sweep.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs")
@@ -302,6 +305,7 @@ def _sweep(args: argparse.Namespace) -> int:
         keeps=parse_keeps(args.keep),
         max_new_tokens=args.max_new_tokens,
         positions=args.positions,
+        compile=args.compile,
     )
     # Every setting, the output folder and the budgets against the model's configuration are checked before the
     # model loads and before anything is written, so that a corrected rerun is never refused.

@@ -16,9 +16,10 @@ with shapes that depend only on a :class:`GraphKey` and without reading the devi
 The vision encoder and the projector run eagerly before the prefill graph (their hooks record what the pruner
 reads). One compiled prefill and one compiled decode step are kept per key (bucket, batch, visual tokens per sample,
 answer capacity) and reused; :attr:`CapturedSession.compilations` counts the graphs compiled. On a GPU the default
-backend is inductor with CUDA graphs (``mode="reduce-overhead"``); on the CPU, inductor. A method or input that
-cannot run with static shapes (a count the data decides, a ragged batch, vision-encoder stages, DeepStack, VAR's
-attention rewrite) runs on the eager engine, with one warning naming the method and the reason.
+backend is inductor with CUDA graphs (``mode="reduce-overhead"``); on the CPU, inductor. Vision-encoder pruning
+(FlowCut) runs in the eager part, and its tokens enter the graph at the budget's count. A method or input that
+cannot run with static shapes (a count the data decides, a ragged batch, VAR's attention rewrite) runs on the eager
+engine, with one warning naming the method and the reason.
 
 Decoding is greedy.
 """
@@ -94,6 +95,8 @@ class CapturedSession(PruningSession):
         compilations: graphs compiled so far (a second call with the same key compiles none).
         capture_seconds: per key, the seconds its first call took (compilation and capture included).
         fallback_reason: why this session runs on the eager engine, or None.
+        first_token_seconds: the last captured call's time from its start to the first token.
+        prompt_hidden: (B, D) the last captured call's final hidden state of each prompt's last token.
     """
 
     def __init__(
@@ -125,6 +128,8 @@ class CapturedSession(PruningSession):
         self.compilations = 0
         self.capture_seconds: dict[GraphKey, float] = {}
         self.fallback_reason = self._static_refusal()
+        self.first_token_seconds: float | None = None
+        self.prompt_hidden: torch.Tensor | None = None
         self._cache_name = _cache_keyword(self.adapter.decoder_layers[0])
 
     # ------------------------------------------------------------------ what can run captured
@@ -134,8 +139,6 @@ class CapturedSession(PruningSession):
         probe = self.pruner.plan_for_family(self.adapter.family, PROBE_TOKENS, self.shape.num_layers)
         if any(stage.keep is None for stage in probe):
             return "a stage keeps a number of tokens that the data decides"
-        if self._vision_stages.active:
-            return "it prunes inside the vision encoder, whose kept counts differ per image"
         if self._redistribution is not None:
             return "it rewrites the attention of the decoder layers during decoding"
         if getattr(self.adapter.model, "lm_head", None) is None:
@@ -228,6 +231,7 @@ class CapturedSession(PruningSession):
         logits, decode_inputs = self._run_prefill(captured, key, hidden, layer_kwargs, padded, visual)
         steps = [logits]
         tokens = [logits.argmax(dim=-1)]
+        self.first_token_seconds = _now(prompt_ids.device) - started
         finished = torch.zeros(key.batch, dtype=torch.bool, device=logits.device)
         embed = self.adapter.language_model.get_input_embeddings()
         for step in range(1, max_new_tokens):
@@ -360,10 +364,25 @@ class CapturedSession(PruningSession):
         prefill.padded = True
         self._geometry()
         self._bridge.prepare()
-        layout = prefill.layout  # still on the host, where finding the text rows' width reads no device
-        prefill.layout = replace(layout, text_width=layout.text_rows[0].shape[1]).to(device)
+        # The text rows' width is a shape of the graph, so it must follow from the key, not from the prompt's own
+        # text: every token of the bucket that is not visual (the rows past a prompt's text are marked invalid).
+        width = padded["input_ids"].shape[1] - int(visual[0].sum())
+        prefill.layout = replace(prefill.layout, text_width=width).to(device)
         prefill.original_real = prefill.original_real.to(device)
         self._phase = Phase.PREFILL
+
+    def _check_vision_counts(self) -> None:
+        """A static stage after vision-encoder pruning keeps the tokens whose patches the tower kept, so each
+        sample must have kept exactly the stage's count (the eager engine's pruner checks this; the graph cannot)."""
+        if not self._vision_stages.active:
+            return
+        stage = self._prefill.plan[0]
+        counts = self._vision_stages.token_kept(self._geometry()).sum(dim=1).tolist()
+        if stage.layer != 0 or any(count != stage.keep for count in counts):
+            raise VlpruneError(
+                f"{self.pruner.name} kept {counts} tokens per sample in the vision tower, and its stage at layer "
+                f"{stage.layer} keeps {stage.keep}: the budget counts the tokens of one image; pass one image a sample"
+            )
 
     def _first_kwargs(self, layer_kwargs: dict[str, Any], hidden: torch.Tensor, room: int) -> dict[str, Any]:
         """Decoder layer 0's keyword arguments for a static prefill: the model's positions and cos/sin, and a mask
@@ -375,8 +394,11 @@ class CapturedSession(PruningSession):
             kwargs["position_ids"] = layer_kwargs["position_ids"]
         return kwargs
 
-    def _run_layers(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
-        """The decoder layers over the prompt (the session's hooks run the stages) and the last token's logits."""
+    def _run_layers(
+        self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over the prompt (the session's hooks run the stages): the last token's logits and its
+        final (normalised) hidden state, as ``generate``'s last ``hidden_states`` entry holds it."""
         planes = self._deepstack_planes if self.adapter.deepstack else None
         for index, layer in enumerate(self.adapter.decoder_layers):
             output = layer(hidden, **kwargs, **{self._cache_name: cache, "use_cache": True})
@@ -384,7 +406,7 @@ class CapturedSession(PruningSession):
             if planes is not None and index < len(planes):
                 hidden = self._add_deepstack_plane(hidden, planes[index])
         last = self.adapter.language_model.norm(hidden[:, -1:])
-        return self.adapter.model.lm_head(last)[:, 0]
+        return self.adapter.model.lm_head(last)[:, 0], last[:, 0]
 
     def _add_deepstack_plane(self, hidden: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """DeepStack (Qwen3-VL) after a prefill layer: each current visual token that is an original one gets its
@@ -400,7 +422,9 @@ class CapturedSession(PruningSession):
         index = slots[..., None].expand(-1, -1, hidden.shape[-1])
         return hidden.scatter_add(1, index, added)
 
-    def _prefill_graph(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
+    def _prefill_graph(
+        self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run_layers(hidden, kwargs, cache)
 
     def _run_prefill(
@@ -408,11 +432,13 @@ class CapturedSession(PruningSession):
     ) -> tuple[torch.Tensor, list[Any]]:
         self._start_static_prefill(padded, visual, hidden.device, room=key.answer_room)
         try:
+            self._check_vision_counts()
             for layer in captured.cache.layers:
                 layer.cumulative_length.zero_()
             kwargs = self._first_kwargs(layer_kwargs, hidden, room=key.answer_room)
             _new_graph_step(hidden.device)
-            logits = captured.prefill(hidden, kwargs, captured.cache).clone()
+            logits, last_hidden = (output.clone() for output in captured.prefill(hidden, kwargs, captured.cache))
+            self.prompt_hidden = last_hidden
             prefill = self._prefill
             self._add_deferred_stats()
             segments = self._decode_segments(captured, prefill, padded)

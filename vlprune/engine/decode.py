@@ -23,7 +23,7 @@ class Segment:
     first_layer: int
     real: torch.Tensor
     position_shift: torch.Tensor
-    real_counts: list[int]
+    dropped: list[int]  # per sample, real tokens removed by the stages so far (net of recycled ones)
 
 
 @dataclass

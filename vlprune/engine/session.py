@@ -491,15 +491,16 @@ class PruningSession:
         device read."""
         prefill = self._prefill
         counts_in = prefill.current_counts
-        previous_counts = prefill.segments[-1].real_counts if prefill.segments else prefill.original_counts
-        real_counts = [real - (before - now) for real, before, now in zip(previous_counts, counts_in, out, strict=True)]
-        shift = [original - now for original, now in zip(prefill.original_counts, real_counts, strict=True)]
+        # From the stage's own counts only (not the prompts' lengths), so a captured graph holds for every prompt of
+        # its bucket.
+        previous = prefill.segments[-1].dropped if prefill.segments else [0] * len(counts_in)
+        dropped = [total + before - now for total, before, now in zip(previous, counts_in, out, strict=True)]
         prefill.segments.append(
             Segment(
                 first_layer=stage.layer,
                 real=new_layout.real,
-                position_shift=torch.tensor(shift if self.positions == "reindex" else [0] * len(shift), device=device),
-                real_counts=real_counts,
+                position_shift=torch.tensor(dropped if self.positions == "reindex" else [0] * len(out), device=device),
+                dropped=dropped,
             )
         )
         prefill.visual_in.append(list(counts_in))
@@ -665,7 +666,8 @@ class PruningSession:
                 real_per_layer.append(prefill.original_counts)
                 visual_per_layer.append(_sample_mean(prefill.visual_counts))
             else:
-                real_per_layer.append(prefill.segments[segment_index].real_counts)
+                dropped = prefill.segments[segment_index].dropped
+                real_per_layer.append([real - d for real, d in zip(prefill.original_counts, dropped, strict=True)])
                 visual_per_layer.append(_sample_mean(prefill.stage_stats[segment_index].visual_out_per_sample))
         unpruned = [prefill.original_counts] * self.shape.num_layers
         flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)

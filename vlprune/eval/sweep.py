@@ -18,24 +18,20 @@ import json
 import math
 import os
 import statistics
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlprune import pruners
 from vlprune.adapters import adapter_for
 from vlprune.api import Pipeline
-from vlprune.engine import attach
 from vlprune.engine.plan_check import check_fits
 from vlprune.errors import VlpruneError
-from vlprune.eval.bench import synchronize
+from vlprune.eval.cell_runner import CellRunner, Reference, fidelity
 from vlprune.eval.datasets import VQASample, normalize_answer
 from vlprune.eval.files import check_writable_folder, write_text_atomically
 from vlprune.pruners import parse_budget
@@ -59,6 +55,10 @@ class SweepSettings:
     max_new_tokens: int = 8
     options: dict[str, Any] = field(default_factory=dict)
     positions: list[str] | None = None  # modes to run each pruned cell in; None: each method's reference's numbering
+    compile: bool = False  # captured (compiled) generation: its timings are not comparable with eager ones
+
+
+_DEFAULTED = {"compile": False}  # settings newer than some saved folders, with the value those folders ran
 
 
 def parse_keeps(text: str) -> list[int | float]:
@@ -156,108 +156,6 @@ class ResultsFile:
         self.rows.append(row)
 
 
-@dataclass
-class _Reference:
-    """The unpruned model's outputs on one sample, which fidelity is measured against."""
-
-    log_probs: torch.Tensor  # (V,) first answer token
-    hidden: torch.Tensor  # (D,) last prompt token, last layer
-    answer: str
-
-
-class CellRunner:
-    """Runs one sample through the model with one pruner (or none) and measures everything a row holds."""
-
-    def __init__(self, pipeline: Pipeline, max_new_tokens: int) -> None:
-        self.pipeline = pipeline
-        self.model = pipeline.model
-        self.device = next(self.model.parameters()).device
-        self.max_new_tokens = max_new_tokens
-
-    def inputs(self, sample: VQASample) -> dict[str, torch.Tensor]:
-        return self.pipeline.model_inputs([sample.image], [self.pipeline.chat_prompt(sample.question)])
-
-    @torch.inference_mode()
-    def run(
-        self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None, positions: str | None = None
-    ) -> tuple[dict[str, Any], _Reference]:
-        """(measurements, outputs) of one greedy generation; its prefill is timed up to the first token."""
-        model, device = self.model, self.device
-        num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-        pruner = pruner or pruners.create("none")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        first_token = _FirstTokenClock(device)
-        mode = positions if positions is not None else self.pipeline.positions
-        with attach(model, pruner, positions=mode, num_visual=num_visual) as session:
-            synchronize(device)
-            first_token.start = time.perf_counter()
-            generated = model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                output_hidden_states=True,
-                output_logits=True,
-                return_dict_in_generate=True,
-                stopping_criteria=StoppingCriteriaList([first_token]),
-            )
-            synchronize(device)
-            end_to_end = time.perf_counter() - first_token.start
-            stats = session.stats
-        new_tokens = generated.sequences[0, inputs["input_ids"].shape[1] :]
-        answer = self.pipeline.processor.decode(new_tokens, skip_special_tokens=True).strip()
-        count = len(new_tokens)
-        prefill = end_to_end if first_token.seconds is None else first_token.seconds
-        decode_seconds = end_to_end - prefill
-        measured = {
-            "prediction": answer,
-            "visual_tokens": None if stats is None else stats.visual_tokens_per_layer[0],
-            "equivalent_visual_tokens": None if stats is None else stats.equivalent_visual_tokens,
-            "prefill_flops": None if stats is None else stats.prefill_flops,
-            "flops_ratio": None if stats is None else stats.flops_ratio,
-            "kv_cache_bytes": None if stats is None else stats.kv_cache_bytes,
-            "positions": None if stats is None else stats.positions,
-            "prefill_ms": prefill * 1e3,
-            "end_to_end_ms": end_to_end * 1e3,
-            "decode_tokens_per_s": (count - 1) / decode_seconds if count > 1 and decode_seconds > 0 else None,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        }
-        outputs = _Reference(
-            log_probs=torch.log_softmax(generated.logits[0][0].float(), dim=-1),
-            hidden=generated.hidden_states[0][-1][0, -1].float(),
-            answer=answer,
-        )
-        return measured, outputs
-
-
-class _FirstTokenClock(StoppingCriteria):
-    """Never stops generation; records the time from ``start`` to the first call, which ``generate`` makes right after
-    the prefill has produced the first token (one generation gives both the prefill and the end-to-end time)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.start = 0.0
-        self.seconds: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.seconds is None:
-            synchronize(self.device)
-            self.seconds = time.perf_counter() - self.start
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def fidelity(reference: _Reference, pruned: _Reference) -> dict[str, Any]:
-    """Same answer, KL(reference || pruned) of the first answer token's distribution, and the cosine of the last
-    prompt token's last-layer hidden states."""
-    kl = torch.sum(reference.log_probs.exp() * (reference.log_probs - pruned.log_probs))
-    cosine = torch.nn.functional.cosine_similarity(reference.hidden, pruned.hidden, dim=0)
-    return {
-        "same_answer": normalize_answer(reference.answer) == normalize_answer(pruned.answer),
-        "kl_first_token": max(0.0, float(kl)),
-        "hidden_cosine": float(cosine),
-    }
-
-
 def shard_of(samples: Sequence[VQASample], index: int, count: int) -> list[VQASample]:
     """The samples process ``index`` of ``count`` takes: every ``count``-th one from ``index``."""
     if not 0 <= index < count:
@@ -298,6 +196,8 @@ def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = None
+    if isinstance(saved, dict):  # a setting added since the folder was written has its default there
+        saved = {**_DEFAULTED, **saved}
     if saved == wanted:
         return True
     if not _has_rows(folder) or _extends(saved, wanted):
@@ -402,39 +302,92 @@ def _run_cells(
     done = results.keys() | elsewhere
     todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, *c) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
+
+    def write(row: dict[str, Any]) -> None:
+        results.append(row)
+        bar.update(1)
+
+    pending = [s for s in mine if any(cell_key(s.id, *c) not in done for c in cells(settings))]
+    (_run_captured_cells if settings.compile else _run_eager_cells)(runner, pending, settings, done, write)
+    bar.close()
+
+
+def _run_eager_cells(
+    runner: CellRunner,
+    samples: Sequence[VQASample],
+    settings: SweepSettings,
+    done: set[tuple[str, ...]],
+    write: Callable[[dict[str, Any]], None],
+) -> None:
+    """Sample by sample: each cell attaches its pruner for its one call."""
     warmed = False
-    for sample in mine:
-        pending = [c for c in cells(settings) if cell_key(sample.id, *c) not in done]
-        if not pending:
-            continue
+    for sample in samples:
         inputs = runner.inputs(sample)
         if not warmed:  # the first calls pay for lazy initialisation; keep them out of the timings
             for method, keep, positions in cells(settings):
-                pruner = pruners.create(method, keep=keep, **settings.options.get(method, {}))
-                runner.run(inputs, pruner, positions)
+                runner.run(inputs, _pruner(settings, method, keep), positions)
             warmed = True
         reference_row, reference = runner.run(inputs, None)
-        for method, keep, positions in pending:
+        for method, keep, positions in cells(settings):
+            if cell_key(sample.id, method, keep, positions) in done:
+                continue
             if method == "none":
                 row, outputs = reference_row, reference
             else:
-                pruner = pruners.create(method, keep=keep, **settings.options.get(method, {}))
-                row, outputs = runner.run(inputs, pruner, positions)
-            row = {
-                "sample": sample.id,
-                "method": method,
-                "keep": keep,
-                "positions_setting": positions,
-                "kind": sample.kind,
-                "question": sample.question,
-                "answer": sample.answer,
-                "correct": normalize_answer(row["prediction"]) == normalize_answer(sample.answer),
-                **row,
-                **fidelity(reference, outputs),
-            }
-            results.append(row)
-            bar.update(1)
-    bar.close()
+                row, outputs = runner.run(inputs, _pruner(settings, method, keep), positions)
+            write(_row(sample, (method, keep, positions), row, reference, outputs))
+
+
+def _run_captured_cells(
+    runner: CellRunner,
+    samples: Sequence[VQASample],
+    settings: SweepSettings,
+    done: set[tuple[str, ...]],
+    write: Callable[[dict[str, Any]], None],
+) -> None:
+    """Cell by cell: each cell's captured session stays attached over all samples, so its graphs are reused (a
+    session's graphs live with it, and one session is attached at a time). The unpruned cell runs first and its
+    outputs are kept for the other cells' fidelity."""
+    if not samples:
+        return
+    num_visual = runner.num_visual(runner.inputs(samples[0]))
+    references: dict[str, tuple[dict[str, Any], Reference]] = {}
+    with runner.captured_session(None, None, num_visual) as session:
+        for sample in samples:
+            references[sample.id] = runner.run_captured(runner.inputs(sample), session)
+            if cell_key(sample.id, "none", None, None) not in done:
+                row, reference = references[sample.id]
+                write(_row(sample, ("none", None, None), row, reference, reference))
+    for method, keep, positions in cells(settings)[1:]:
+        pending = [s for s in samples if cell_key(s.id, method, keep, positions) not in done]
+        if not pending:
+            continue
+        with runner.captured_session(_pruner(settings, method, keep), positions, num_visual) as session:
+            for sample in pending:
+                row, outputs = runner.run_captured(runner.inputs(sample), session)
+                write(_row(sample, (method, keep, positions), row, references[sample.id][1], outputs))
+
+
+def _pruner(settings: SweepSettings, method: str, keep: int | float | None) -> pruners.Pruner:
+    return pruners.create(method, keep=keep, **settings.options.get(method, {}))
+
+
+def _row(
+    sample: VQASample, cell: Cell, measured: dict[str, Any], reference: Reference, outputs: Reference
+) -> dict[str, Any]:
+    method, keep, positions = cell
+    return {
+        "sample": sample.id,
+        "method": method,
+        "keep": keep,
+        "positions_setting": positions,
+        "kind": sample.kind,
+        "question": sample.question,
+        "answer": sample.answer,
+        "correct": normalize_answer(measured["prediction"]) == normalize_answer(sample.answer),
+        **measured,
+        **fidelity(reference, outputs),
+    }
 
 
 def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]]) -> Iterable[dict[str, Any]]:

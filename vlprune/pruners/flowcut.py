@@ -78,6 +78,7 @@ from vlprune.pruners.base import (
     StageContext,
     StagePlan,
     VisionLayerContext,
+    first_true,
     is_probe,
     resolve_keep,
     top_k_sorted,
@@ -216,13 +217,17 @@ class FlowCut(Pruner):
             score = language_flow_scores(ctx.query_attention, ctx.visual_values, ctx.query_values)
             return Selection(keep_index=top_k_sorted(score, ctx.keep), scores=score)
         assert ctx.vision_kept is not None, "the engine supplies the tokens kept inside the vision tower"
+        if torch.compiler.is_compiling():
+            # A captured prefill reads nothing back: its engine checked, before the graph, that every sample kept
+            # the stage's count.
+            return Selection(keep_index=first_true(ctx.vision_kept, ctx.keep)[0])
         counts = ctx.vision_kept.sum(dim=1).tolist()
         if len(set(counts)) != 1 or not 1 <= counts[0] <= ctx.keep:
             raise VlpruneError(
                 f"flowcut kept {counts} tokens per sample in the vision tower for keep={ctx.keep}: its budget counts "
                 "the tokens of one image; pass one image per sample"
             )
-        return Selection(keep_index=ctx.vision_kept.nonzero()[:, 1].view(ctx.batch_size, counts[0]))
+        return Selection(keep_index=first_true(ctx.vision_kept, counts[0])[0])
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> list[int]:
         if feature_layer < 1:
