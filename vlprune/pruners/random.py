@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.pruners import register
-from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, check_layer
+from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, check_layer, is_probe
 
 _DRAWS: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -42,7 +42,8 @@ class RandomPruner(Pruner):
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         layer = check_layer(self.layer, num_layers, method=self.name)
-        seeded_draw(self.seed, num_visual)  # drawn now, on the host, so that a captured graph only reads it
+        if not is_probe(num_visual):  # a probe's count is 2**30: drawing it would take seconds and gigabytes
+            seeded_draw(self.seed, num_visual)  # drawn now, on the host, so that a captured graph only reads it
         return [StagePlan(layer=layer, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
