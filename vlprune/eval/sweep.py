@@ -307,7 +307,8 @@ def _run_cells(
         results.append(row)
         bar.update(1)
 
-    pending = [s for s in mine if any(cell_key(s.id, *c) not in done for c in cells(settings))]
+    unfinished = {sample.id for sample, _ in todo}
+    pending = [s for s in mine if s.id in unfinished]
     (_run_captured_cells if settings.compile else _run_eager_cells)(runner, pending, settings, done, write)
     bar.close()
 
