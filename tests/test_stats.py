@@ -8,7 +8,8 @@ from conftest import tiny_inputs, tiny_model
 
 import vlprune
 from vlprune.adapters import LanguageModelShape
-from vlprune.engine.stats import layer_flops
+from vlprune.engine.stats import layer_counts, layer_flops, stage_stats, view_counts
+from vlprune.geometry import BASE, NEWLINE
 
 # The tiny Llama of vlprune.testing: hidden 64, 4 heads of 16, 2 KV heads, SwiGLU intermediate 128, 4 layers.
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 128, 4
@@ -29,6 +30,29 @@ def test_layer_flops_matches_the_hand_formula() -> None:
     ungated = LanguageModelShape(LAYERS, HIDDEN, HEADS, HEADS, HEAD_DIM, FFN, gated_mlp=False)
     n = 10
     assert layer_flops(n, ungated) == 4 * 2 * n * HIDDEN * HIDDEN + 4 * n * n * HIDDEN + 2 * 2 * n * HIDDEN * FFN
+
+
+def test_view_counts_sort_kept_tokens_by_their_view_and_count_recycled_ones() -> None:
+    views = [BASE, BASE, 1, 2, NEWLINE]  # two base-view tokens, two tile tokens, a line break
+    assert view_counts(views, [0, 2, 3, 4, -1], 2) == {"base": 1, "tiles": 2, "newlines": 1, "recycled": 3}
+    assert view_counts(views, [], 0) == {"base": 0, "tiles": 0, "newlines": 0, "recycled": 0}
+
+
+def test_stage_stats_report_the_largest_sample_and_drop_recycled_origins() -> None:
+    views = [[BASE] * 4, [BASE] * 4]
+    stats = stage_stats(2, [4, 3], [[0, 3, -1], [1, -1, -1]], [1, 0], [4, 3], views)
+    assert (stats.layer, stats.visual_in, stats.visual_out, stats.recycled) == (2, 4, 4, 1)
+    assert stats.kept_indices == [[0, 3], [1]]
+    assert [v["recycled"] for v in stats.views_out] == [2, 2]
+    assert stats.visual_in_per_sample == [4, 3] and stats.visual_out_per_sample == [4, 3]
+
+
+def test_layer_counts_follow_the_stages_drops() -> None:
+    stages = [stage_stats(1, [8, 8], [[0, 1, 2]] * 2, [0, 0], [3, 3], [[BASE] * 8] * 2)]
+    stages.append(stage_stats(3, [3, 3], [[0], [1]], [1, 0], [2, 1], [[BASE] * 8] * 2))
+    real, visual = layer_counts([None, 0, 0, 1], [[5, 5], [6, 7]], stages, [12, 10], [8, 8])
+    assert real == [[12, 10], [7, 5], [7, 5], [6, 3]]
+    assert visual == [8, 3, 3, 1.5]  # the samples' mean once they differ
 
 
 @pytest.mark.parametrize("batch", [1, 2])

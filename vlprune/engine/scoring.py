@@ -73,3 +73,47 @@ def rows_attention(
         mask.expand(rows.shape[0], -1, -1, -1), 2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
     )
     return attention_rows(query, key, local_rows, scale, picked, causal=False, average_heads=average_heads)
+
+
+def observed_rows(
+    stage: StagePlan,
+    layout: Layout,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any,
+    scaling: float | None,
+) -> QueryAttention:
+    """What a stage needs of the layer before it, from the post-RoPE queries, keys and values (B, H, L, d) that the
+    layer's attention received: its query rows' attention (causal, under the layer's own ``mask``) and, when it asks,
+    the value vectors."""
+    rows, row_mask = query_rows(stage.query_rows, layout, query.device)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    probabilities = attention_rows(
+        query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
+    )  # (B, R, L) or (B, H, R, L)
+    captured = stage_rows(stage, probabilities, layout, rows, row_mask)
+    if stage.value_states:
+        captured = captured._replace(
+            values=token_states(value, layout.visual_slots), query_values=token_states(value, rows)
+        )
+    return captured
+
+
+def own_layer_rows(
+    attention: torch.nn.Module,
+    query_key: Any,
+    stage: StagePlan,
+    hidden: torch.Tensor,
+    layout: Layout,
+    mask: Any,
+) -> QueryAttention:
+    """(B, R, N) attention of the stage's query rows to the visual tokens, from its own layer's queries and keys
+    (``query_key(layer, hidden, rows, position_embeddings)``: the adapter's projection of that layer), before the
+    layer runs; ``attention`` is the layer's attention module, for its scale."""
+    rows, row_mask = query_rows(stage.query_rows, layout, hidden.device)
+    query, key = query_key(stage.layer, hidden, rows, layout.position_embeddings)
+    scale = getattr(attention, "scaling", query.shape[-1] ** -0.5)
+    local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
+    probabilities = rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
+    return stage_rows(stage, probabilities, layout, rows, row_mask)

@@ -27,27 +27,26 @@ from torch import nn
 
 from vlprune.adapters import ModelAdapter, adapter_for
 from vlprune.engine import observer
+from vlprune.engine.compaction import compact
 from vlprune.engine.decode import DecodeState, Segment, cache_size, segment_of_layer, step_mask
 from vlprune.engine.deepstack import wrap_deepstack
 from vlprune.engine.layout import (
     Layout,
-    apply_order,
     initial_layout,
     order_after_stage,
     prefill_mask,
-    reindexed,
 )
 from vlprune.engine.packed_vision import PackedVisionStages
 from vlprune.engine.plan_check import check_plan, checked_keep_index
 from vlprune.engine.ragged import ragged_order, sample_context, stacked_recycled
 from vlprune.engine.redistribution import Redistribution
-from vlprune.engine.scoring import QueryAttention, query_rows, rows_attention, stage_rows, token_states
-from vlprune.engine.stats import PrefillStats, StageStats, prefill_flops
+from vlprune.engine.scoring import QueryAttention, observed_rows, own_layer_rows, query_rows
+from vlprune.engine.stats import PrefillStats, StageStats, layer_counts, prefill_flops, stage_stats, view_counts
 from vlprune.engine.vision import VisionStages
 from vlprune.engine.vision_bridge import VisionBridge
 from vlprune.errors import VlpruneError
-from vlprune.geometry import BASE, NEWLINE, VisualGeometry
-from vlprune.kernels import attention_rows, gather_rows, gather_tokens, kernel_setting
+from vlprune.geometry import VisualGeometry
+from vlprune.kernels import gather_tokens, kernel_setting
 from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
 
 POSITION_MODES = ("original", "reindex")
@@ -429,7 +428,9 @@ class PruningSession:
         recycled = selection.recycled
         num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
         order = order_after_stage(layout, kept_slots, num_recycled)
-        new_hidden, new_layout = self._compact(layout, hidden, order, kept_slots, selection)
+        new_hidden, new_layout = compact(
+            layout, hidden, order, kept_slots, selection, rotary=self._rotary, keep_positions=self._keeps_positions
+        )
         prefill.layout = new_layout
         prefill.mask = prefill_mask(
             new_layout.real, self._mask_style, hidden.dtype, prefill.padded or self._static, self._key_room
@@ -474,8 +475,15 @@ class PruningSession:
         recycled = stacked_recycled(selections, hidden.shape[-1], hidden)
         recycled_counts = [0 if s.recycled is None else s.recycled.hidden.shape[1] for s in selections]
         order, filler = ragged_order(layout.is_visual, kept_slots, recycled_counts)
-        new_hidden, new_layout = self._compact(
-            layout, hidden, order, slots, Selection(keep_index=slots, recycled=recycled), filler=filler
+        new_hidden, new_layout = compact(
+            layout,
+            hidden,
+            order,
+            slots,
+            Selection(keep_index=slots, recycled=recycled),
+            rotary=self._rotary,
+            keep_positions=self._keeps_positions,
+            filler=filler,
         )
         prefill.layout = new_layout
         prefill.padded = prefill.padded or bool(filler.any())
@@ -513,21 +521,7 @@ class PruningSession:
         ones) and recycled count."""
         prefill = self._prefill
         counts_in = prefill.visual_in[len(prefill.stage_stats)]
-        prefill.stage_stats.append(
-            StageStats(
-                layer=stage.layer,
-                visual_in=max(counts_in),
-                visual_out=max(out),
-                recycled=max(recycled),
-                kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
-                views_out=[
-                    self._sample_view_counts(sample, row, extra)
-                    for sample, (row, extra) in enumerate(zip(kept_origin, recycled, strict=True))
-                ],
-                visual_in_per_sample=list(counts_in),
-                visual_out_per_sample=out,
-            )
-        )
+        prefill.stage_stats.append(stage_stats(stage.layer, counts_in, kept_origin, recycled, out, self._host_views()))
 
     def _add_deferred_stats(self) -> None:
         """The statistics of the stages a static prefill ran, read from the device now that it has run."""
@@ -546,18 +540,10 @@ class PruningSession:
             prefill.geometry = on_host.to(prefill.layout.is_visual.device)
         return prefill.geometry
 
-    def _sample_view_counts(self, sample: int, origins: list[int], recycled: int) -> dict[str, int]:
-        """How many of sample ``sample``'s tokens ``origins`` (original indices, -1 for recycled ones) are base-view,
-        tile and line-break tokens, and how many are recycled (plus ``recycled`` new ones)."""
+    def _host_views(self) -> list[list[int]]:
+        """Each sample's original visual tokens' views (``VisualGeometry.view``), on the host."""
         self._geometry()
-        views = self._prefill.host_views[sample]
-        kinds = [views[i] if i >= 0 else None for i in origins]
-        return {
-            "base": sum(kind == BASE for kind in kinds),
-            "tiles": sum(kind is not None and kind > BASE for kind in kinds),
-            "newlines": sum(kind == NEWLINE for kind in kinds),
-            "recycled": sum(kind is None for kind in kinds) + recycled,
-        }
+        return self._prefill.host_views
 
     def _query_positions(self, stage: StagePlan, layout: Layout, device: torch.device) -> torch.Tensor:
         rows, _ = query_rows(stage.query_rows, layout, device)
@@ -571,61 +557,18 @@ class PruningSession:
 
     def _own_layer_rows(self, stage: StagePlan, hidden: torch.Tensor, layout: Layout) -> QueryAttention:
         """(B, R, N) attention of the stage's query rows to the visual tokens, from its own layer's queries and keys."""
-        rows, row_mask = query_rows(stage.query_rows, layout, hidden.device)
-        query, key = self.adapter.query_key(stage.layer, hidden, rows, layout.position_embeddings)
-        attention = self.adapter.decoder_layers[stage.layer].self_attn
-        scale = getattr(attention, "scaling", query.shape[-1] ** -0.5)
         mask = self._prefill.mask
         if mask is None and self._prefill.padded:
             mask = prefill_mask(layout.real, self._mask_style, hidden.dtype, True)
-        local_rows = torch.arange(rows.shape[1], device=hidden.device).expand_as(rows)
-        probabilities = rows_attention(query, key, rows, local_rows, scale, mask, not stage.per_head_attention)
-        return stage_rows(stage, probabilities, layout, rows, row_mask)
-
-    def _compact(
-        self,
-        layout: Layout,
-        hidden: torch.Tensor,
-        order: torch.Tensor,
-        kept_slots: torch.Tensor,
-        selection: Selection,
-        filler: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Layout]:
-        """The hidden states and layout after a stage: hidden states, position ids and (with original positions) RoPE
-        cos/sin gathered in one fused call, recycled tokens read from their own tensors instead of concatenated.
-        ``filler`` (B, L'): slots that left-fill the shorter samples of a ragged batch, made padding."""
-        recycled = selection.recycled
-        if selection.kept_hidden is not None:  # in-place merges replace the kept tokens' states before the gather
-            hidden = hidden.scatter(
-                1, kept_slots[..., None].expand(-1, -1, hidden.shape[-1]), selection.kept_hidden.to(hidden.dtype)
-            )
-        recycled_positions = None if recycled is None else recycled.positions.to(hidden.device)
-        sources = [hidden, layout.positions]
-        extras = [None, None] if recycled is None else [recycled.hidden.to(hidden.dtype), recycled_positions]
-        gathers_rope = self.positions != "reindex"
-        if gathers_rope:
-            cos, sin = layout.position_embeddings
-            sources += [cos, sin]
-            extras += [None, None] if recycled is None else list(self._rotary(hidden, recycled_positions))
-        gathered = gather_rows(order, sources, extras)
-        new_hidden, positions = gathered[0], gathered[1]
-        num_recycled = 0 if recycled is None else recycled.hidden.shape[1]
-        uniform = None if filler is not None else kept_slots.shape[1] + num_recycled
-        new_layout = apply_order(layout, order, recycled_positions, positions=positions, visual_width=uniform)
-        if filler is not None:
-            new_layout = replace(
-                new_layout,
-                real=new_layout.real & ~filler,
-                is_visual=new_layout.is_visual & ~filler,
-                origin=new_layout.origin.masked_fill(filler, -1),
-            )
-        if gathers_rope:
-            return new_hidden, replace(new_layout, position_embeddings=(gathered[2], gathered[3]))
-        new_layout = reindexed(new_layout)
-        return new_hidden, replace(new_layout, position_embeddings=self._rotary(new_hidden, new_layout.positions))
+        attention = self.adapter.decoder_layers[stage.layer].self_attn
+        return own_layer_rows(attention, self.adapter.query_key, stage, hidden, layout, mask)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.rotary_embedding(hidden, positions)
+
+    @property
+    def _keeps_positions(self) -> bool:
+        return self.positions != "reindex"
 
     def _initial_embeddings(self, slots: torch.Tensor, wanted: bool) -> dict[str, torch.Tensor | None]:
         if not wanted:
@@ -659,26 +602,24 @@ class PruningSession:
         prefill = self._prefill
         seconds = _now(prefill.original_real.device) - prefill.started
         batch = prefill.original_real.shape[0]
-        real_per_layer, visual_per_layer = [], []
         layer_segments = segment_of_layer(prefill.segments, self.shape.num_layers)
-        for segment_index in layer_segments:
-            if segment_index is None:
-                real_per_layer.append(prefill.original_counts)
-                visual_per_layer.append(_sample_mean(prefill.visual_counts))
-            else:
-                dropped = prefill.segments[segment_index].dropped
-                real_per_layer.append([real - d for real, d in zip(prefill.original_counts, dropped, strict=True)])
-                visual_per_layer.append(_sample_mean(prefill.stage_stats[segment_index].visual_out_per_sample))
+        real_per_layer, visual_per_layer = layer_counts(
+            layer_segments,
+            [segment.dropped for segment in prefill.segments],
+            prefill.stage_stats,
+            prefill.original_counts,
+            prefill.visual_counts,
+        )
         unpruned = [prefill.original_counts] * self.shape.num_layers
         flops, base_flops = prefill_flops(real_per_layer, self.shape), prefill_flops(unpruned, self.shape)
         lengths, size = cache_size(cache)
+        views = self._host_views()
         stats = PrefillStats(
             batch_size=batch,
             visual_tokens=prefill.num_visual,
             visual_tokens_per_sample=list(prefill.visual_counts),
             visual_views=[
-                self._sample_view_counts(sample, list(range(count)), 0)
-                for sample, count in enumerate(prefill.visual_counts)
+                view_counts(views[sample], list(range(count)), 0) for sample, count in enumerate(prefill.visual_counts)
             ],
             stages=prefill.stage_stats,
             visual_tokens_per_layer=visual_per_layer,
@@ -721,16 +662,9 @@ class PruningSession:
         for stage in prefill.plan:
             if stage.query_rows is None or stage.own_layer_attention or stage.layer - 1 != module.layer_idx:
                 continue
-            rows, row_mask = query_rows(stage.query_rows, prefill.layout, query.device)
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            probabilities = attention_rows(
-                query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
-            )  # (B, R, L) or (B, H, R, L)
-            captured = stage_rows(stage, probabilities, prefill.layout, rows, row_mask)
-            if stage.value_states:
-                visual_values = token_states(value, prefill.layout.visual_slots)
-                captured = captured._replace(values=visual_values, query_values=token_states(value, rows))
-            prefill.query_attention[stage.layer] = captured
+            prefill.query_attention[stage.layer] = observed_rows(
+                stage, prefill.layout, query, key, value, mask, scaling
+            )
 
     # ------------------------------------------------------------------ decode
 
@@ -765,11 +699,6 @@ class PruningSession:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _sample_mean(counts: list[int]) -> int | float:
-    """The samples' count: the count itself when they agree (an int, as before ragged batches), else their mean."""
-    return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
 
 
 def _cache_argument(kwargs: dict) -> Any:

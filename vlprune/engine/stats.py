@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vlprune.adapters import LanguageModelShape
+from vlprune.geometry import BASE, NEWLINE
 
 
 @dataclass
@@ -83,3 +84,73 @@ def layer_flops(tokens: int, shape: LanguageModelShape) -> float:
 def prefill_flops(tokens_per_layer: list[list[int]], shape: LanguageModelShape) -> float:
     """Sum of :func:`layer_flops` over layers and samples; tokens_per_layer[l][b]: real tokens of sample b, layer l."""
     return sum(layer_flops(n, shape) for layer in tokens_per_layer for n in layer)
+
+
+def view_counts(views: list[int], origins: list[int], recycled: int) -> dict[str, int]:
+    """How many of a sample's tokens ``origins`` (original indices, -1 for recycled ones) are base-view, tile and
+    line-break tokens by their view ``views[i]`` (:mod:`vlprune.geometry`), and how many are recycled (plus
+    ``recycled`` new ones)."""
+    kinds = [views[i] if i >= 0 else None for i in origins]
+    return {
+        "base": sum(kind == BASE for kind in kinds),
+        "tiles": sum(kind is not None and kind > BASE for kind in kinds),
+        "newlines": sum(kind == NEWLINE for kind in kinds),
+        "recycled": sum(kind is None for kind in kinds) + recycled,
+    }
+
+
+def stage_stats(
+    layer: int,
+    visual_in: list[int],
+    kept_origin: list[list[int]],
+    recycled: list[int],
+    visual_out: list[int],
+    views: list[list[int]],
+) -> StageStats:
+    """One stage's statistics from each sample's counts before it (``visual_in``), its kept tokens (their original
+    indices, -1 for earlier recycled ones), its recycled count and its count after (``visual_out``); ``views`` are
+    each sample's original tokens' views."""
+    return StageStats(
+        layer=layer,
+        visual_in=max(visual_in),
+        visual_out=max(visual_out),
+        recycled=max(recycled),
+        kept_indices=[[i for i in row if i >= 0] for row in kept_origin],
+        views_out=[
+            view_counts(views[sample], row, extra)
+            for sample, (row, extra) in enumerate(zip(kept_origin, recycled, strict=True))
+        ],
+        visual_in_per_sample=list(visual_in),
+        visual_out_per_sample=list(visual_out),
+    )
+
+
+def sample_mean(counts: list[int]) -> int | float:
+    """The samples' count: the count itself when they agree (an int, as before ragged batches), else their mean."""
+    return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
+
+
+def layer_counts(
+    layer_stages: list[int | None],
+    dropped: list[list[int]],
+    stages: list[StageStats],
+    real_counts: list[int],
+    visual_counts: list[int],
+) -> tuple[list[list[int]], list[int | float]]:
+    """Per decoder layer, each sample's real tokens and the samples' visual tokens (:func:`sample_mean`).
+
+    Args:
+        layer_stages: per layer, the index of the last stage before it, None before the first stage.
+        dropped: per stage, the tokens each sample had lost in all after it.
+        stages: the stages' statistics.
+        real_counts, visual_counts: each sample's real and visual tokens in the prompt.
+    """
+    real_per_layer, visual_per_layer = [], []
+    for stage in layer_stages:
+        if stage is None:
+            real_per_layer.append(list(real_counts))
+            visual_per_layer.append(sample_mean(visual_counts))
+        else:
+            real_per_layer.append([real - d for real, d in zip(real_counts, dropped[stage], strict=True)])
+            visual_per_layer.append(sample_mean(stages[stage].visual_out_per_sample))
+    return real_per_layer, visual_per_layer
