@@ -40,4 +40,7 @@ def test_throughput_prints_rows_and_a_plot(monkeypatch, capsys, tmp_path: Path) 
     )  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[:3] for row in rows] == [["| none", "all", "2"], ["| fastv", "4", "2"]]
+    unpruned_cache, pruned_cache = (float(row.split(" | ")[7]) for row in rows)
+    assert all(float(row.split(" | ")[5]) > 0 for row in rows)  # decode tokens per second
+    assert 0 < pruned_cache < unpruned_cache
     assert plot.stat().st_size > 0
