@@ -79,6 +79,17 @@ def test_the_random_baseline_runs_captured_with_its_host_drawn_scores() -> None:
         assert session.fallback_reason is None and session.compilations == 2
 
 
+def test_zoo_prune_runs_captured_with_its_directions_drawn_once_on_the_host() -> None:
+    model, _ = tiny_model("clip", 4)
+    inputs = batch_inputs(3)
+    sequences, logits, _ = eager_generate(model, create("zoo-prune", keep=16, directions=8), inputs)
+    with CapturedSession(model, create("zoo-prune", keep=16, directions=8), backend="eager") as session:
+        captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
+        assert session.fallback_reason is None and session.compilations == 2
+    assert torch.equal(captured, sequences)
+    torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
+
+
 def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_ones() -> None:
     model, processor = tiny_model("clip", 4)
     one, three = batch_inputs(1), batch_inputs(3)

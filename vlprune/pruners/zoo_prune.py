@@ -49,11 +49,18 @@ from vlprune.pruners.divprune import cosine_distance, greedy_max_min
 _MAX_ROWS_PER_CALL = 1 << 17  # perturbed inputs per projector call; bounds the float32 activations' memory
 
 
+_DIRECTIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
 def random_directions(count: int, dim: int, seed: int) -> torch.Tensor:
-    """(count, dim) float32 Gaussian directions scaled to unit norm, drawn on the CPU from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(count, dim, generator=generator)
-    return directions / directions.norm(dim=-1, keepdim=True)
+    """(count, dim) float32 Gaussian directions scaled to unit norm, drawn on the CPU from ``seed`` once per
+    (count, dim, seed): a captured graph (whose key's first call runs eagerly) then reads them instead of holding a
+    generator, which the tracer cannot."""
+    if (count, dim, seed) not in _DIRECTIONS:
+        generator = torch.Generator().manual_seed(seed)
+        directions = torch.randn(count, dim, generator=generator)
+        _DIRECTIONS[count, dim, seed] = directions / directions.norm(dim=-1, keepdim=True)
+    return _DIRECTIONS[count, dim, seed]
 
 
 def zeroth_order_sensitivity(
