@@ -70,24 +70,26 @@ def test_captured_generation_equals_the_eager_engine(method: str, options: dict,
     assert len(extra) == 1 and extra.pop() == session.bucket_for(length) - length
 
 
-def test_the_random_baseline_runs_captured_with_its_host_drawn_scores() -> None:
-    model, _ = tiny_model("clip", 4)
-    inputs = batch_inputs(3)
-    sequences, _, _ = eager_generate(model, create("random", keep=16, layer=2), inputs)
-    with CapturedSession(model, create("random", keep=16, layer=2), backend="eager") as session:
-        assert torch.equal(session.generate(**inputs, max_new_tokens=NEW_TOKENS), sequences)
-        assert session.fallback_reason is None and session.compilations == 2
+HOST_BUILT = [
+    ("random", {"keep": 16, "layer": 2}),  # its scores, drawn from its seed
+    ("zoo-prune", {"keep": 16, "directions": 8}),  # its random directions
+    ("holov", {"keep": 16}),  # its crops' members and sizes
+]
 
 
-def test_zoo_prune_runs_captured_with_its_directions_drawn_once_on_the_host() -> None:
+@pytest.mark.parametrize("method,options", HOST_BUILT)
+def test_methods_with_host_built_constants_run_captured(method: str, options: dict) -> None:
+    """What these methods build from shapes and seeds alone is built once, on the host, in the first (eager) call
+    of a key; the graph reads it."""
     model, _ = tiny_model("clip", 4)
     inputs = batch_inputs(3)
-    sequences, logits, _ = eager_generate(model, create("zoo-prune", keep=16, directions=8), inputs)
-    with CapturedSession(model, create("zoo-prune", keep=16, directions=8), backend="eager") as session:
+    sequences, logits, stats = eager_generate(model, create(method, **options), inputs)
+    with CapturedSession(model, create(method, **options), backend="eager") as session:
         captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
         assert session.fallback_reason is None and session.compilations == 2
     assert torch.equal(captured, sequences)
     torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
+    assert [s.kept_indices for s in session.stats.stages] == [s.kept_indices for s in stats.stages]
 
 
 def test_the_same_key_reuses_its_graphs_and_a_new_bucket_or_batch_compiles_new_ones() -> None:

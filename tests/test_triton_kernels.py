@@ -284,12 +284,13 @@ def test_cuda_tensors_take_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.backend(torch.zeros(1, device=DEVICE)) == "reference"
 
 
-# The interpreter's time grows with every kernel instance: SparseVLM, with the most launches, runs one sample (the
-# kernels' own tests cover batches of up to three, and the weighted merge that VFlowOpt's recycling uses).
+# The interpreter's time grows with every kernel instance: SparseVLM and VisionZip, with the most launches, run one
+# sample (FastV covers a batch; the kernels' own tests cover batches of up to three, and the weighted merge that
+# VFlowOpt's recycling uses).
 ENGINE_CASES = [
     ("fastv", {"keep": 12}, 2),  # attention rows of the last token, then the fused gather
     ("sparsevlm", {"keep": 0.3}, 1),  # text-rater rows, recycled tokens appended by the gather, the merge kernel
-    ("visionzip", {"keep": 16}, 2),  # merge of contextual tokens, recycled before the LLM
+    ("visionzip", {"keep": 16}, 1),  # merge of contextual tokens, recycled before the LLM
 ]
 
 

@@ -49,6 +49,7 @@ class VisualGeometry:
         num_crops: the crops the vision tower encodes for the whole batch.
         tiled: per sample, whether any of its tokens comes from a tile (known on the host when the geometry is built,
             so pruners choose their per-view path without reading the device).
+        newlines: per sample, whether any of its tokens is a line break (known on the host likewise).
     """
 
     image: torch.Tensor
@@ -64,11 +65,17 @@ class VisualGeometry:
     frame: torch.Tensor
     num_crops: int
     tiled: tuple[bool, ...]
+    newlines: tuple[bool, ...]
 
     @property
     def has_tiles(self) -> bool:
         """Some sample's tokens come from tiles (LLaVA-NeXT and OneVision's multi-crop images)."""
         return any(self.tiled)
+
+    @property
+    def has_newlines(self) -> bool:
+        """Some sample has line-break tokens (LLaVA-NeXT's and OneVision's ``image_newline``)."""
+        return any(self.newlines)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,18 +114,23 @@ class VisualGeometry:
         values = {
             name: torch.gather(getattr(self, name), 1, index).masked_fill(missing, -1) for name in _GEOMETRY_FIELDS
         }
-        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled)
+        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled, newlines=self.newlines)
 
     def sample(self, index: int, count: int) -> VisualGeometry:
         """Sample ``index``'s first ``count`` tokens alone, as a batch of one."""
         values = {name: getattr(self, name)[index : index + 1, :count] for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled[index : index + 1])
+        return VisualGeometry(
+            **values,
+            num_crops=self.num_crops,
+            tiled=self.tiled[index : index + 1],
+            newlines=self.newlines[index : index + 1],
+        )
 
     def to(self, device: torch.device) -> VisualGeometry:
         if self.view.device == device:
             return self
         values = {name: getattr(self, name).to(device) for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled)
+        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled, newlines=self.newlines)
 
 
 @dataclass(frozen=True)
@@ -264,8 +276,10 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
         tensors[name] = torch.stack(
             [torch.cat([row, torch.full((width - len(row),), fill, dtype=torch.long)]) for row in samples]
         ).to(device)
-    tiled = tuple(bool((row > BASE).any()) for row in torch.cat(columns["view"]).split(list(per_sample)))
-    return VisualGeometry(**tensors, num_crops=crop_offset, tiled=tiled)
+    views = torch.cat(columns["view"]).split(list(per_sample))
+    tiled = tuple(bool((row > BASE).any()) for row in views)
+    newlines = tuple(bool((row == NEWLINE).any()) for row in views)
+    return VisualGeometry(**tensors, num_crops=crop_offset, tiled=tiled, newlines=newlines)
 
 
 TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token", "frame")
@@ -329,4 +343,6 @@ def interleaved_geometry(
             [torch.cat([row[name], torch.full((width - len(row[name]),), fill, dtype=torch.long)]) for row in rows]
         ).to(device)
     tiled = tuple(bool((row["view"] > BASE).any()) for row in rows)  # on the host
-    return VisualGeometry(**fields, num_crops=image_crops + sum(item.num_crops for item in videos), tiled=tiled)
+    newlines = tuple(bool((row["view"] == NEWLINE).any()) for row in rows)
+    crops = image_crops + sum(item.num_crops for item in videos)
+    return VisualGeometry(**fields, num_crops=crops, tiled=tiled, newlines=newlines)

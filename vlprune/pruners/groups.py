@@ -66,21 +66,46 @@ def crop_quotas(weights: torch.Tensor, capacity: torch.Tensor, keep: int) -> tor
         grant = torch.minimum(grant, room)
         quota = quota + grant
         remaining = remaining - grant.sum(dim=-1)
-        if not bool((remaining > 0).any()):
+        # A captured graph cannot read the device: it runs every pass, each one after the last placement a no-op.
+        if not torch.compiler.is_compiling() and not bool((remaining > 0).any()):
             break
     return quota
 
 
-def keep_by_quota(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """(B, keep) indices, ascending: in each crop the ``quota`` tokens with the highest attention."""
+def keep_by_quota(
+    attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor, keep: int | None = None
+) -> torch.Tensor:
+    """(B, keep) indices, ascending: in each crop the ``quota`` tokens with the highest attention. ``keep`` is the
+    quotas' sum (read from the device when not given)."""
+    order, chosen = _quota_ranked(attention.float(), crop_of, quota)
+    kept = torch.where(chosen, order, attention.shape[1]).sort(dim=-1).values
+    return kept[:, : int(quota.sum(dim=-1)[0]) if keep is None else keep]
+
+
+def crop_by_crop_order(
+    attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor, capacity: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """(B, keep) indices in HoloV's reference order: crop after crop; inside a crop its ``quota`` most attended
+    tokens, most attended first, or the whole crop in raster order when its quota covers its ``capacity`` (C,).
+    Fixed-width sorts only (no per-crop loop), so that a captured graph holds it."""
     batch, count = attention.shape
     crop_of = crop_of.to(attention.device)
-    # Sort by crop, then by descending attention inside the crop; a token's rank in its crop decides.
-    order = torch.argsort(attention.float(), dim=-1, descending=True, stable=True)
+    whole = torch.gather(quota >= capacity.to(quota.device), 1, crop_of.expand(batch, -1))  # (B, N) per token
+    index = torch.arange(count, device=attention.device).expand(batch, -1)
+    # Sorted descending: a crop taken whole by descending -index, i.e. in raster order.
+    key = torch.where(whole, -index.to(torch.float32), attention.float())
+    order, chosen = _quota_ranked(key, crop_of, quota)
+    positions = torch.where(chosen, index, count).sort(dim=-1).values[:, :keep]  # the chosen, in the sorted order
+    return torch.gather(order, 1, positions)
+
+
+def _quota_ranked(key: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens sorted crop by crop, by descending ``key`` (B, N) inside a crop (ties by index), and which of them
+    are among their crop's first ``quota``."""
+    crop_of = crop_of.to(key.device)
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
     order = torch.gather(order, 1, torch.argsort(crop_of[order], dim=-1, stable=True))
     sorted_crops = crop_of[order]
     starts = torch.searchsorted(sorted_crops.contiguous(), sorted_crops.contiguous(), right=False)
-    rank = torch.arange(count, device=attention.device).expand(batch, -1) - starts
-    chosen = rank < torch.gather(quota, 1, sorted_crops)
-    kept = torch.where(chosen, order, count).sort(dim=-1).values
-    return kept[:, : int(quota.sum(dim=-1)[0])]
+    rank = torch.arange(key.shape[1], device=key.device).expand_as(key) - starts
+    return order, rank < torch.gather(quota, 1, sorted_crops)

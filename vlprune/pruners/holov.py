@@ -31,6 +31,9 @@ Deviations, each for a reason:
   which then enter the language model as tokens. vlprune never pads: it hands the excess to the other crops in
   proportion to their weights (the iterative redistribution the paper describes), so exactly ``keep`` real tokens
   remain.
+- Tokens of equal attention inside a crop (a crop of all-zero attention, in practice) are taken lowest index first,
+  by a stable sort; the reference's ``torch.topk`` leaves which of them it keeps unspecified. The per-crop choice is
+  made with fixed-width sorts over all tokens at once, so that a captured graph holds it.
 - A crop of one token gets the score ``1000 a`` (its variance is 0); the reference uses the unscaled ``a`` there, an
   inconsistency that only crops of one token meet.
 - ``crops`` sets C directly; ``tiles=True`` cuts the token grid into rectangular tiles (r x C/r with r the largest
@@ -65,7 +68,7 @@ import torch
 from vlprune.errors import VlpruneError
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
-from vlprune.pruners.groups import crop_quotas, keep_by_quota, strip_crops, tile_crops
+from vlprune.pruners.groups import crop_by_crop_order, crop_quotas, keep_by_quota, strip_crops, tile_crops
 
 ALPHA = 0.09
 ATTENTION_SCALE = 1000.0
@@ -77,13 +80,36 @@ def reference_crop_count(num_visual: int, keep: int) -> int:
     return max(1, int(1024 / 576 * num_visual / keep))
 
 
-def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, crop_of: torch.Tensor) -> torch.Tensor:
-    """(B, C) mean holistic score of each crop. features: (B, N, D); attention: (B, N); crop_of: (N,)."""
+@dataclass(frozen=True)
+class CropLayout:
+    """The crops of ``N`` tokens, on one device: what the per-crop scores and quotas need, built once per shape (on
+    the host, so that a captured graph only reads it)."""
+
+    crop_of: torch.Tensor  # (N,) each token's crop
+    members: tuple[torch.Tensor, ...]  # per crop, its tokens' indices
+    capacity: torch.Tensor  # (C,) tokens per crop
+
+
+_CROP_LAYOUTS: dict[tuple[int, int, bool, torch.device], CropLayout] = {}
+
+
+def crop_layout_on(num_visual: int, crops: int, tiles: bool, device: torch.device) -> CropLayout:
+    """The :class:`CropLayout` of ``crops`` raster strips (or 2-D tiles) of ``num_visual`` tokens, on ``device``."""
+    key = (num_visual, crops, tiles, torch.device(device))
+    if key not in _CROP_LAYOUTS:
+        crop_of = tile_crops(num_visual, crops) if tiles else strip_crops(num_visual, crops)
+        members = tuple((crop_of == crop).nonzero()[:, 0].to(device) for crop in range(crops))
+        capacity = torch.bincount(crop_of, minlength=crops).to(device)
+        _CROP_LAYOUTS[key] = CropLayout(crop_of.to(device), members, capacity)
+    return _CROP_LAYOUTS[key]
+
+
+def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, layout: CropLayout) -> torch.Tensor:
+    """(B, C) mean holistic score of each crop. features: (B, N, D); attention: (B, N)."""
     unit = features.float() / (features.float().norm(dim=-1, keepdim=True) + _EPS)
     scaled = attention.float() * ATTENTION_SCALE
     scores = []
-    for crop in range(int(crop_of.max()) + 1):
-        members = (crop_of == crop).nonzero()[:, 0].to(features.device)
+    for members in layout.members:
         count = len(members)
         attention_c = scaled[:, members]
         if count <= 1:
@@ -97,24 +123,6 @@ def holistic_crop_scores(features: torch.Tensor, attention: torch.Tensor, crop_o
         rescale = attention_c.abs().mean(dim=-1, keepdim=True) / (variance.abs().mean(dim=-1, keepdim=True) + _EPS)
         scores.append((attention_c + ALPHA * variance * rescale).mean(dim=-1))
     return torch.stack(scores, dim=-1)
-
-
-def crop_by_crop_order(attention: torch.Tensor, crop_of: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """(B, keep) indices in the reference's order: crop after crop; inside a crop its ``quota`` most attended tokens,
-    most attended first (``torch.topk``), or the whole crop in raster order when its quota covers it."""
-    crop_of = crop_of.to(attention.device)
-    members = [(crop_of == crop).nonzero()[:, 0] for crop in range(quota.shape[1])]
-    rows = []
-    for sample in range(attention.shape[0]):
-        picked = []
-        for crop, tokens in enumerate(members):
-            take = int(quota[sample, crop])
-            if take >= len(tokens):
-                picked.append(tokens)
-            elif take > 0:
-                picked.append(tokens[torch.topk(attention[sample, tokens].float(), take).indices])
-        rows.append(torch.cat(picked))
-    return torch.stack(rows)
 
 
 @register
@@ -136,17 +144,17 @@ class HoloV(Pruner):
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
 
-    def crop_layout(self, num_visual: int, keep: int) -> torch.Tensor:
+    def crop_layout(self, num_visual: int, keep: int, device: torch.device) -> CropLayout:
         crops = reference_crop_count(num_visual, keep) if self.crops is None else self.crops
         if isinstance(crops, bool) or not isinstance(crops, int) or not 1 <= crops <= num_visual:
             raise VlpruneError(f"crops={crops!r} must be an int in [1, {num_visual}] (the number of visual tokens)")
-        return tile_crops(num_visual, crops) if self.tiles else strip_crops(num_visual, crops)
+        return crop_layout_on(num_visual, crops, self.tiles, device)
 
     def select(self, ctx: StageContext) -> Selection:
         attention = ctx.vision_cls_attention if ctx.vision_cls_attention is not None else ctx.vision_received_attention
         assert attention is not None, "the engine supplies the [CLS] attention (or its substitute) for holov"
         geometry = ctx.geometry
-        if geometry is None or not bool(geometry.is_newline.any()):
+        if geometry is None or not geometry.has_newlines:
             keep_index = self._select(ctx.visual_hidden, attention, ctx.keep)
             return Selection(keep_index=keep_index, scores=attention, ordered=self.reference_order)
         # LLaVA-NeXT: the reference drops the line breaks and chunks the rest ([base] ++ [stitched tiles]).
@@ -167,11 +175,10 @@ class HoloV(Pruner):
     def _select(self, hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> torch.Tensor:
         """(B, keep) indices among ``hidden``'s tokens: crop quotas, then each crop's most attended tokens, crop by
         crop (most attended first) as the reference, or ascending without ``reference_order``."""
-        crop_of = self.crop_layout(hidden.shape[1], keep)
-        scores = holistic_crop_scores(hidden, attention, crop_of)
+        layout = self.crop_layout(hidden.shape[1], keep, hidden.device)
+        scores = holistic_crop_scores(hidden, attention, layout)
         weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
-        capacity = torch.bincount(crop_of, minlength=scores.shape[1])
-        quota = crop_quotas(weights, capacity, keep)
+        quota = crop_quotas(weights, layout.capacity, keep)
         if not self.reference_order:
-            return keep_by_quota(attention, crop_of, quota)
-        return crop_by_crop_order(attention, crop_of, quota)
+            return keep_by_quota(attention, layout.crop_of, quota, keep)
+        return crop_by_crop_order(attention, layout.crop_of, quota, layout.capacity, keep)

@@ -15,14 +15,19 @@ import torch
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, check_layer, is_probe
 
-_DRAWS: dict[tuple[int, int], torch.Tensor] = {}
+_DRAWS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
-def seeded_draw(seed: int, count: int) -> torch.Tensor:
-    """(count,) uniform scores from a generator seeded with ``seed``, drawn once per (seed, count)."""
-    if (seed, count) not in _DRAWS:
-        _DRAWS[seed, count] = torch.rand(count, generator=torch.Generator().manual_seed(seed))
-    return _DRAWS[seed, count]
+def seeded_draw(seed: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(count,) uniform scores from a CPU generator seeded with ``seed`` (the same on every device), drawn once per
+    (seed, count) and copied once per device: a captured graph reads them where it runs (a CUDA graph takes no CPU
+    input)."""
+    cpu, device = torch.device("cpu"), torch.device(device)
+    if (seed, count, cpu) not in _DRAWS:
+        _DRAWS[seed, count, cpu] = torch.rand(count, generator=torch.Generator().manual_seed(seed))
+    if (seed, count, device) not in _DRAWS:
+        _DRAWS[seed, count, device] = _DRAWS[seed, count, cpu].to(device)
+    return _DRAWS[seed, count, device]
 
 
 @register
@@ -47,7 +52,7 @@ class RandomPruner(Pruner):
         return [StagePlan(layer=layer, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
-        draw = seeded_draw(self.seed, ctx.num_visual).to(ctx.visual_hidden.device)
+        draw = seeded_draw(self.seed, ctx.num_visual, ctx.visual_hidden.device)
         scores = draw.expand(ctx.batch_size, -1)
         keep_index = torch.topk(scores, ctx.keep, dim=-1).indices.sort(dim=-1).values
         return Selection(keep_index=keep_index, scores=scores)

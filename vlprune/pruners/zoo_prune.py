@@ -49,18 +49,21 @@ from vlprune.pruners.divprune import cosine_distance, greedy_max_min
 _MAX_ROWS_PER_CALL = 1 << 17  # perturbed inputs per projector call; bounds the float32 activations' memory
 
 
-_DIRECTIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+_DIRECTIONS: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
 
-def random_directions(count: int, dim: int, seed: int) -> torch.Tensor:
-    """(count, dim) float32 Gaussian directions scaled to unit norm, drawn on the CPU from ``seed`` once per
-    (count, dim, seed): a captured graph (whose key's first call runs eagerly) then reads them instead of holding a
-    generator, which the tracer cannot."""
-    if (count, dim, seed) not in _DIRECTIONS:
+def random_directions(count: int, dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(count, dim) float32 Gaussian directions scaled to unit norm, drawn on the CPU from ``seed`` (the same on every
+    device) once per (count, dim, seed) and copied once per device: a captured graph (whose key's first call runs
+    eagerly) then reads them instead of holding a generator, which the tracer cannot."""
+    cpu, device = torch.device("cpu"), torch.device(device)
+    if (count, dim, seed, cpu) not in _DIRECTIONS:
         generator = torch.Generator().manual_seed(seed)
         directions = torch.randn(count, dim, generator=generator)
-        _DIRECTIONS[count, dim, seed] = directions / directions.norm(dim=-1, keepdim=True)
-    return _DIRECTIONS[count, dim, seed]
+        _DIRECTIONS[count, dim, seed, cpu] = directions / directions.norm(dim=-1, keepdim=True)
+    if (count, dim, seed, device) not in _DIRECTIONS:
+        _DIRECTIONS[count, dim, seed, device] = _DIRECTIONS[count, dim, seed, cpu].to(device)
+    return _DIRECTIONS[count, dim, seed, device]
 
 
 def zeroth_order_sensitivity(
@@ -156,8 +159,9 @@ class ZOOPrune(Pruner):
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.vision_features is not None and ctx.projector is not None, "the engine supplies them for zoo-prune"
-        directions = random_directions(self.directions, ctx.vision_features.shape[-1], self.seed)
-        sensitivity = zeroth_order_sensitivity(ctx.projector, ctx.vision_features, directions, self.step)
+        features = ctx.vision_features
+        directions = random_directions(self.directions, features.shape[-1], self.seed, features.device)
+        sensitivity = zeroth_order_sensitivity(ctx.projector, features, directions, self.step)
         weight = min_max_normalised(sensitivity)
         chosen = greedy_max_min(cosine_distance(ctx.visual_hidden), weight.argmax(dim=-1), ctx.keep, weights=weight)
         return Selection(keep_index=chosen.sort(dim=-1).values, scores=sensitivity)
