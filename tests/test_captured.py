@@ -74,13 +74,14 @@ HOST_BUILT = [
     ("random", {"keep": 16, "layer": 2}),  # its scores, drawn from its seed
     ("zoo-prune", {"keep": 16, "directions": 8}),  # its random directions
     ("holov", {"keep": 16}),  # its crops' members and sizes
+    ("ptp", {"keep": 16}),  # its regions, from the token grid's extent (VisualGeometry.extents)
 ]
 
 
 @pytest.mark.parametrize("method,options", HOST_BUILT)
 def test_methods_with_host_built_constants_run_captured(method: str, options: dict) -> None:
-    """What these methods build from shapes and seeds alone is built once, on the host, in the first (eager) call
-    of a key; the graph reads it."""
+    """What these methods build from shapes and seeds alone is built on the host (in the first, eager, call of a
+    key, or with the geometry); the graph reads it."""
     model, _ = tiny_model("clip", 4)
     inputs = batch_inputs(3)
     sequences, logits, stats = eager_generate(model, create(method, **options), inputs)

@@ -132,6 +132,12 @@ def test_a_batch_gives_each_sample_its_own_images_and_global_crops(family) -> No
     assert int(crops[1].min()) == per_image  # the second sample's crops follow the first's
     assert torch.equal(geometry.crop[1][~geometry.is_newline[1]] - per_image, geometry.crop[0][~geometry.is_newline[0]])
     assert torch.equal(geometry.image, torch.zeros_like(geometry.image))
+    # The host facts agree with the device fields.
+    assert geometry.tiled == tuple(bool(row.any()) for row in geometry.is_tile)
+    assert geometry.newlines == tuple(bool(row.any()) for row in geometry.is_newline)
+    assert geometry.extents == tuple(
+        (int(r.max()) + 1, int(c.max()) + 1) for r, c in zip(geometry.row, geometry.col, strict=True)
+    )
 
 
 def test_llava_geometry_is_one_square_grid_per_image() -> None:
@@ -145,6 +151,8 @@ def test_llava_geometry_is_one_square_grid_per_image() -> None:
     assert torch.equal(geometry.col, (index % 8).expand(2, -1))
     assert torch.equal(geometry.crop, torch.tensor([[0], [1]]).expand(-1, 64))
     assert torch.equal(geometry.crop_token, index.expand(2, -1)) and bool(geometry.is_base.all())
+    # What pruners read on the host instead of the device: no tiles, no line breaks, an 8 x 8 grid per sample.
+    assert geometry.tiled == geometry.newlines == (False, False) and geometry.extents == ((8, 8), (8, 8))
 
 
 def test_llava_geometry_follows_the_pixels_not_the_towers_config() -> None:

@@ -50,6 +50,8 @@ class VisualGeometry:
         tiled: per sample, whether any of its tokens comes from a tile (known on the host when the geometry is built,
             so pruners choose their per-view path without reading the device).
         newlines: per sample, whether any of its tokens is a line break (known on the host likewise).
+        extents: per sample, the (height, width) its tokens' patch grids span: the largest ``row`` and ``col`` plus
+            one (known on the host likewise).
     """
 
     image: torch.Tensor
@@ -66,6 +68,7 @@ class VisualGeometry:
     num_crops: int
     tiled: tuple[bool, ...]
     newlines: tuple[bool, ...]
+    extents: tuple[tuple[int, int], ...]
 
     @property
     def has_tiles(self) -> bool:
@@ -93,6 +96,9 @@ class VisualGeometry:
     def is_tile(self) -> torch.Tensor:
         return self.view > BASE
 
+    def _host_facts(self) -> dict[str, tuple]:
+        return {"tiled": self.tiled, "newlines": self.newlines, "extents": self.extents}
+
     def crop_values(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(B, N, F) per-token values picked from per-crop values (crops, P, F) by each token's crop and patch
         (OneVision's down-scaled tokens take their nearest source patch's); ``fill`` where a token has none (line
@@ -114,7 +120,7 @@ class VisualGeometry:
         values = {
             name: torch.gather(getattr(self, name), 1, index).masked_fill(missing, -1) for name in _GEOMETRY_FIELDS
         }
-        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled, newlines=self.newlines)
+        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_facts())
 
     def sample(self, index: int, count: int) -> VisualGeometry:
         """Sample ``index``'s first ``count`` tokens alone, as a batch of one."""
@@ -122,15 +128,14 @@ class VisualGeometry:
         return VisualGeometry(
             **values,
             num_crops=self.num_crops,
-            tiled=self.tiled[index : index + 1],
-            newlines=self.newlines[index : index + 1],
+            **{name: facts[index : index + 1] for name, facts in self._host_facts().items()},
         )
 
     def to(self, device: torch.device) -> VisualGeometry:
         if self.view.device == device:
             return self
         values = {name: getattr(self, name).to(device) for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops, tiled=self.tiled, newlines=self.newlines)
+        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_facts())
 
 
 @dataclass(frozen=True)
@@ -276,10 +281,23 @@ def batch_geometry(images: Sequence[ImageTokens], per_sample: Sequence[int], dev
         tensors[name] = torch.stack(
             [torch.cat([row, torch.full((width - len(row),), fill, dtype=torch.long)]) for row in samples]
         ).to(device)
-    views = torch.cat(columns["view"]).split(list(per_sample))
-    tiled = tuple(bool((row > BASE).any()) for row in views)
-    newlines = tuple(bool((row == NEWLINE).any()) for row in views)
-    return VisualGeometry(**tensors, num_crops=crop_offset, tiled=tiled, newlines=newlines)
+    per_sample_rows = {name: torch.cat(columns[name]).split(list(per_sample)) for name in ("view", "row", "col")}
+    return VisualGeometry(**tensors, num_crops=crop_offset, **host_facts(**per_sample_rows))
+
+
+def host_facts(
+    view: Sequence[torch.Tensor], row: Sequence[torch.Tensor], col: Sequence[torch.Tensor]
+) -> dict[str, tuple]:
+    """:class:`VisualGeometry`'s host fields (``tiled``, ``newlines``, ``extents``) from each sample's host rows of
+    views, rows and columns, so that pruners choose their path and grid without reading the device."""
+    return {
+        "tiled": tuple(bool((views > BASE).any()) for views in view),
+        "newlines": tuple(bool((views == NEWLINE).any()) for views in view),
+        "extents": tuple(
+            (int(rows.max()) + 1, int(cols.max()) + 1) if len(rows) else (0, 0)
+            for rows, cols in zip(row, col, strict=True)
+        ),
+    }
 
 
 TOKEN_FIELDS = ("view", "tile_row", "tile_col", "row", "col", "full_row", "full_col", "crop", "crop_token", "frame")
@@ -342,7 +360,5 @@ def interleaved_geometry(
         fields[name] = torch.stack(
             [torch.cat([row[name], torch.full((width - len(row[name]),), fill, dtype=torch.long)]) for row in rows]
         ).to(device)
-    tiled = tuple(bool((row["view"] > BASE).any()) for row in rows)  # on the host
-    newlines = tuple(bool((row["view"] == NEWLINE).any()) for row in rows)
-    crops = image_crops + sum(item.num_crops for item in videos)
-    return VisualGeometry(**fields, num_crops=crops, tiled=tiled, newlines=newlines)
+    facts = host_facts(*([row[name] for row in rows] for name in ("view", "row", "col")))
+    return VisualGeometry(**fields, num_crops=image_crops + sum(item.num_crops for item in videos), **facts)

@@ -9,7 +9,7 @@ its graphs are reused; a call that compiled a graph (a new prompt-length bucket)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,10 @@ class Reference:
     log_probs: torch.Tensor  # (V,) first answer token
     hidden: torch.Tensor  # (D,) last prompt token, last layer (normalised)
     answer: str
+
+    def on_host(self) -> Reference:
+        """A copy in host memory, for outputs kept over a whole sweep (a vocabulary-sized vector per sample)."""
+        return replace(self, log_probs=self.log_probs.cpu(), hidden=self.hidden.cpu())
 
 
 @dataclass
@@ -184,8 +188,10 @@ class _FirstTokenClock(StoppingCriteria):
 def fidelity(reference: Reference, pruned: Reference) -> dict[str, Any]:
     """Same answer, KL(reference || pruned) of the first answer token's distribution, and the cosine of the last
     prompt token's last-layer hidden states."""
-    kl = torch.sum(reference.log_probs.exp() * (reference.log_probs - pruned.log_probs))
-    cosine = torch.nn.functional.cosine_similarity(reference.hidden, pruned.hidden, dim=0)
+    device = reference.log_probs.device
+    log_probs, hidden = pruned.log_probs.to(device), pruned.hidden.to(device)
+    kl = torch.sum(reference.log_probs.exp() * (reference.log_probs - log_probs))
+    cosine = torch.nn.functional.cosine_similarity(reference.hidden, hidden, dim=0)
     return {
         "same_answer": normalize_answer(reference.answer) == normalize_answer(pruned.answer),
         "kl_first_token": max(0.0, float(kl)),

@@ -348,16 +348,16 @@ def _run_captured_cells(
 ) -> None:
     """Cell by cell: each cell's captured session stays attached over all samples, so its graphs are reused (a
     session's graphs live with it, and one session is attached at a time). The unpruned cell runs first and its
-    outputs are kept for the other cells' fidelity."""
+    outputs are kept, in host memory, for the other cells' fidelity."""
     if not samples:
         return
     num_visual = runner.num_visual(runner.inputs(samples[0]))
-    references: dict[str, tuple[dict[str, Any], Reference]] = {}
+    references: dict[str, Reference] = {}
     with runner.captured_session(None, None, num_visual) as session:
         for sample in samples:
-            references[sample.id] = runner.run_captured(runner.inputs(sample), session)
+            row, reference = runner.run_captured(runner.inputs(sample), session)
+            references[sample.id] = reference.on_host()
             if cell_key(sample.id, "none", None, None) not in done:
-                row, reference = references[sample.id]
                 write(_row(sample, ("none", None, None), row, reference, reference))
     for method, keep, positions in cells(settings)[1:]:
         pending = [s for s in samples if cell_key(s.id, method, keep, positions) not in done]
@@ -366,7 +366,7 @@ def _run_captured_cells(
         with runner.captured_session(_pruner(settings, method, keep), positions, num_visual) as session:
             for sample in pending:
                 row, outputs = runner.run_captured(runner.inputs(sample), session)
-                write(_row(sample, (method, keep, positions), row, references[sample.id][1], outputs))
+                write(_row(sample, (method, keep, positions), row, references[sample.id], outputs))
 
 
 def _pruner(settings: SweepSettings, method: str, keep: int | float | None) -> pruners.Pruner:

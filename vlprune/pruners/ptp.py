@@ -59,17 +59,22 @@ def spatial_regions(geometry: VisualGeometry, sample: int, regions: int) -> torc
     """(N,) region of each visual token of an untiled sample: ``regions`` rectangular tiles of its image's own
     token grid (square for LLaVA-1.5, any aspect ratio for Qwen-VL's dynamic resolution)."""
     row, col = geometry.row[sample], geometry.col[sample]
-    height, width = int(row.max()) + 1, int(col.max()) + 1
+    height, width = geometry.extents[sample]
     tiles = grid_tiles(height, width, regions).to(row.device)
     return tiles[row.clamp(min=0) * width + col.clamp(min=0)]
 
 
-def region_quotas(saliency: torch.Tensor, region_of: torch.Tensor, keep: int) -> torch.Tensor:
-    """(B, regions) tokens each region keeps, in proportion to its mean saliency."""
-    regions = int(region_of.max()) + 1
+def region_quotas(
+    saliency: torch.Tensor, region_of: torch.Tensor, keep: int, regions: int | None = None
+) -> torch.Tensor:
+    """(B, regions) tokens each region keeps, in proportion to its mean saliency; ``regions`` is read from
+    ``region_of`` when not given."""
+    regions = int(region_of.max()) + 1 if regions is None else regions
     region_of = region_of.to(saliency.device)
     totals = torch.zeros(saliency.shape[0], regions, device=saliency.device).index_add_(1, region_of, saliency.float())
-    capacity = torch.bincount(region_of, minlength=regions)
+    capacity = torch.zeros(regions, dtype=torch.long, device=saliency.device).index_add_(
+        0, region_of, torch.ones_like(region_of)
+    )  # bincount's width would depend on the data
     means = totals / capacity
     weights = means / means.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(means.dtype).tiny)
     return crop_quotas(weights, capacity, keep)
@@ -134,8 +139,8 @@ class PTP(Pruner):
             rows = []
             for sample in range(ctx.batch_size):
                 region_of = spatial_regions(geometry, sample, self.regions)
-                quota = region_quotas(saliency[sample : sample + 1], region_of, ctx.keep)
-                rows.append(keep_by_quota(score[sample : sample + 1], region_of, quota)[0])
+                quota = region_quotas(saliency[sample : sample + 1], region_of, ctx.keep, self.regions)
+                rows.append(keep_by_quota(score[sample : sample + 1], region_of, quota, ctx.keep)[0])
             return Selection(keep_index=torch.stack(rows), scores=score)
         rows = []
         for sample in range(ctx.batch_size):
