@@ -70,18 +70,19 @@ def test_captured_generation_equals_the_eager_engine(method: str, options: dict,
     assert len(extra) == 1 and extra.pop() == session.bucket_for(length) - length
 
 
-HOST_BUILT = [
-    ("random", {"keep": 16, "layer": 2}),  # its scores, drawn from its seed
-    ("zoo-prune", {"keep": 16, "directions": 8}),  # its random directions
-    ("holov", {"keep": 16}),  # its crops' members and sizes
+MORE_METHODS = [
+    ("random", {"keep": 16, "layer": 2}),  # its scores, drawn on the host from its seed
+    ("zoo-prune", {"keep": 16, "directions": 8}),  # its random directions, drawn on the host
+    ("holov", {"keep": 16}),  # its crops' members and sizes, built on the host
     ("ptp", {"keep": 16}),  # its regions, from the token grid's extent (VisualGeometry.extents)
+    ("adaptinfer", {"keep": 16, "layers": [1, 2, 3]}),  # three stages
 ]
 
 
-@pytest.mark.parametrize("method,options", HOST_BUILT)
-def test_methods_with_host_built_constants_run_captured(method: str, options: dict) -> None:
-    """What these methods build from shapes and seeds alone is built on the host (in the first, eager, call of a
-    key, or with the geometry); the graph reads it."""
+@pytest.mark.parametrize("method,options", MORE_METHODS)
+def test_more_methods_run_captured_at_batch_3(method: str, options: dict) -> None:
+    """The methods beyond the five above, at batch 3. What some of them build from shapes and seeds alone is built
+    on the host (in a key's first, eager, call, or with the geometry), and the graph only reads it."""
     model, _ = tiny_model("clip", 4)
     inputs = batch_inputs(3)
     sequences, logits, stats = eager_generate(model, create(method, **options), inputs)
