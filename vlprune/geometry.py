@@ -96,7 +96,8 @@ class VisualGeometry:
     def is_tile(self) -> torch.Tensor:
         return self.view > BASE
 
-    def _host_facts(self) -> dict[str, tuple]:
+    def _host_fields(self) -> dict[str, tuple]:
+        """The fields known on the host (see :func:`host_facts`), as they are."""
         return {"tiled": self.tiled, "newlines": self.newlines, "extents": self.extents}
 
     def crop_values(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -120,7 +121,7 @@ class VisualGeometry:
         values = {
             name: torch.gather(getattr(self, name), 1, index).masked_fill(missing, -1) for name in _GEOMETRY_FIELDS
         }
-        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_facts())
+        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_fields())
 
     def sample(self, index: int, count: int) -> VisualGeometry:
         """Sample ``index``'s first ``count`` tokens alone, as a batch of one."""
@@ -128,14 +129,14 @@ class VisualGeometry:
         return VisualGeometry(
             **values,
             num_crops=self.num_crops,
-            **{name: facts[index : index + 1] for name, facts in self._host_facts().items()},
+            **{name: facts[index : index + 1] for name, facts in self._host_fields().items()},
         )
 
     def to(self, device: torch.device) -> VisualGeometry:
         if self.view.device == device:
             return self
         values = {name: getattr(self, name).to(device) for name in _GEOMETRY_FIELDS}
-        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_facts())
+        return VisualGeometry(**values, num_crops=self.num_crops, **self._host_fields())
 
 
 @dataclass(frozen=True)
