@@ -44,3 +44,36 @@ def test_throughput_prints_rows_and_a_plot(monkeypatch, capsys, tmp_path: Path) 
     assert all(float(row.split(" | ")[5]) > 0 for row in rows)  # decode tokens per second
     assert 0 < pruned_cache < unpruned_cache
     assert plot.stat().st_size > 0
+
+
+def test_the_gpu_script_calls_scripts_and_flags_that_exist() -> None:
+    # benchmarks/gpu.sh runs only where a GPU is lent, so a renamed script or flag would go unnoticed until then.
+    import re
+    import subprocess
+
+    script = BENCHMARKS / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    # The prefill steps call the script through a bash array defined once.
+    text = text.replace('"${prefill[@]}"', re.search(r"prefill=\((.*)\)", text).group(1))
+    called = [line for line in text.splitlines() if line.startswith("step ") and "benchmarks/" in line]
+    assert {re.search(r"benchmarks/(\w+\.py)", line).group(1) for line in called} == {
+        "kernel_speed.py",
+        "prefill.py",
+        "throughput.py",
+    }
+    for line in called:
+        name = re.search(r"benchmarks/(\w+\.py)", line).group(1)
+        source = (BENCHMARKS / name).read_text()
+        flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line.split(name, 1)[1]))
+        missing = sorted(flag for flag in flags if f'"{flag}"' not in source)
+        assert not missing, f"gpu.sh passes {missing} to {name}, which has no such option"
+
+
+def test_no_benchmark_script_shadows_an_installed_module() -> None:
+    # The scripts run with benchmarks/ first on sys.path: a script named like a package that transformers imports
+    # (benchmarks/kernels.py and the `kernels` package lmms-eval installs) broke every benchmark.
+    import importlib.util
+
+    for script in BENCHMARKS.glob("*.py"):
+        assert importlib.util.find_spec(script.stem) is None, f"benchmarks/{script.name} shadows a module"

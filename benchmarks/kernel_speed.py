@@ -1,8 +1,8 @@
 """Each fused kernel against the plain PyTorch sequence it replaces, at LLaVA-1.5-7B shapes (hidden 4096, 32 heads of
 128, 576 visual tokens in a 640-token prompt), batch 1 and 16.
 
-    python benchmarks/kernels.py                       # on a GPU: Triton kernels vs PyTorch
-    python benchmarks/kernels.py --device cpu          # the reference path only (the CPU never runs the kernels)
+    python benchmarks/kernel_speed.py                       # on a GPU: Triton kernels vs PyTorch
+    python benchmarks/kernel_speed.py --device cpu          # the reference path only (the CPU never runs the kernels)
 
 For every operation it prints the median time of the kernel and of the PyTorch sequence, the kernel's effective
 bandwidth (bytes it must read and write / time), and that bandwidth as a share of a device-to-device copy of the same
