@@ -333,25 +333,27 @@ def test_none_rejects_a_budget_of_one_token(keep: object) -> None:
 
 
 def test_the_readme_method_table_names_the_stages_the_code_runs() -> None:
-    # `vlprune methods` derives each stage column from the method's own default plan; the README must agree with it.
+    # `vlprune methods` derives each stage column from the method's own default plan; the full method table in
+    # docs/methods.md must agree with it (the README's short table is checked by tests/test_docs.py).
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))
+    methods = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]+) \|", methods, flags=re.MULTILINE))
     for name in vlprune.pruners.available():
-        assert name in rows, f"{name} is missing from the README's method table"
+        assert name in rows, f"{name} is missing from the method table of docs/methods.md"
         stages = vlprune.pruners.stages_of(name)
-        assert rows[name].startswith(stages), f"README says {rows[name]!r} for {name}, the code runs {stages!r}"
+        assert rows[name].startswith(stages), f"docs say {rows[name]!r} for {name}, the code runs {stages!r}"
     assert vlprune.pruners.stages_of("vflowopt") == "pre-LLM+in-LLM"
 
 
 def test_the_readme_family_table_matches_vlprune_methods() -> None:
+    # The full family table lives in docs/families.md (the README's short one is checked by tests/test_docs.py).
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `((?:llava|qwen)[\w.-]*)` \| `\w+` \| [^|]+ \| ([^|]+) \|", readme, flags=re.MULTILINE)
+    families = (Path(__file__).parents[1] / "docs" / "families.md").read_text()
+    rows = re.findall(r"^\| `((?:llava|qwen)[\w.-]*)` \| `\w+` \| [^|]+ \| ([^|]+) \|", families, flags=re.MULTILINE)
     assert [family for family, _ in rows] == list(vlprune.pruners.FAMILY_NAMES)
     said_by: dict[str, set[str]] = {}
     for family, listed in rows:
