@@ -3,14 +3,19 @@ about images with the pruner attached only while it generates."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError, StrictDataclassFieldValidationError
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
@@ -21,7 +26,15 @@ from vlprune.engine.plan_check import check_fits
 from vlprune.engine.session import resolve_positions
 from vlprune.errors import VlpruneError
 from vlprune.kernels import kernel_setting
-from vlprune.models.source import model_shape_on_disk, resolve_source
+from vlprune.models.source import (
+    adapter_of_config,
+    config_field_message,
+    first_line,
+    model_shape_on_disk,
+    read_config_json,
+    resolve_source,
+    supported_model_types,
+)
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -121,9 +134,9 @@ class Pipeline:
             raise VlpruneError("got an empty batch: pass at least one image")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VlpruneError(f"max_new_tokens={max_new_tokens!r} must be an int of at least 1")
-        images = [load_image(item) for item in ([image] if single else image)]
+        images = [image] if single else list(image)
         prompts = self._prompts(len(images), question, prompt)
-        inputs = self.model_inputs(images, prompts)
+        inputs = self.model_inputs(images, prompts)  # it opens the images, so that its messages can name their files
         visual = inputs["input_ids"] == self.model.config.image_token_id
         num_visual = int(visual.sum(1)[0])
         if self.compile:
@@ -164,14 +177,16 @@ class Pipeline:
             raise VlpruneError("got an empty batch: pass at least one image")
         tokenizer = getattr(self.processor, "tokenizer", None)
         side = getattr(tokenizer, "padding_side", None)
+        pictures = [load_image(image) for image in images]
         try:
             if tokenizer is not None:
                 # Batches are left-padded so that every sample's last token is its real last token; the caller's
                 # tokenizer gets its own setting back.
                 tokenizer.padding_side = "left"
-            inputs = self.processor(
-                images=[load_image(image) for image in images], text=list(prompts), return_tensors="pt", padding=True
-            )
+            inputs = self.processor(images=pictures, text=list(prompts), return_tensors="pt", padding=True)
+        except ValueError as error:
+            _refuse_aspect_ratio(error, images, pictures)
+            raise
         finally:
             if tokenizer is not None:
                 tokenizer.padding_side = side
@@ -216,6 +231,34 @@ class Pipeline:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return f"USER: {self.image_token}\n{question} ASSISTANT:"
+
+
+_ASPECT_LIMIT = re.compile(r"aspect ratio must be smaller than (\d+(?:\.\d+)?)")
+
+
+def _refuse_aspect_ratio(error: ValueError, images: Sequence[ImageInput], pictures: Sequence[Image.Image]) -> None:
+    """Turn an image processor's refusal of extreme aspect ratios (Qwen-VL's resizing accepts at most 200 to 1) into
+    one line naming the image, its size and the limit; any other error is left as it is.
+
+    Raises:
+        VlpruneError: when ``error`` is that refusal.
+    """
+    found = _ASPECT_LIMIT.search(str(error))
+    if found is None:
+        return
+    limit = float(found.group(1))
+    for index, (image, picture) in enumerate(zip(images, pictures, strict=True)):
+        ratio = max(picture.size) / min(picture.size)
+        if ratio > limit:
+            if isinstance(image, str | os.PathLike):
+                named = f"image {str(image)!r}"
+            else:
+                named = "the image" if len(images) == 1 else f"image {index + 1} of the batch"
+            raise VlpruneError(
+                f"{named} is {picture.width}x{picture.height} pixels, an aspect ratio of {ratio:g} to 1; this model's "
+                f"image processor accepts at most {limit:g} to 1: crop or pad the image"
+            ) from None
+    raise VlpruneError(f"this model's image processor refused an image: {first_line(error)}") from None
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -286,25 +329,131 @@ def load_model(
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         source = resolve_source(name, builtin=sorted(BUILTIN_MODELS))
+        reports: list[str] = []
         try:
-            processor = AutoProcessor.from_pretrained(source.path, local_files_only=source.offline)
-            loaded = AutoModelForImageTextToText.from_pretrained(
-                source.path,
-                dtype=torch_dtype or "auto",
-                attn_implementation=attn_implementation,
-                device_map=device_map,
-                local_files_only=source.offline,
+            # trust_remote_code=False: a model's own Python code never runs (and transformers never asks to run it).
+            processor = AutoProcessor.from_pretrained(
+                source.path, local_files_only=source.offline, trust_remote_code=False
             )
-        except (OSError, ValueError, KeyError) as error:
-            raise VlpruneError(
-                f"cannot load model {name!r}: {str(error).strip().splitlines()[0] if str(error).strip() else error!r} "
-                f"(give a local folder, a cached Hugging Face id, or one of {sorted(BUILTIN_MODELS)})"
-            ) from None
+            with _held_load_reports(reports):
+                loaded = AutoModelForImageTextToText.from_pretrained(
+                    source.path,
+                    dtype=torch_dtype or "auto",
+                    attn_implementation=attn_implementation,
+                    device_map=device_map,
+                    local_files_only=source.offline,
+                    trust_remote_code=False,
+                )
+        except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError, pickle.UnpicklingError) as error:
+            message = _load_error_message(name, source.local_folder, error, reports)
+            if message is None:
+                raise
+            raise VlpruneError(message) from None
     if torch_dtype is not None and device_map is None:
         loaded = loaded.to(torch_dtype)
     if torch_device is not None:
         loaded = loaded.to(torch_device)
     return loaded.eval(), processor
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MISMATCH_ROW = re.compile(
+    r"^(?P<key>[^|\n]+?)\s*\|\s*MISMATCH\s*\|.*?ckpt: (?P<ckpt>torch\.Size\(\[[^\]]*\]\)) vs "
+    r"model:\s*(?P<model>torch\.Size\(\[[^\]]*\]\))",
+    re.MULTILINE,
+)
+
+
+@contextlib.contextmanager
+def _held_load_reports(held: list[str]) -> Iterator[None]:
+    """Hold transformers' weight-loading reports (its "LOAD REPORT" tables) in ``held`` while a model loads: a load
+    that fails on them (weights of other sizes than the config's) ends in vlprune's one line instead of a table and
+    a traceback, and a load that succeeds shows them as transformers would."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    records: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in record.getMessage():
+            return True
+        records.append(record)
+        held.append(_ANSI.sub("", record.getMessage()))
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in records:  # reached only when the load succeeded
+        logger.handle(record)
+
+
+def _load_error_message(name: str, folder: Path | None, error: BaseException, reports: list[str]) -> str | None:
+    """One line for a failed ``from_pretrained`` of model ``name`` (on disk in ``folder``, if it is), or None for an
+    error that is not about the model's files (it propagates as it is)."""
+    given_folder = folder is not None and Path(name).expanduser() == folder
+    described = f"model folder {name!r}" if given_folder else f"model {name!r}"
+    fields = _config_fields(folder)
+    if fields is not None and folder is not None:
+        try:  # a model type vlprune does not support explains any failure (load() refuses it before loading)
+            adapter_of_config(folder, fields)
+        except VlpruneError as refusal:
+            return str(refusal)
+    text = str(error)
+    if isinstance(error, StrictDataclassFieldValidationError):
+        return config_field_message(described, error, fields)
+    if isinstance(error, StrictDataclassError):
+        return f"{described}: config.json is not valid ({first_line(error)})"
+    if isinstance(error, pickle.UnpicklingError):
+        return _pickle_message(described, folder, text)
+    if isinstance(error, RuntimeError):
+        if "ignore_mismatched_sizes" not in text and "size mismatch" not in text:
+            return None
+        return (
+            f"{described}: its weights do not match its config.json{_first_mismatch(reports)}; use the config.json "
+            f"that came with these weights"
+        )
+    if "trust_remote_code" in text:  # a hub model that needs its own code (a folder on disk is refused before)
+        return (
+            f"{described} needs its own Python code to load, which vlprune never runs; use a model that transformers "
+            f"builds itself ({', '.join(supported_model_types())})"
+        )
+    return (
+        f"cannot load model {name!r}: {first_line(error)} "
+        f"(give a local folder, a cached Hugging Face id, or one of {sorted(BUILTIN_MODELS)})"
+    )
+
+
+def _config_fields(folder: Path | None) -> dict[str, Any] | None:
+    """config.json's fields, to name where a refused field lies; None when they cannot be read."""
+    if folder is None:
+        return None
+    try:
+        return read_config_json(folder)
+    except VlpruneError:
+        return None
+
+
+def _first_mismatch(reports: list[str]) -> str:
+    """The first mismatched weight of the held reports, as " (KEY: SIZE in the weights, SIZE from config.json)"."""
+    for report in reports:
+        found = _MISMATCH_ROW.search(report)
+        if found:
+            key = found.group("key").strip()
+            return f" ({key}: {found.group('ckpt')} in the weights, {found.group('model')} from config.json)"
+    return ""
+
+
+def _pickle_message(described: str, folder: Path | None, text: str) -> str:
+    """One line for a pickle checkpoint that torch's safe loader refused: what it holds, and to convert it."""
+    files = sorted(path.name for path in folder.glob("*.bin")) if folder is not None else []
+    found = re.search(r"GLOBAL (\S+)", text)
+    holds = f" ({found.group(1)} among them)" if found else ""
+    return (
+        f"{described} holds a pickle checkpoint ({', '.join(files) or 'pytorch_model.bin'}) with Python objects "
+        f"besides tensors{holds}, which vlprune will not load: unpickling them can run any code; convert it to "
+        f"safetensors (model.safetensors) where you trust its source"
+    )
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
@@ -368,8 +517,9 @@ def load(
     greedy, the first call of each prompt-length bucket compiles); ``Pipeline.close()`` detaches it.
 
     Everything that can be checked without the weights is checked first (the method, its options, the device, the
-    dtype, the positions, and the budget and layers against the model's configuration when it is on disk), so that
-    a bad value fails in well under a second rather than after the model has loaded.
+    dtype, the positions, the compile backend, and, when the model is on disk, its config.json: a family vlprune
+    supports that runs the method and the positions, and the budget and layers), so that a bad value fails in well
+    under a second rather than after the model has loaded. A model folder's own Python code is never run.
     """
     kernel_setting()
     pruner = pruners.create(method, keep=keep, layer=layer, **method_options)
@@ -378,12 +528,16 @@ def load(
     if isinstance(model, tuple):
         loaded, processor = model
         torch_device = check_device(device)
+        if compile:
+            check_compile_backend()
         if dtype is not None:
             loaded = loaded.to(_dtype(dtype))
         if torch_device is not None:
             loaded = loaded.to(torch_device)
     else:
-        check_before_loading(str(model), [pruner], device=device, device_map=device_map)
+        check_before_loading(
+            str(model), [pruner], device=device, device_map=device_map, positions=positions, compile=compile
+        )
         loaded, processor = load_model(model, device=device, dtype=dtype, device_map=device_map)
     return Pipeline(loaded, processor, pruner, positions=positions, compile=compile)
 
@@ -401,19 +555,71 @@ def check_before_loading(
     *,
     device: str | None = None,
     device_map: str | None = None,
+    positions: str | Sequence[str] | None = None,
+    compile: bool = False,
 ) -> None:
-    """What can be checked before ``model``'s weights load: the device (unless ``device_map`` places the model), and
-    each pruner's budget and layers against the model's configuration when its files are on disk (a fraction of a
-    second instead of the load's seconds; a model not on disk yet is checked when it has loaded).
+    """What can be checked before ``model``'s weights load: the device (unless ``device_map`` places the model), the
+    compile backend (``compile=True``), and, when the model's files are on disk, its family from config.json against
+    each pruner (the method runs on it, each of ``positions`` is a numbering it has: one mode, or a sweep's list) and
+    each pruner's budget and layers against the model's shape (a fraction of a second instead of the load's seconds; a
+    model not on disk yet is checked when it has loaded).
 
     Raises:
-        VlpruneError: a device this machine lacks, a budget or layer the model does not have, or a model name that
-            cannot be resolved.
+        VlpruneError: a device this machine lacks, an unknown compile backend, a model folder that vlprune cannot load
+            (see :func:`~vlprune.models.source.model_shape_on_disk`), a method or positions mode its family refuses, a
+            budget or layer the model does not have, or a model name that cannot be resolved.
     """
     if device_map is None:
         check_device(device)
-    shape = model_shape_on_disk(_folder_on_disk(str(model)))
+    if compile:
+        check_compile_backend()
+    name = str(model)
+    try:
+        shape = model_shape_on_disk(_folder_on_disk(name))
+    except VlpruneError:
+        if name in BUILTIN_MODELS:  # a damaged built-in folder is rebuilt by its loader, which reports what it cannot
+            return
+        raise
     if shape is None:
         return
+    modes = [positions] if isinstance(positions, str) or positions is None else list(positions)
     for pruner in pruners_to_check:
-        check_fits(pruner, shape.num_visual, shape.num_layers)
+        check_family(pruner, shape.family, name)
+        for mode in modes:
+            resolve_positions(pruner, mode, shape.adapter)
+        if shape.num_visual is not None and shape.num_layers is not None:
+            check_fits(pruner, shape.num_visual, shape.num_layers)
+
+
+def check_family(pruner: pruners.Pruner, family: str, model: str) -> None:
+    """Refuse a method that does not run on ``family`` (``vlprune.pruners.families_of``) before the model loads.
+
+    Raises:
+        VlpruneError: naming the method, the model and its family, and the families the method runs on.
+    """
+    try:
+        families = pruners.families_of(pruner.name)
+    except Exception:  # a user's pruner that cannot be planned on the probe shape: the attach decides on the model
+        return
+    if family not in families:
+        raise VlpruneError(
+            f"method {pruner.name!r} does not run on the {family} family of model {model!r}; it runs on "
+            f"{', '.join(families)} (`vlprune methods` lists each method's families)"
+        )
+
+
+def check_compile_backend() -> None:
+    """Refuse the compile backend the captured mode would use (``VLPRUNE_COMPILE_BACKEND``, else inductor) when
+    torch.compile does not know it, before a model loads.
+
+    Raises:
+        VlpruneError: naming the backend, the variable and the known backends.
+    """
+    from vlprune.engine.captured import BACKEND_VARIABLE, _known_backends
+
+    backend = os.environ.get(BACKEND_VARIABLE, "inductor")
+    if backend not in _known_backends():
+        raise VlpruneError(
+            f"compile backend {backend!r} (from {BACKEND_VARIABLE}) is not known to torch.compile; set it to one of "
+            f"{', '.join(_known_backends())}, or unset it for inductor"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -275,7 +276,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"no calibration search space for {args.method!r}; methods with one: {', '.join(SEARCH_SPACES)}"
         )
     check_writable_file(args.out, "--out")
-    check_before_loading(args.model, [pruners.create(args.method, keep=args.keep)], device=args.device)
+    check_before_loading(
+        args.model, [pruners.create(args.method, keep=args.keep)], device=args.device, positions=args.positions
+    )
     samples = load_dataset(args.data, split=args.split, limit=args.samples)
     pipeline = load(args.model, device=args.device, dtype=args.dtype, positions=args.positions)
     config = calibrate(
@@ -310,7 +313,14 @@ def _sweep(args: argparse.Namespace) -> int:
     # Every setting, the output folder and the budgets against the model's configuration are checked before the
     # model loads and before anything is written, so that a corrected rerun is never refused.
     check_folder(args.out, settings)
-    check_before_loading(args.model, cell_pruners(settings), device=args.device, device_map=args.device_map)
+    check_before_loading(
+        args.model,
+        cell_pruners(settings),
+        device=args.device,
+        device_map=args.device_map,
+        positions=args.positions,
+        compile=args.compile,
+    )
     samples = load_dataset(args.dataset, split=args.split, limit=args.limit)
     import torch
 
@@ -357,7 +367,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     image = args.image or str(Path(vlprune.__file__).parent / "samples" / "scene1.png")
     pruner = pruners.create(args.method, keep=args.keep, **dict(args.option))
-    check_before_loading(args.model, [pruner], device=args.device)
+    check_before_loading(args.model, [pruner], device=args.device, compile=args.compile)
     pipeline = load(args.model, device=args.device, dtype=args.dtype)
     if args.compile:
         captured = bench_captured(
@@ -408,6 +418,17 @@ def _methods() -> int:
     return 0
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed command left open (its own bars close themselves; a library's may not), so
+    that the error line starts on a line of its own instead of after a bar's last state: a closed bar ends its line."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:  # no bar was ever made
+        return
+    for bar in list(std.tqdm._instances):  # tqdm's registry of the bars not closed yet (its subclasses' too)
+        with contextlib.suppress(ValueError, OSError):  # a bar whose stream is gone must not hide the error
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "run": _run,
@@ -425,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return status
     except VlpruneError as error:
+        _close_progress_bars()
         print(f"vlprune: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:

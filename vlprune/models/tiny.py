@@ -33,6 +33,7 @@ heals.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -44,7 +45,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -555,8 +556,8 @@ def load_smollm2(gguf_path: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizer
     if not gguf_path.is_file():
         raise VlpruneError(f"the GGUF file {str(gguf_path)!r} does not exist")
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     _fix_tokenizer(tokenizer)
     # The weights are now plain float32: a saved config that still names the GGUF file would make from_pretrained
     # look for it again.
@@ -574,6 +575,19 @@ def _check_image_size(image_size: int) -> None:
         raise VlpruneError(
             f"image_size={image_size!r} must be a positive multiple of the patch size {PATCH_SIZE} (e.g. 224 or 336)"
         )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off for a step whose warnings speak of what vlprune chose on purpose."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _build_processor(tokenizer: PreTrainedTokenizerBase, image_size: int) -> LlavaProcessor:
@@ -662,8 +676,8 @@ def _verify(folder: Path, image_size: int) -> None:
 
     from vlprune.testing import make_test_image
 
-    processor = AutoProcessor.from_pretrained(folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
     tokenizer = processor.tokenizer
     expected = (image_size // PATCH_SIZE) ** 2
     inputs = processor(
@@ -699,8 +713,10 @@ def _load_folder(folder: Path) -> tuple[LlavaForConditionalGeneration, LlavaProc
     # local_files_only: a file missing from the folder must fail here, not send transformers to the model hub. Not for
     # the processor: its tokenizer would save the flag into tokenizer_config.json (and the base's processor is saved
     # into vlprune-tiny); a missing file fails the fingerprints first anyway.
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    return model.eval(), AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True, trust_remote_code=False
+    )
+    return model.eval(), AutoProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
 def _load_problem(folder: Path, error: BaseException) -> str:
@@ -790,7 +806,8 @@ def _build_base(cache: Path, target: Path, image_size: int) -> None:
     # The <image> embedding itself is never read (LLaVA replaces it with visual features), but with tied embeddings its
     # row is also an output logit; the mean of the other rows keeps that logit unremarkable.
     torch.manual_seed(0)
-    language.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    with _quiet_transformers():  # its "new embeddings will be initialized ..." warning describes this chosen init
+        language.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     processor = _build_processor(tokenizer, image_size)
     model = _build_llava(vision, language, image_token_id, image_size)
     del vision, language

@@ -134,7 +134,7 @@ def trainable_model(base_folder: Path, device: str, dtype: torch.dtype, rank: in
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(base_folder, dtype=dtype).to(device)
+    model = LlavaForConditionalGeneration.from_pretrained(base_folder, dtype=dtype, trust_remote_code=False).to(device)
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     model.model.language_model = get_peft_model(model.model.language_model, config)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matmuls on a GPU: fast and plenty precise
     base = args.base or assemble_base()
-    processor = AutoProcessor.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     dtype = getattr(torch, args.dtype)
     model = trainable_model(base, args.device, dtype, args.rank)
     if args.init_adapter is not None:
