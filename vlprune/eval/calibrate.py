@@ -141,16 +141,16 @@ def calibrate(
     default = pruners.create(method, keep=keep)
     num_layers = adapter_for(model).language_model_shape().num_layers
     study.enqueue_trial(STARTS[method](default, num_visual, num_layers, share))
-    bar = tqdm(total=trials, desc=f"calibrate {method}", disable=not progress)
+    # The bar is closed on failure too, so that the error is printed on a line of its own.
+    with tqdm(total=trials, desc=f"calibrate {method}", disable=not progress) as bar:
 
-    def update(study: Any, trial: Any) -> None:
-        bar.update(1)
-        completed = [t for t in study.trials if t.value is not None]
-        if completed:
-            bar.set_postfix(best=f"{study.best_value:.4f}")
+        def update(study: Any, trial: Any) -> None:
+            bar.update(1)
+            completed = [t for t in study.trials if t.value is not None]
+            if completed:
+                bar.set_postfix(best=f"{study.best_value:.4f}")
 
-    study.optimize(objective, n_trials=trials, callbacks=[update])
-    bar.close()
+        study.optimize(objective, n_trials=trials, callbacks=[update])
     if not any(t.value is not None for t in study.trials):
         raise VlpruneError(f"no trial of {method} fitted the budget keep={keep}; raise keep or run more trials")
     best = study.best_trial

@@ -53,18 +53,19 @@ def evaluate(
 ) -> EvalResult:
     """Greedy answers for ``samples`` in batches, compared with the expected answers after normalisation."""
     result = EvalResult()
-    bar = tqdm(total=len(samples), desc="eval", disable=not progress, file=None)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        answers = pipeline([s.image for s in chunk], [s.question for s in chunk], max_new_tokens=max_new_tokens).text
-        for sample, predicted in zip(chunk, answers, strict=True):
-            hit = normalize_answer(predicted) == normalize_answer(sample.answer)
-            result.correct[sample.kind] += int(hit)
-            result.total[sample.kind] += 1
-            result.predictions.append((sample.question, sample.answer, predicted))
-        bar.update(len(chunk))
-        bar.set_postfix(accuracy=f"{100 * result.accuracy:.1f}%")
-    bar.close()
+    # The bar is closed on failure too, so that the error is printed on a line of its own.
+    with tqdm(total=len(samples), desc="eval", disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            questions = [s.question for s in chunk]
+            answers = pipeline([s.image for s in chunk], questions, max_new_tokens=max_new_tokens).text
+            for sample, predicted in zip(chunk, answers, strict=True):
+                hit = normalize_answer(predicted) == normalize_answer(sample.answer)
+                result.correct[sample.kind] += int(hit)
+                result.total[sample.kind] += 1
+                result.predictions.append((sample.question, sample.answer, predicted))
+            bar.update(len(chunk))
+            bar.set_postfix(accuracy=f"{100 * result.accuracy:.1f}%")
     return result
 
 

@@ -1,7 +1,12 @@
-"""Tables and plots of a sweep folder: ``vlprune report DIR`` writes ``DIR/report.md`` and three PNG plots."""
+"""Tables and plots of a sweep folder: ``vlprune report DIR`` writes ``DIR/report.md`` and three PNG plots.
+
+A report only reads the sweep's results files: a last line cut short by a kill is left out and named in the report
+(the sweep's rerun repairs it), never cut from the file.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import defaultdict
@@ -10,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from vlprune.errors import VlpruneError
-from vlprune.eval.files import write_text_atomically
-from vlprune.eval.sweep import load_rows, mean, median
+from vlprune.eval.files import check_writable_folder, write_bytes_atomically, write_text_atomically
+from vlprune.eval.sweep import SETTINGS, mean, median, read_rows
 
 
 @dataclass
@@ -185,24 +190,32 @@ def plot(summaries: list[CellSummary], folder: Path) -> list[Path]:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=2)
         figure.tight_layout()
-        path = folder / name
-        figure.savefig(path, dpi=120)
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=120)
         plt.close(figure)
-        written.append(path)
+        # Written whole and in place of whatever is there: a link to a file elsewhere is replaced, not written through.
+        written.append(write_bytes_atomically(folder / name, image.getvalue()))
     return written
 
 
 def write_report(folder: str | os.PathLike) -> Path:
-    """Write ``report.md`` and the plots for the sweep in ``folder``; returns the report's path."""
+    """Write ``report.md`` and the plots for the sweep in ``folder``; returns the report's path. The results files
+    are only read: a last line cut short is left out and named at the top of the report.
+
+    Raises:
+        VlpruneError: the folder holds no rows, or cannot take the report's files.
+    """
     folder = Path(folder)
-    summaries = summarise(load_rows(folder))
-    settings_path = folder / "sweep.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    read = read_rows(folder)
+    summaries = summarise(read.rows)
+    check_writable_folder(folder, "the sweep folder", why="the report writes report.md and its plots there")
+    settings = _saved_settings(folder)
     plots = plot(summaries, folder)
     title = f"# Sweep: {settings.get('model', '?')} on {settings.get('dataset', '?')} {settings.get('split', '')}"
     body = [
         title.rstrip(),
         "",
+        *[f"Skipped: {sentence}.\n" for sentence in read.skipped],
         "Exact-match accuracy, its share of the unpruned model's accuracy on the same samples, and the visual tokens "
         "the decoder layers processed on average (layer-averaged, recycled tokens included):",
         "",
@@ -216,3 +229,12 @@ def write_report(folder: str | os.PathLike) -> Path:
         "",
     ]
     return write_text_atomically(folder / "report.md", "\n".join(body))
+
+
+def _saved_settings(folder: Path) -> dict[str, Any]:
+    """The sweep's saved settings, for the report's title; an unreadable ``sweep.json`` only loses the title's names."""
+    try:
+        settings = json.loads((folder / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}

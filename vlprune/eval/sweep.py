@@ -7,8 +7,11 @@ Layout of an output folder::
     results.jsonl       one line per (sample, method, keep); the unpruned model is method "none", keep null
     results-<rank>.jsonl  per-process files of a sharded run (``accelerate launch``), merged into results.jsonl
 
-Each line is written whole and flushed to disk before the next cell starts. On a re-run, finished cells are skipped;
-a line cut short by a kill in the middle of a write is removed before appending, so no row is lost or duplicated.
+Each line is written whole, with one write, and flushed to disk before the next cell starts; a write that fails (a
+full disk) is cut back, and the sweep stops with one line. On a re-run, finished cells are skipped; a line cut short by
+a kill in the middle of a write is removed before appending, so no row is lost or duplicated. A sweep reads, repairs
+and writes only the files inside its folder (a link there to a file elsewhere is refused before anything is read),
+and a report only reads them: it skips a line cut short and names it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +37,14 @@ from vlprune.engine.plan_check import check_fits
 from vlprune.errors import VlpruneError
 from vlprune.eval.cell_runner import CellRunner, Reference, fidelity
 from vlprune.eval.datasets import VQASample, normalize_answer
-from vlprune.eval.files import check_writable_folder, write_text_atomically
+from vlprune.eval.files import (
+    append_whole,
+    cannot_write,
+    check_own_file,
+    check_writable_folder,
+    cut_to,
+    write_text_atomically,
+)
 from vlprune.pruners import parse_budget
 
 RESULTS = "results.jsonl"
@@ -121,38 +132,79 @@ def row_key(row: dict[str, Any]) -> tuple[str, ...]:
     return cell_key(row["sample"], row["method"], row["keep"], row.get("positions_setting"))
 
 
+@dataclass(frozen=True)
+class JsonLines:
+    """What a results file holds, read without changing it."""
+
+    rows: list[dict[str, Any]]
+    complete_bytes: int  # the length of its complete lines
+    torn_line: int | None  # the number of its last line when a kill cut that line short (it has no newline)
+
+
+def read_json_lines(path: Path) -> JsonLines:
+    """The rows of a results file; a last line without its newline (a write cut short) is left out and numbered.
+
+    Raises:
+        VlpruneError: the file cannot be read, or a complete line is not a results row.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise VlpruneError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.split(b"\n")[:-1]
+    rows = [_parse_row(path, number, line) for number, line in enumerate(lines, start=1)]
+    return JsonLines(rows, len(complete), len(lines) + 1 if len(complete) != len(data) else None)
+
+
+_ROW_KEYS = ("sample", "method", "keep")
+
+
+def _parse_row(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        raise VlpruneError(f"{path} line {number} is not JSON; move the file away to start over") from None
+    if not isinstance(row, dict) or any(key not in row for key in _ROW_KEYS):
+        raise VlpruneError(
+            f"{path} line {number} is not a results row (an object with {', '.join(_ROW_KEYS)}); move the file away "
+            f"to start over"
+        )
+    return row
+
+
 class ResultsFile:
-    """An append-only JSON Lines file that survives being killed in the middle of a write."""
+    """An append-only JSON Lines file of a sweep's own folder that survives being killed in the middle of a write."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        check_own_file(path, "the sweep's results file", appended=True)  # before the repair can cut anything
         self.rows = self._read_and_repair()
 
     def _read_and_repair(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]  # a kill mid-write leaves a last line without its newline
-        if len(complete) != len(data):
-            with self.path.open("r+b") as file:
-                file.truncate(len(complete))
-        rows = []
-        for number, line in enumerate(complete.decode().splitlines(), start=1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise VlpruneError(f"{self.path} line {number} is not JSON; move the file away to start over") from None
-        return rows
+        read = read_json_lines(self.path)
+        if read.torn_line is not None:  # a kill mid-write leaves a last line without its newline
+            cut_to(self.path, read.complete_bytes)
+        return read.rows
 
     def keys(self) -> set[tuple[str, ...]]:
         return {row_key(r) for r in self.rows}
 
     def append(self, row: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
+        """Write ``row`` as one line, flushed to disk.
+
+        Raises:
+            VlpruneError: the line could not be written (the file then holds the rows written before).
+        """
+        try:
+            append_whole(self.path, (json.dumps(row) + "\n").encode())
+        except OSError as error:
+            raise VlpruneError(
+                f"{cannot_write(self.path, error)}; the rows written before are kept: once that is fixed, rerun the "
+                f"same command to resume the sweep"
+            ) from None
         self.rows.append(row)
 
 
@@ -176,13 +228,30 @@ def cell_pruners(settings: SweepSettings) -> list[pruners.Pruner]:
 
 def check_folder(folder: str | os.PathLike, settings: SweepSettings) -> None:
     """Check, without writing anything, that ``folder`` can take this sweep: it is (or can become) a writable folder,
-    and it holds no rows of a sweep with other settings.
+    its sweep files are its own writable files (not links to files elsewhere), and it holds no rows of a sweep with
+    other settings.
 
     Raises:
-        VlpruneError: the folder cannot be written, or holds another sweep's rows.
+        VlpruneError: the folder or one of its sweep files cannot be written, or the folder holds another sweep's rows.
     """
     folder = check_writable_folder(folder, "--out")
+    check_sweep_files(folder)
     _check_saved_settings(folder, settings)
+
+
+def check_sweep_files(folder: Path) -> None:
+    """Refuse a sweep file of ``folder`` that is not a plain file of the folder itself, or a results file that cannot
+    be appended to, before any of them is read, repaired or written.
+
+    Raises:
+        VlpruneError: naming the file and what is in the way.
+    """
+    for path in sorted(folder.glob("*")):
+        name = path.name
+        if name == RESULTS or (name.startswith("results-") and name.endswith(".jsonl")):
+            check_own_file(path, "the sweep's results file", appended=True)
+        elif name == SETTINGS or (name.startswith(".results") and name.endswith(".lock")):
+            check_own_file(path, "the sweep's file")
 
 
 def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
@@ -227,25 +296,25 @@ def check_settings(folder: Path, settings: SweepSettings) -> None:
     sweep is the same one."""
     if _check_saved_settings(folder, settings):
         return
-    try:
-        write_text_atomically(folder / SETTINGS, json.dumps(asdict(settings), indent=2) + "\n")
-    except OSError as error:
-        raise VlpruneError(f"cannot write the sweep's output folder {str(folder)!r}: {error.strerror}") from None
+    write_text_atomically(folder / SETTINGS, json.dumps(asdict(settings), indent=2) + "\n")
 
 
 @contextlib.contextmanager
 def _exclusive(folder: Path, results_name: str) -> Iterator[None]:
     """Hold the lock of one results file of ``folder`` for a whole sweep: two sweeps appending to one file would
     both run every cell and write every row twice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / f".{results_name}.lock", timeout=0)
+    lock_path = folder / f".{results_name}.lock"
+    lock = FileLock(lock_path, timeout=0)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         raise VlpruneError(
             f"another sweep is writing {folder / results_name} right now; wait for it to finish (a rerun then resumes "
             f"it) or use another --out folder"
         ) from None
+    except OSError as error:
+        raise cannot_write(lock_path, error) from None
     try:
         yield
     finally:
@@ -264,8 +333,9 @@ def run_sweep(
     """Run (or resume) a sweep, writing rows as they are measured; returns this process's results file.
 
     Raises:
-        VlpruneError: an unknown method or a bad budget (checked before anything runs), or a folder holding a
-            different sweep.
+        VlpruneError: an unknown method or a bad budget, a folder holding a different sweep, or a sweep file that is
+            not the folder's own writable file (all checked before anything is read or runs); a row that cannot be
+            written (a full disk: the rows before it are kept, and a rerun resumes).
     """
     folder = Path(folder)
     index, count = shard
@@ -285,8 +355,11 @@ def run_sweep(
     with _exclusive(folder, results_name):
         check_settings(folder, settings)
         results = ResultsFile(folder / results_name)
-        # A sharded rerun (an extended --limit) skips the cells the merged results.jsonl already holds.
-        merged = ResultsFile(folder / RESULTS).keys() if count > 1 and (folder / RESULTS).exists() else set()
+        # A sharded rerun (an extended --limit) skips the cells the merged results.jsonl already holds (read only:
+        # every process reads it, and only the main one writes it, when it merges).
+        merged: set[tuple[str, ...]] = set()
+        if count > 1 and (folder / RESULTS).exists():
+            merged = {row_key(row) for row in read_json_lines(folder / RESULTS).rows}
         _run_cells(runner, mine, settings, results, progress, merged)
     return results.path
 
@@ -301,16 +374,16 @@ def _run_cells(
 ) -> None:
     done = results.keys() | elsewhere
     todo = [(s, c) for s in mine for c in cells(settings) if cell_key(s.id, *c) not in done]
-    bar = tqdm(total=len(todo), desc="sweep", disable=not progress)
-
-    def write(row: dict[str, Any]) -> None:
-        results.append(row)
-        bar.update(1)
-
     unfinished = {sample.id for sample, _ in todo}
     pending = [s for s in mine if s.id in unfinished]
-    (_run_captured_cells if settings.compile else _run_eager_cells)(runner, pending, settings, done, write)
-    bar.close()
+    # The bar is closed on failure too, so that the error is printed on a line of its own.
+    with tqdm(total=len(todo), desc="sweep", disable=not progress) as bar:
+
+        def write(row: dict[str, Any]) -> None:
+            results.append(row)
+            bar.update(1)
+
+        (_run_captured_cells if settings.compile else _run_eager_cells)(runner, pending, settings, done, write)
 
 
 def _run_eager_cells(
@@ -391,12 +464,19 @@ def _row(
     }
 
 
-def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]]) -> Iterable[dict[str, Any]]:
-    """Rows of the existing files among ``paths`` whose cell is not in ``seen`` yet (``seen`` grows as they come)."""
+def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]], skipped: list[str]) -> Iterable[dict[str, Any]]:
+    """Rows of the existing files among ``paths`` whose cell is not in ``seen`` yet (``seen`` grows as they come),
+    read without changing the files; a last line cut short is left out and named in ``skipped``."""
     for path in paths:
         if not path.exists():
             continue
-        for row in ResultsFile(path).rows:
+        read = read_json_lines(path)
+        if read.torn_line is not None:
+            skipped.append(
+                f"{path} line {read.torn_line} was cut short (a sweep stopped while writing it) and is left out; "
+                f"rerunning the sweep measures that cell again"
+            )
+        for row in read.rows:
             key = row_key(row)
             if key not in seen:
                 seen.add(key)
@@ -405,20 +485,53 @@ def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]]) -> Iterable[dic
 
 def merge_shards(folder: str | os.PathLike, count: int) -> Path:
     """Merge ``results-<i>.jsonl`` of ``count`` processes into ``results.jsonl`` (rows already there stay; each cell
-    once)."""
+    once).
+
+    Raises:
+        VlpruneError: a results file that is not the folder's own, or one that cannot be read or written.
+    """
     folder = Path(folder)
+    check_sweep_files(folder)
     merged = ResultsFile(folder / RESULTS)
-    for row in list(_new_rows((folder / f"results-{i}.jsonl" for i in range(count)), merged.keys())):
+    shards = (folder / f"results-{i}.jsonl" for i in range(count))
+    for row in list(_new_rows(shards, merged.keys(), [])):
         merged.append(row)
     return merged.path
 
 
-def load_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a sweep folder (``results.jsonl`` and any shard files not merged yet), each cell once."""
+@dataclass(frozen=True)
+class SweepRows:
+    """The rows of a sweep folder, and the lines left out of them."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str]  # one sentence per line left out (a last line cut short by a kill)
+
+
+def read_rows(folder: str | os.PathLike) -> SweepRows:
+    """The rows of a sweep folder (``results.jsonl`` and any shard files not merged yet), each cell once, read without
+    changing any file: a last line cut short by a kill is left out and named in ``skipped`` (the sweep's rerun
+    removes it and measures its cell again).
+
+    Raises:
+        VlpruneError: the folder holds no results file, or one that cannot be read or holds a line that is no row.
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise VlpruneError(f"{str(folder)!r} {problem}; give the --out folder of a `vlprune sweep`")
     if not (folder / RESULTS).exists() and not list(folder.glob("results-*.jsonl")):
         raise VlpruneError(f"{folder} holds no sweep results ({RESULTS})")
-    return list(_new_rows([folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))], set()))
+    skipped: list[str] = []
+    rows = list(_new_rows([folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))], set(), skipped))
+    return SweepRows(rows, skipped)
+
+
+def load_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of :func:`read_rows`; each line left out is named in a warning."""
+    read = read_rows(folder)
+    for sentence in read.skipped:
+        warnings.warn(sentence, stacklevel=2)
+    return read.rows
 
 
 def median(values: Iterable[float | None]) -> float | None:
