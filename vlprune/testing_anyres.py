@@ -31,12 +31,15 @@ from vlprune.testing import (
     finish_tiny_model,
 )
 
-__all__ = ["GRID_PINPOINTS", "VIEW_SIZE", "build_tiny_llava_next", "build_tiny_llava_onevision"]
+__all__ = ["GRID_PINPOINTS", "VIDEO_TOKEN", "VIEW_SIZE", "build_tiny_llava_next", "build_tiny_llava_onevision"]
 
 VIEW_SIZE = 28
 """Side of one view (the base image or a tile) in pixels."""
 
 PATCH_SIZE = 4
+
+VIDEO_TOKEN = "<video>"
+"""The video placeholder of the OneVision model built with ``videos=True``."""
 
 GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 """(height, width) of the tile grids an image may be fitted to."""
@@ -86,27 +89,36 @@ def build_tiny_llava_onevision(
     seed: int = 0,
     weight_scale: float = 8.0,
     vision_layers: int = 3,
+    videos: bool = False,
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
     """A tiny random LLaVA-OneVision (SigLIP tower without [CLS], "full" strategy, Qwen2 language model) and its
-    processor, shrinking grids beyond two views' worth of patches."""
+    processor, shrinking grids beyond two views' worth of patches.
+
+    ``videos=True`` adds a ``<video>`` token to the vocabulary (a model of different random weights, as the vocabulary
+    grows), so that the processor takes ``videos=`` and the model encodes them; without it the model has no video
+    token."""
     tokenizer = build_tiny_tokenizer()
+    if videos:
+        tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
     image_processor = LlavaOnevisionImageProcessor(
         size={"height": VIEW_SIZE, "width": VIEW_SIZE}, image_grid_pinpoints=GRID_PINPOINTS
     )
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": VIEW_SIZE, "width": VIEW_SIZE}),
         num_image_tokens=(VIEW_SIZE // PATCH_SIZE) ** 2,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
         vision_aspect_ratio="anyres_max_2",
     )
     config = LlavaOnevisionConfig(
         vision_config=_vision_config("siglip", VIEW_SIZE, PATCH_SIZE, vision_layers),
         text_config=_text_config("qwen2", tokenizer, 2, num_hidden_layers),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        **({"video_token_index": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)} if videos else {}),
         image_grid_pinpoints=GRID_PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",

@@ -91,7 +91,15 @@ class ModelAdapter:
         return positions.masked_fill(attention_mask == 0, 1)
 
     def check_call(self, model_kwargs: dict[str, Any]) -> None:
-        """Refuse a model call this family cannot prune (raises VlpruneError); by default every call is fine."""
+        """Refuse a model call this family cannot prune (raises VlpruneError): by default a call that carries a video
+        when the family's videos are not visual tokens to vlprune (``encodes_videos``), as their tokens would pass
+        unpruned and uncounted."""
+        if not self.encodes_videos and carries_video(model_kwargs):
+            raise VlpruneError(
+                f"this prompt has a video, and vlprune does not prune the videos of {self.family} (their tokens would "
+                "pass unpruned and uncounted); prompt with images only, run the video without vlprune attached, or "
+                "use a Qwen-VL model, whose videos vlprune prunes"
+            )
 
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True at the image placeholder tokens."""
@@ -191,6 +199,12 @@ class ModelAdapter:
             intermediate_size=text.intermediate_size,
             gated_mlp=hasattr(mlp, "gate_proj"),
         )
+
+
+def carries_video(model_kwargs: dict[str, Any]) -> bool:
+    """Whether a model call carries a video: its pixels, or its features that ``generate`` encoded before the call."""
+    encoded = model_kwargs.get("mm_encoder_outputs") or {}
+    return model_kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
 
 
 def vision_encoder_layers(tower: nn.Module) -> nn.ModuleList:

@@ -15,8 +15,9 @@ from vlprune.errors import VlpruneError
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """``LlavaOnevisionForConditionalGeneration`` (or a bare ``LlavaOnevisionModel``), images only (videos are
-    pooled by another path that vlprune does not prune)."""
+    """``LlavaOnevisionForConditionalGeneration`` (or a bare ``LlavaOnevisionModel``), images only: a call with a
+    video is refused (``ModelAdapter.check_call``), as the model pools its frames by another path, with no geometry
+    here, so its tokens would pass unpruned and uncounted."""
 
     family = "llava-onevision"
     geometry_inputs = ("image_sizes", "batch_num_images")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import runpy
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,6 +50,30 @@ DEFAULT_BUCKETS = (*range(64, 1025, 64), *range(1280, 4097, 256))
 PROMPT_TENSORS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 BACKEND_VARIABLE = "VLPRUNE_COMPILE_BACKEND"  # the default backend ("eager": the captured graph without codegen)
 ANSWER_ROOM = 16  # answer capacities are multiples of this, so nearby max_new_tokens share a graph
+
+
+_VLPRUNE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# Frames in these never make a warning's place: vlprune and torch (its no_grad wrapper), and runpy (`python -m`).
+_INTERNAL_PREFIXES = (
+    _VLPRUNE_DIR,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.abspath(runpy.__file__),
+)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning, issued by the function that calls this one, to the first frame
+    outside vlprune and torch, the user's call: a fixed level lands in torch's ``no_grad`` wrapper or in vlprune's
+    own API, depending on the caller. Without such a frame (vlprune's CLI) the outermost vlprune frame."""
+    frame, level, outermost_vlprune = inspect.currentframe().f_back, 1, 1
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_INTERNAL_PREFIXES):
+            return level
+        if filename.startswith(_VLPRUNE_DIR):
+            outermost_vlprune = level
+        frame, level = frame.f_back, level + 1
+    return outermost_vlprune
 
 
 @dataclass(frozen=True)
@@ -132,6 +157,13 @@ class CapturedSession(PruningSession):
         self.prompt_hidden: torch.Tensor | None = None
         self._cache_name = _cache_keyword(self.adapter.decoder_layers[0])
 
+    def release_hint(self) -> str:
+        return (
+            "it is a captured session (compile=True), which a compiled vlprune.Pipeline keeps from its first call "
+            "until Pipeline.close() or the end of its `with pipeline:` block: close that pipeline (or detach the "
+            "session) first"
+        )
+
     # ------------------------------------------------------------------ what can run captured
 
     def _static_refusal(self) -> str | None:
@@ -149,7 +181,7 @@ class CapturedSession(PruningSession):
         if reason not in self._warned:
             self._warned.add(reason)
             name = self.pruner.name if self._redistribution is None else f"{self.pruner.name}+var"
-            warnings.warn(f"{name} runs eagerly, not captured: {reason}", stacklevel=3)
+            warnings.warn(f"{name} runs eagerly, not captured: {reason}", stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------ generation
 

@@ -27,7 +27,7 @@ from vlprune.adapters import ModelAdapter
 from vlprune.engine.vision_bridge import images_first
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
-from vlprune.pruners.base import Pruner, VisionLayerContext
+from vlprune.pruners.base import Pruner, VisionLayerContext, image_keep_error, keep_range_of
 
 
 @dataclass
@@ -134,9 +134,15 @@ class PackedVisionStages:
         steps_before = torch.cumsum(grids[:, 0].to(device), 0) - grids[:, 0].to(device)
         step = steps_before[images] + origin // per_step[images]
         budgets = []
-        for count in counts.tolist():
+        for image, count in enumerate(counts.tolist()):
             tokens = count // self.group
-            budget = self.pruner.vision_budget(self.adapter.family, tokens, tokens, 1)
+            try:
+                budget = self.pruner.vision_budget(self.adapter.family, tokens, tokens, 1)
+            except VlpruneError as error:
+                keep_range = keep_range_of(error)
+                if keep_range is None:
+                    raise
+                raise image_keep_error(*keep_range, image, tokens, item="image or video") from None
             if not 1 <= budget <= tokens:
                 raise RuntimeError(f"{self.pruner.name} gave an image a budget of {budget} of its {tokens} tokens")
             budgets.append(budget * self.group)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,10 +48,21 @@ from vlprune.engine.vision_bridge import VisionBridge
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens, kernel_setting
-from vlprune.pruners.base import PROBE_TOKENS, Pruner, QueryRows, Selection, StageContext, StagePlan
+from vlprune.pruners.base import (
+    PROBE_TOKENS,
+    Pruner,
+    QueryRows,
+    Selection,
+    StageContext,
+    StagePlan,
+    keep_range_of,
+    sample_keep_error,
+)
 
 POSITION_MODES = ("original", "reindex")
-_attached: set[int] = set()
+_attached: dict[int, weakref.ref[PruningSession]] = {}
+"""id(model) -> the session attached to it. Weak, so that a model dropped without detaching frees its entry's claim
+when a new model reuses its id."""
 
 
 class Phase(enum.Enum):
@@ -145,9 +157,10 @@ class PruningSession:
     # ------------------------------------------------------------------ attach / detach
 
     def _attach(self) -> None:
-        if id(self.model) in _attached:
-            raise VlpruneError("this model already has a vlprune session attached; detach it first")
-        _attached.add(id(self.model))
+        holder = _session_attached_to(self.model)
+        if holder is not None:
+            raise VlpruneError(f"this model already has a vlprune session attached; {holder.release_hint()}")
+        _attached[id(self.model)] = weakref.ref(self)
         try:
             base = self.adapter.base_model
             self._handles.append(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -193,7 +206,8 @@ class PruningSession:
         if self._observed:
             observer.stop_observing(self._observed)
             self._observed = []
-        _attached.discard(id(self.model))
+        if _session_attached_to(self.model) is self:  # a refused second session must not release the first's claim
+            del _attached[id(self.model)]
         self._prefill = self._decode = None
         self._forget_vision()
         self._phase = Phase.IDLE
@@ -210,6 +224,10 @@ class PruningSession:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def release_hint(self) -> str:
+        """How the user releases the model from this session, for a second attach's refusal."""
+        return "detach it first (session.detach(), or leave its `with vlprune.attach(...)` block)"
 
     def __enter__(self) -> PruningSession:
         return self
@@ -290,12 +308,13 @@ class PruningSession:
         so the samples of a ragged batch keep their own numbers of tokens, at the same layers."""
         plans: dict[int, list[StagePlan]] = {}
         for count in sorted(set(counts)):
-            plan = self.pruner.plan_for_family(self.adapter.family, count, self.shape.num_layers)
-            where = "" if len(set(counts)) == 1 else f" (a sample of this batch has {count} visual tokens)"
             try:
+                plan = self.pruner.plan_for_family(self.adapter.family, count, self.shape.num_layers)
                 check_plan(self.pruner.name, plan, count, self.shape.num_layers)
             except VlpruneError as error:
-                raise VlpruneError(f"{error}{where}") from None
+                if len(set(counts)) == 1:  # "per sample" is then true of every sample
+                    raise
+                raise _for_sample(error, counts.index(count), counts) from None
             if plan and plan[0].layer < self._first_stage_layer:
                 raise RuntimeError(f"{self.pruner.name}: the plan's layers changed with the number of visual tokens")
             plans[count] = plan
@@ -701,6 +720,12 @@ class PruningSession:
 # ---------------------------------------------------------------------- helpers
 
 
+def _session_attached_to(model: nn.Module) -> PruningSession | None:
+    claim = _attached.get(id(model))
+    session = None if claim is None else claim()
+    return session if session is not None and session.model is model else None
+
+
 def _cache_argument(kwargs: dict) -> Any:
     # transformers 5.24 renamed `past_key_values` to `cache`; both spellings reach the hooks depending on the version.
     return kwargs.get("cache", kwargs.get("past_key_values"))
@@ -714,6 +739,14 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _for_sample(error: VlpruneError, sample: int, counts: list[int]) -> VlpruneError:
+    """A plan's error for one sample of a ragged batch (whose samples have ``counts`` visual tokens), naming it."""
+    keep_range = keep_range_of(error)
+    if keep_range is not None:
+        return sample_keep_error(*keep_range, sample, counts)
+    return VlpruneError(f"{error} (sample {sample} of the batch has {counts[sample]} visual tokens)")
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -29,7 +29,7 @@ from vlprune.adapters import ModelAdapter
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens
-from vlprune.pruners.base import Pruner, VisionLayerContext
+from vlprune.pruners.base import Pruner, VisionLayerContext, image_keep_error, keep_range_of
 
 
 @dataclass
@@ -163,8 +163,14 @@ class VisionStages:
                 f"{sum(views for _, views in images)}; call the model with pixel_values and image_sizes together"
             )
         budgets = []
-        for tokens, views in images:
-            budget = self.pruner.vision_budget(self.adapter.family, tokens, patches, views)
+        for image, (tokens, views) in enumerate(images):
+            try:
+                budget = self.pruner.vision_budget(self.adapter.family, tokens, patches, views)
+            except VlpruneError as error:
+                keep_range = keep_range_of(error)
+                if keep_range is None:
+                    raise
+                raise image_keep_error(*keep_range, image, tokens, _sample_of_image(self.image_inputs, image)) from None
             if not 1 <= budget <= patches:
                 raise RuntimeError(f"{self.pruner.name} gave a view a budget of {budget} of its {patches} patches")
             budgets += [budget] * views
@@ -287,3 +293,13 @@ class VisionStages:
         full = output.new_zeros(output.shape[0], patches + 1, output.shape[2])  # the last column takes the fillers
         index = kept.masked_fill(~real, patches)[..., None].expand(-1, -1, output.shape[2])
         return full.scatter(1, index, output)[:, :patches]
+
+
+def _sample_of_image(image_inputs: dict[str, Any], image: int) -> int | None:
+    """The sample ``image`` (the tower's order) belongs to, where the call says how many images each sample has
+    (OneVision's ``batch_num_images``); None where it does not."""
+    counts = image_inputs.get("batch_num_images")
+    if counts is None:
+        return None
+    samples = [sample for sample, count in enumerate(counts.tolist()) for _ in range(int(count))]
+    return samples[image] if image < len(samples) else None

@@ -342,10 +342,48 @@ def resolve_keep(keep: int | float, num_visual: int) -> int:
         return max(1, round(keep * num_visual))
     count = keep
     if not 1 <= count <= num_visual:
-        raise VlpruneError(
-            f"keep={keep} is outside [1, {num_visual}]: the model has {num_visual} visual tokens per sample"
-        )
+        raise keep_out_of_range(count, num_visual)
     return count
+
+
+def keep_out_of_range(keep: int, num_visual: int) -> VlpruneError:
+    """The error for a count budget above the ``num_visual`` visual tokens it is resolved against. It stays a plain
+    VlpruneError (the one type vlprune raises) and carries both numbers (:func:`keep_range_of`), so that the engine
+    can name the sample or the image of a ragged batch whose count it is, where "per sample" would be untrue."""
+    error = VlpruneError(
+        f"keep={keep} is outside [1, {num_visual}]: the model has {num_visual} visual tokens per sample"
+    )
+    error.keep_range = (keep, num_visual)
+    return error
+
+
+def keep_range_of(error: BaseException) -> tuple[int, int] | None:
+    """(keep, visual tokens) of an error from :func:`keep_out_of_range`, else None."""
+    return getattr(error, "keep_range", None)
+
+
+def sample_keep_error(keep: int, num_visual: int, sample: int, counts: list[int]) -> VlpruneError:
+    """A count budget above the tokens of ``sample`` of a ragged batch whose samples have ``counts`` visual tokens."""
+    return VlpruneError(
+        f"keep={keep} is outside [1, {num_visual}] for sample {sample} of the batch, which has {counts[sample]} "
+        f"visual tokens (the samples have {', '.join(map(str, counts))}; a count budget applies to each sample: pass "
+        f"at most {min(counts)}, or a fraction such as 0.25)"
+    )
+
+
+def image_keep_error(
+    keep: int, num_visual: int, image: int, tokens: int, sample: int | None = None, item: str = "image"
+) -> VlpruneError:
+    """A count budget above what ``image`` (of ``sample``, when known) of a batch gives inside the vision tower: its
+    ``tokens`` visual tokens, or, for an untiled view, the view's ``num_visual`` patches; ``item`` names what the
+    tower encoded."""
+    of_sample = "" if sample is None else f" (sample {sample})"
+    patches = "" if num_visual == tokens else f", {num_visual} patches in its view"
+    return VlpruneError(
+        f"keep={keep} is outside [1, {num_visual}] for {item} {image} of the batch{of_sample}, which has {tokens} "
+        f"visual tokens{patches}; a count budget applies to each {item} in the vision tower: pass at most "
+        f"{num_visual}, or a fraction such as 0.25"
+    )
 
 
 def check_layer(layer: int, num_layers: int, *, minimum: int = 0, method: str) -> int:
