@@ -15,8 +15,9 @@ from vlprune.geometry import NEWLINE, VisualGeometry
 from vlprune.testing import build_tiny_inputs, make_test_image
 from vlprune.testing_anyres import build_tiny_llava_next, build_tiny_llava_onevision
 
-SIZES = [(40, 20), (20, 40), (50, 50), (28, 28), (30, 90), (90, 30), (56, 57)]
-"""(width, height) of test images: wide, tall, square, tiny, very wide, very tall, nearly square."""
+SIZES = [(40, 20), (20, 40), (50, 50), (28, 28), (30, 90), (90, 30), (56, 57), (1, 250), (250, 1)]
+"""(width, height) of test images: wide, tall, square, tiny, very wide, very tall, nearly square, and two slivers
+that unpadding cuts to no column or no row of tiles."""
 
 MARK = -7.0
 

@@ -94,7 +94,7 @@ class LlavaNextAdapter(LlavaAdapter):
         # Unpadding an index map with the family's own function says which rows and columns it keeps.
         index = torch.arange(height * width).view(1, height, width)
         kept = family.unpad_image(index, torch.tensor(size))
-        kept_rows, kept_cols = kept[0, :, 0] // width, kept[0, 0, :] % width
+        kept_rows, kept_cols = _kept_lines(kept[0], width)
         return tiled_view(
             patches, (tiles_down, tiles_across), kept_rows, kept_cols, self._shrunk(len(kept_rows), len(kept_cols))
         )
@@ -102,3 +102,14 @@ class LlavaNextAdapter(LlavaAdapter):
     def _shrunk(self, height: int, width: int) -> tuple[int, int] | None:
         """The grid's size after down-scaling, when the family shrinks it (LLaVA-NeXT never does)."""
         return None
+
+
+def _kept_lines(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and columns of a (height, width) index map that unpadding kept, as ``kept`` holds them.
+
+    Unpadding crops either rows or columns, never both: when it leaves no column (an image hundreds of times taller
+    than wide) or no row, the other side is whole, and the empty side has nothing to read the indices from.
+    """
+    if kept.numel() == 0:
+        return torch.arange(kept.shape[0]), torch.arange(kept.shape[1])
+    return kept[:, 0] // width, kept[0, :] % width
