@@ -159,7 +159,6 @@ def families_said(cell: str) -> list[str]:
 
 
 def test_the_readmes_method_table_lists_exactly_the_registered_methods() -> None:
-    from vlprune.pruners.base import Stage
     from vlprune.pruners.var import VAR
 
     rows = table_rows(readme_section("Methods"))
@@ -169,7 +168,7 @@ def test_the_readmes_method_table_lists_exactly_the_registered_methods() -> None
     for name, where, families, paper in rows:
         name = name.strip("`")
         cls = VAR if name == VAR.name else vlprune.pruners.get(name)
-        stage = Stage.ATTENTION.value if name == VAR.name else vlprune.pruners.stages_of(name)
+        stage = vlprune.pruners.stages_of(name)
         assert where == stage, f"README says {name} acts {where!r}; the code says {stage!r}"
         assert families_said(families) == vlprune.pruners.families_of(name), f"README's families of {name}"
         assert paper == cls.reference.split(" (")[0], f"README's paper of {name}"

@@ -345,6 +345,7 @@ def test_the_readme_method_table_names_the_stages_the_code_runs() -> None:
         stages = vlprune.pruners.stages_of(name)
         assert rows[name].startswith(stages), f"docs say {rows[name]!r} for {name}, the code runs {stages!r}"
     assert vlprune.pruners.stages_of("vflowopt") == "pre-LLM+in-LLM"
+    assert vlprune.pruners.stages_of("var") == "attention-modifier"  # a modifier, not a registered pruner
 
 
 def test_the_readme_family_table_matches_vlprune_methods() -> None:

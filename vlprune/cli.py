@@ -396,7 +396,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _methods() -> int:
-    from vlprune.pruners.base import Stage
     from vlprune.pruners.var import VAR
 
     rows = [
@@ -410,7 +409,9 @@ def _methods() -> int:
         for name in pruners.available()
     ]
     families = ",".join(pruners.families_of(VAR.name))
-    rows.append((VAR.name, Stage.ATTENTION.value, "-", families, f"{VAR.reference}; combine as METHOD+{VAR.name}"))
+    rows.append(
+        (VAR.name, pruners.stages_of(VAR.name), "-", families, f"{VAR.reference}; combine as METHOD+{VAR.name}")
+    )
     header = ("name", "stage", "positions", "families", "reference")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:

@@ -84,6 +84,8 @@ def stages_of(name: str) -> str:
     cannot drift from the code (VFlowOpt: "pre-LLM+in-LLM")."""
     from vlprune.pruners.base import PROBE_TOKENS
 
+    if name in available_modifiers():  # they prune nothing: they rewrite attention inside the language model
+        return Stage.ATTENTION.value
     cls = get(name)
     if cls.stage not in (Stage.VISION, Stage.PRE_LLM):
         return cls.stage.value
