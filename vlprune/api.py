@@ -592,14 +592,15 @@ def check_before_loading(
 
 
 def check_family(pruner: pruners.Pruner, family: str, model: str) -> None:
-    """Refuse a method that does not run on ``family`` (``vlprune.pruners.families_of``) before the model loads.
+    """Refuse a method that does not run on ``family`` with its options (``vlprune.pruners.families_of``) before the
+    model loads.
 
     Raises:
         VlpruneError: naming the method, the model and its family, and the families the method runs on.
     """
     try:
-        families = pruners.families_of(pruner.name)
-    except Exception:  # a user's pruner that cannot be planned on the probe shape: the attach decides on the model
+        families = pruners.families_of(pruner)
+    except Exception:  # a pruner that cannot be planned on the probe shape (a layer past 32): the attach decides
         return
     if family not in families:
         raise VlpruneError(

@@ -101,19 +101,23 @@ FAMILY_NAMES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-v
 """The model families vlprune runs on (see :mod:`vlprune.adapters`)."""
 
 
-def families_of(name: str) -> list[str]:
-    """The families the method ``name`` runs on with its defaults: a method reading one square vision attention map
-    per image has no multi-crop path (LLaVA-NeXT, OneVision), one reading the [CLS] token's attention cannot run
-    on OneVision's SigLIP tower, which has none, unless its reference has a substitute (:attr:`Pruner.cls_substitute`),
-    and one reading or pruning the vision encoder does not run on the Qwen-VL family yet.
+def families_of(method: str | Pruner) -> list[str]:
+    """The families a method runs on: the method ``name`` with its defaults, or a pruner with its own options. A
+    method reading one square vision attention map per image has no multi-crop path (LLaVA-NeXT, OneVision), one
+    reading the [CLS] token's attention cannot run on OneVision's SigLIP tower, which has none, unless its reference
+    has a substitute (:attr:`Pruner.cls_substitute`), and one reading or pruning the vision encoder does not run on the
+    Qwen-VL family yet.
     """
     from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS, QWEN_FAMILIES
     from vlprune.pruners.var import VAR
 
-    if name == VAR.name:
+    if method == VAR.name:
         return list(FAMILY_NAMES)
-    cls = get(name)
-    pruner = cls() if cls.name == "none" else cls(keep=0.25)
+    if isinstance(method, Pruner):
+        pruner, cls = method, type(method)
+    else:
+        cls = get(method)
+        pruner = cls() if cls.name == "none" else cls(keep=0.25)
     vision_side = type(pruner).vision_layers is not Pruner.vision_layers
     families = []
     for family in FAMILY_NAMES:
