@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import assert_one_line, cli
 from conftest import tiny_model
 from filelock import FileLock
 from PIL import Image
@@ -21,7 +22,6 @@ import vlprune
 import vlprune.api
 import vlprune.cli
 from vlprune import VlpruneError
-from vlprune.cli import main
 from vlprune.eval.datasets import load_dataset
 from vlprune.eval.sweep import RESULTS, SETTINGS
 from vlprune.models import source
@@ -56,23 +56,6 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[torch.nn.
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code: int, out: str, err: str, *fragments: str) -> str:
-    assert code == 2, err
-    assert out == ""
-    assert err.startswith("vlprune: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
-    return err
 
 
 def api_error(action, *fragments: str) -> str:

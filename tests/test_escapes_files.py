@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_checks import assert_one_line, cli
 from tqdm import tqdm
 
 import vlprune.api
 import vlprune.cli
-from vlprune.cli import main
 from vlprune.errors import VlpruneError
 from vlprune.eval.calibrate import write_config
 from vlprune.eval.files import write_text_atomically
@@ -41,22 +41,6 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the bad value was reported")
 
     monkeypatch.setattr(vlprune.api, "load_model", refuse)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code: int, out: str, err: str, *fragments: str) -> str:
-    assert code == 2, err
-    assert out == ""
-    assert err.startswith("vlprune: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
-    return err
 
 
 def sweep_argv(out: Path) -> list[str]:

@@ -6,6 +6,7 @@ sweep leaves no file behind)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import assert_one_line as assert_refused
+from cli_checks import cli
 from conftest import tiny_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -24,12 +27,14 @@ import vlprune
 import vlprune.api
 import vlprune.cli
 from vlprune import VlpruneError
-from vlprune.cli import main
 from vlprune.testing import make_test_image
 from vlprune.testing_anyres import build_tiny_llava_onevision
 from vlprune.testing_qwen import build_tiny_qwen2_vl
 
 QUESTION = "What is in the image?"
+
+# Some of these refusals come from a load that started, after transformers' progress bar.
+assert_one_line = functools.partial(assert_refused, after_loading=True)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures and helpers
@@ -89,25 +94,6 @@ def own_code_folder(folder: Path, marker: Path) -> Path:
     (folder / "config.json").write_text(json.dumps({"model_type": "evil-vlm", "auto_map": auto_map}))
     (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('the code ran')\n")
     return folder
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code: int, out: str, err: str, *fragments: str) -> str:
-    """Exit status 2 and one error line; before it, at most the progress bar of a model that loaded."""
-    assert code == 2, err
-    assert out == ""
-    *bars, line = err.removesuffix("\n").split("\n")
-    assert err.endswith("\n") and all(bar.startswith("\rLoading weights") for bar in bars), err
-    assert line.startswith("vlprune: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def api_error(action, *fragments: str) -> str:
