@@ -40,7 +40,7 @@ ImageInput = str | os.PathLike | Image.Image
 
 
 def _tiny_random() -> tuple[nn.Module, Any]:
-    from vlprune.testing import build_tiny_llava
+    from vlprune.testing.llava import build_tiny_llava
 
     return build_tiny_llava(vision="clip", text="llama", num_key_value_heads=2)
 

@@ -8,27 +8,37 @@ runs first) and reused while decoding, where the query is the new token.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from vlprune.adapters import ModelAdapter
+from vlprune.engine.layout import Layout
 from vlprune.engine.observer import Action
 from vlprune.kernels import attention_rows, gather_tokens
 from vlprune.pruners.var import find_sink_dimensions
 
-if TYPE_CHECKING:
-    from vlprune.engine.session import PruningSession
-
 
 class Redistribution:
-    """The hooks of an attention modifier in one session."""
+    """The hooks of an attention modifier in one session.
 
-    def __init__(self, session: PruningSession, modifier: Any) -> None:
-        self.session = session
+    Args:
+        adapter: the model's adapter.
+        num_layers: decoder layers of the language model.
+        prefill_layout: the layout of the session's prefill in progress, or None outside a prefill.
+        modifier: the attention modifier (VAR).
+    """
+
+    def __init__(
+        self, adapter: ModelAdapter, num_layers: int, prefill_layout: Callable[[], Layout | None], modifier: Any
+    ) -> None:
+        self.adapter = adapter
+        self.prefill_layout = prefill_layout
         self.modifier = modifier
-        self.layers = modifier.layers(session.shape.num_layers)
-        self.dimensions: list[int] | None = modifier.known_dimensions(session.adapter.config.text_config)
+        self.layers = modifier.layers(num_layers)
+        self.dimensions: list[int] | None = modifier.known_dimensions(adapter.config.text_config)
         self.cache: Any = None  # the cache of the last prefill, to recognise its decoding steps
         self.decoding = False
         self._sinks: dict[int, torch.Tensor] = {}  # layer -> (B, L) sink tokens of its prefill input
@@ -38,18 +48,18 @@ class Redistribution:
     def install(self) -> tuple[list[torch.utils.hooks.RemovableHandle], dict[nn.Module, Any]]:
         handles, observed = [], {}
         for index in self.layers:
-            layer = self.session.adapter.decoder_layers[index]
+            layer = self.adapter.decoder_layers[index]
             handles.append(layer.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
             observed[layer.self_attn] = self._observer(index)
         return handles, observed
 
     def _input_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            prefill = self.session.prefill_state()
-            if prefill is None:
+            layout = self.prefill_layout()
+            if layout is None:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
-            layout = prefill.layout.to(hidden.device)
+            layout = layout.to(hidden.device)
             if self.dimensions is None:
                 self.dimensions = find_sink_dimensions(hidden, self.modifier.tau, layout.real)
             self._sinks[index] = self.modifier.sinks(hidden, self.dimensions) & layout.real
@@ -67,7 +77,7 @@ class Redistribution:
             mask: Any,
             scaling: float | None,
         ) -> Action | None:
-            if self.session.prefill_state() is not None:
+            if self.prefill_layout() is not None:
                 rows = self._rows.get(index)
             elif self.decoding and index in self._sinks:
                 rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)

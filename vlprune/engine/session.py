@@ -139,7 +139,11 @@ class PruningSession:
         stages = PackedVisionStages if self.adapter.vision_chunked else VisionStages
         self._vision_stages = stages(self.adapter, pruner, self._bridge.image_inputs)
         modifier = getattr(pruner, "modifier", None)
-        self._redistribution = None if modifier is None else Redistribution(self, modifier)
+        self._redistribution = (
+            None
+            if modifier is None
+            else Redistribution(self.adapter, self.shape.num_layers, self._prefill_layout, modifier)
+        )
         self._mask_style = self.adapter.config.text_config._attn_implementation
         self.stats: PrefillStats | None = None
         self.history: list[PrefillStats] = []
@@ -216,6 +220,11 @@ class PruningSession:
         """The layout of the prefill in progress once a stage has changed it, else None."""
         prefill = self.prefill_state()
         return prefill.layout if prefill is not None and prefill.segments else None
+
+    def _prefill_layout(self) -> Layout | None:
+        """The layout of the prefill in progress, or None outside a prefill."""
+        prefill = self.prefill_state()
+        return prefill.layout if prefill is not None else None
 
     def prefill_state(self) -> _Prefill | None:
         """The prefill in progress, or None outside a prefill."""
@@ -778,27 +787,3 @@ def resolve_positions(pruner: Pruner, positions: str | None, adapter: ModelAdapt
             f"keeps as they are; use one of {modes}"
         )
     return positions
-
-
-def attach(
-    model: nn.Module,
-    pruner: Pruner,
-    *,
-    positions: str | None = None,
-    num_visual: int | None = None,
-    compile: bool = False,
-    **compile_options: Any,
-) -> PruningSession:
-    """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit).
-    ``positions=None`` follows the method's reference ("original" or "reindex"; see :class:`PruningSession`).
-
-    ``compile=True`` gives a :class:`~vlprune.engine.captured.CapturedSession`, whose ``generate`` runs the pruned
-    prefill and each decode step as captured graphs (``compile_options``: its ``buckets``, ``backend``,
-    ``cuda_graphs``); ``model.generate`` still runs the eager engine under it."""
-    if compile:
-        from vlprune.engine.captured import CapturedSession
-
-        return CapturedSession(model, pruner, positions=positions, num_visual=num_visual, **compile_options)
-    if compile_options:
-        raise VlpruneError(f"{sorted(compile_options)} are options of compile=True")
-    return PruningSession(model, pruner, positions=positions, num_visual=num_visual)

@@ -1,4 +1,4 @@
-"""Visual question answering samples and the loaders of the evaluation datasets.
+"""The loaders of the evaluation datasets, each giving a list of :class:`~vlprune.eval.vqa_sample.VQASample`.
 
 ``load_dataset(spec, split, limit)`` understands three specs:
 
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from vlprune.errors import VlpruneError
+from vlprune.eval.shapes import shapes_samples
+from vlprune.eval.vqa_sample import VQASample
 
 DATASETS: tuple[str, ...] = ("shapes", "easy-vqa", "jsonl:PATH")
 """The dataset specs :func:`load_dataset` accepts (``PATH`` stands for a JSONL file)."""
@@ -39,25 +40,6 @@ _NUMBER_WORDS = dict(
 )
 _ARTICLES = frozenset({"a", "an", "the"})
 _TRAILING_PUNCTUATION = ".,;:!?"
-
-
-@dataclass
-class VQASample:
-    """One question about one image, with its reference answer.
-
-    Attributes:
-        image: the image, or the path of its file (loaded when the sample is evaluated).
-        question: the question text.
-        answer: the reference answer.
-        kind: a coarse question type ("color", "count_shape", "yes/no", ...) to report accuracy per type.
-        id: an identifier that is unique within its dataset split.
-    """
-
-    image: Image.Image | str | Path
-    question: str
-    answer: str
-    kind: str = "other"
-    id: str = ""
 
 
 def normalize_answer(text: str) -> str:
@@ -106,9 +88,6 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> li
         raise VlpruneError(f"unknown dataset {spec!r}; choose one of {', '.join(DATASETS)}")
     _check_split(spec, split)
     if spec == "shapes":
-        # Imported here because shapes.py imports VQASample from this module.
-        from vlprune.eval.shapes import shapes_samples
-
         return shapes_samples(split, limit=limit)
     return _load_easy_vqa(split, limit)
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlprune.errors import VlpruneError
-from vlprune.eval.datasets import VQASample
+from vlprune.eval.vqa_sample import VQASample
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 

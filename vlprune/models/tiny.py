@@ -674,7 +674,7 @@ def _verify(folder: Path, image_size: int) -> None:
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlprune.testing import make_test_image
+    from vlprune.testing.images import make_test_image
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()

@@ -1,29 +1,12 @@
-"""Tiny, offline, random-weight LLaVA models and processors for tests.
-
-This module builds miniature :class:`transformers.LlavaForConditionalGeneration` models together with a fully
-working :class:`transformers.LlavaProcessor` (byte-level BPE tokenizer, image processor and LLaVA-1.5 chat
-template) without touching the network or a model hub. Everything is built from configs and seeded, so the
-same arguments always give the same weights, token ids and outputs within one environment.
-
-It serves two purposes:
-
-* unit and integration tests of the pruning engine across vision towers (CLIP, SigLIP, DINOv2), language
-  models (Llama, Qwen2), attention layouts (MHA, GQA, MQA) and attention implementations (eager, SDPA);
-* a random-weight smoke model for the command-line interface.
-
-The weights are random: the models never produce meaningful answers. The language model is initialised with a
-larger-than-usual std and its query/key projections are scaled up (``weight_scale``), so that attention is peaky
-and dropping visual tokens visibly changes the logits and the greedy generations (while staying finite).
+"""Tiny random-weight LLaVA-1.5 models (:class:`transformers.LlavaForConditionalGeneration`) and their processors:
+CLIP, SigLIP or DINOv2 towers, Llama or Qwen2 language models, MHA, GQA or MQA, eager or SDPA attention.
+See :mod:`vlprune.testing` for what the tiny models are for.
 """
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BatchFeature,
     CLIPImageProcessor,
@@ -40,17 +23,15 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from vlprune.testing.common import _TEXT_INIT_STD, ATTN_IMPLEMENTATIONS, _check_choice, finish_tiny_model
+from vlprune.testing.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_tiny_tokenizer
+
 __all__ = [
-    "ATTN_IMPLEMENTATIONS",
-    "CHAT_TEMPLATE",
-    "IMAGE_TOKEN",
     "LANGUAGE_MODELS",
     "VISION_TOWERS",
     "build_tiny_inputs",
     "build_tiny_llava",
     "build_tiny_processor",
-    "build_tiny_tokenizer",
-    "make_test_image",
 ]
 
 VISION_TOWERS: tuple[str, ...] = ("clip", "siglip", "dinov2")
@@ -58,126 +39,6 @@ VISION_TOWERS: tuple[str, ...] = ("clip", "siglip", "dinov2")
 
 LANGUAGE_MODELS: tuple[str, ...] = ("llama", "qwen2")
 """Supported language models for :func:`build_tiny_llava`."""
-
-ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa")
-"""Supported attention implementations for :func:`build_tiny_llava`."""
-
-IMAGE_TOKEN = "<image>"
-"""Placeholder token that the processor expands to one token per visual patch."""
-
-SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ ' ' }}{% endif %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'text' %}"
-    "{% if not loop.first %}{{ ' ' }}{% endif %}{{ item['text'] }}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{% if messages %}{{ ' ' }}{% endif %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-r"""LLaVA-1.5 style chat template: ``USER: <image>\n{question} ASSISTANT:``."""
-
-_CORPUS: tuple[str, ...] = (
-    "USER: What colour is the square? ASSISTANT: The square is red.",
-    "USER: What colour is the circle? ASSISTANT: The circle is blue.",
-    "USER: How many shapes are in the image? ASSISTANT: There are three shapes.",
-    "USER: Is the triangle on the left or on the right? ASSISTANT: The triangle is on the left.",
-    "USER: Describe the image. ASSISTANT: A green rectangle is next to a yellow square.",
-    "USER: What is in the top left corner? ASSISTANT: A small orange box.",
-    "USER: Count the red squares. ASSISTANT: One, two, three, four, five.",
-    "USER: Which shape is the largest? ASSISTANT: The big purple circle is the largest.",
-    "USER: Are there any blue shapes? ASSISTANT: Yes, there is one blue shape.",
-    "USER: Is there a white background? ASSISTANT: No, the background is black.",
-    "What colour is the object on the right?",
-    "What shape is in the middle of the picture?",
-    "How many rectangles can you see?",
-    "Where is the green square?",
-    "Which colour appears most often?",
-    "Is the red box above or below the blue box?",
-    "The image shows a grey background with coloured rectangles.",
-    "Red, green, blue, yellow, orange, purple, pink, brown, black, white and grey are colours.",
-    "Squares, circles, triangles, rectangles, lines and dots are shapes.",
-    "Zero, one, two, three, four, five, six, seven, eight, nine, ten.",
-    "Left, right, top, bottom, centre, middle, above, below, next to.",
-    "There is a small red square on the left and a large blue circle on the right.",
-    "The yellow triangle is at the top and the green line is at the bottom.",
-    "Please answer the question about the image in one short sentence.",
-    "Look at the picture and tell me what you see.",
-    "I can see two squares and one circle.",
-    "The answer is yes.",
-    "The answer is no.",
-    "Thank you for the question.",
-    "Can you describe the colours in this image?",
-    "What is the colour of the biggest rectangle?",
-    "How many colours are there in the picture?",
-)
-
-_VOCAB_SIZE = 400
-
-_TEXT_INIT_STD = 0.1
-"""Language-model ``initializer_range``. Larger than the usual 0.02 so that, together with ``weight_scale``,
-attention is peaky and the residual stream depends strongly on the (visual) context; at 0.02 the attention of a
-64-wide model stays almost uniform and pruning barely moves the logits."""
-
-
-@functools.lru_cache(maxsize=1)
-def _trained_tokenizer_json() -> str:
-    """Train the byte-level BPE tokenizer once per process and return it serialised.
-
-    Returns:
-        The JSON serialisation of the trained :class:`tokenizers.Tokenizer`. A string is cached rather than the
-        object so that every caller gets an independent, freshly deserialised copy.
-    """
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A",
-        pair="<s> $A <s> $B:1",
-        special_tokens=[("<s>", bos_id)],
-    )
-    return tokenizer.to_str()
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Build the tiny byte-level BPE tokenizer (trained once per process, then copied).
-
-    Returns:
-        A left-padding :class:`transformers.PreTrainedTokenizerFast` with ``<s>``/``</s>``/``<pad>``/``<unk>``
-        and the ``<image>`` placeholder (also exposed as ``tokenizer.image_token``/``image_token_id``) as special
-        tokens. ``<s>`` is prepended to every encoded sequence.
-    """
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def _check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
-    """Raise a ``ValueError`` naming ``value`` and the valid ``choices`` if ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {choices!r}.")
 
 
 def _check_geometry(image_size: int, patch_size: int) -> None:
@@ -355,46 +216,6 @@ def build_tiny_llava(
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     finish_tiny_model(model, tokenizer, weight_scale)
     return model, processor
-
-
-def finish_tiny_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, weight_scale: float) -> None:
-    """Make a freshly built tiny model's attention peaky (every language-model ``q_proj`` and ``k_proj`` weight times
-    ``weight_scale ** 0.5``), give its generation config the tokenizer's special ids, and put it in eval mode."""
-    factor = float(weight_scale) ** 0.5
-    with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if param.ndim == 2 and name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(factor)
-    generation_config = model.generation_config
-    generation_config.bos_token_id = tokenizer.bos_token_id
-    generation_config.eos_token_id = tokenizer.eos_token_id
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-
-
-def make_test_image(seed: int, size: int = 32) -> Image.Image:
-    """Draw a deterministic RGB test image: a few coloured rectangles on a plain background.
-
-    Args:
-        seed: Seed for the random colours and rectangle positions.
-        size: Side length of the square image in pixels.
-
-    Returns:
-        A ``size`` x ``size`` RGB :class:`PIL.Image.Image`.
-
-    Raises:
-        ValueError: If ``size`` is smaller than 2.
-    """
-    if size < 2:
-        raise ValueError(f"size must be at least 2, got {size}.")
-    rng = np.random.default_rng(seed)
-    pixels = np.empty((size, size, 3), dtype=np.uint8)
-    pixels[:] = rng.integers(0, 256, size=3, dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 5))):
-        top, left = (int(v) for v in rng.integers(0, size - 1, size=2))
-        height, width = (int(v) for v in rng.integers(max(1, size // 8), max(2, size // 2) + 1, size=2))
-        pixels[top : top + height, left : left + width] = rng.integers(0, 256, size=3, dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def build_tiny_inputs(processor: LlavaProcessor, images: list[Image.Image], questions: list[str]) -> BatchFeature:
