@@ -29,11 +29,16 @@ span's real length (``SUBSET_RATIO`` times it), as vlprune does for any family w
 
 Qwen-VL: the reference has no Qwen path; the same rule runs on the language model's input embeddings of the image
 (or video) tokens, and the kept tokens keep their multimodal positions (the only numbering vlprune offers there).
+
+The selection is :func:`select_divprune`, a function of the projected tokens (re-exported by
+:mod:`vlprune.pruners.selection`), which the pruner calls and another engine can call alike; on every family it
+receives the language model's input embeddings of the visual tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -94,9 +99,34 @@ class DivPrune(Pruner):
         return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
-        distance = cosine_distance(ctx.visual_hidden, torch.float32 if self.float32 else None)
-        # The first token is the one whose second-smallest distance (the smallest is its own, ~0) is largest: the
-        # reference's topk(2, largest=False)[1], which also settles rounding of the diagonal as it does.
-        isolation = torch.topk(distance, 2, dim=-2, largest=False).values[:, 1, :]
-        chosen = greedy_max_min(distance, isolation.argmax(dim=-1), ctx.keep)
-        return Selection(keep_index=chosen.sort(dim=-1).values, scores=isolation.float())
+        kept = select_divprune(ctx.visual_hidden, ctx.keep, float32=self.float32)
+        return Selection(keep_index=kept.index, scores=kept.isolation)
+
+
+class DiverseTokens(NamedTuple):
+    """What :func:`select_divprune` returns."""
+
+    index: torch.Tensor
+    """(B, keep) long indices of the kept tokens, ascending."""
+    isolation: torch.Tensor
+    """(B, N) float32 each token's distance to its nearest other token (the first kept token has the largest)."""
+
+
+def select_divprune(embeddings: torch.Tensor, keep: int, *, float32: bool = False) -> DiverseTokens:
+    """DivPrune's kept tokens: greedy max-min diversity on the cosine distance between the projected tokens.
+
+    Args:
+        embeddings: (B, N, D) the visual tokens as they enter the language model (the projector's output).
+        keep: tokens kept per sample (a count in [1, N]).
+        float32: compute the distances in float32; False (the reference's choice) computes them in the embeddings'
+            own dtype, where rounding decides near-ties as the reference's float16 run does.
+
+    Returns:
+        the kept indices and each token's isolation (:class:`DiverseTokens`).
+    """
+    distance = cosine_distance(embeddings, torch.float32 if float32 else None)
+    # The first token is the one whose second-smallest distance (the smallest is its own, ~0) is largest: the
+    # reference's topk(2, largest=False)[1], which also settles rounding of the diagonal as it does.
+    isolation = torch.topk(distance, 2, dim=-2, largest=False).values[:, 1, :]
+    chosen = greedy_max_min(distance, isolation.argmax(dim=-1), keep)
+    return DiverseTokens(index=chosen.sort(dim=-1).values, isolation=isolation.float())

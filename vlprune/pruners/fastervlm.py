@@ -26,6 +26,9 @@ Deviations: the reference forces the ``spatial`` merge (no unpadding, no ``image
 LLaVA-NeXT checkpoints are trained with ``spatial_unpad``; vlprune keeps the model's own layout, so tiles are
 unpadded (their shares follow their real sizes) and the line breaks, which the reference never feeds, are dropped
 first (kept only if the budget exceeds every other token).
+
+The selection is :func:`select_fastervlm`, a function of the [CLS] attention row and, on tiled inputs, each token's
+view (re-exported by :mod:`vlprune.pruners.selection`), which the pruner calls and another engine can call alike.
 """
 
 from __future__ import annotations
@@ -54,9 +57,30 @@ class FasterVLM(Pruner):
         assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for fastervlm"
         scores = ctx.vision_cls_attention
         geometry = ctx.geometry
-        if geometry is None or not geometry.has_tiles:
-            return Selection(keep_index=top_k_sorted(scores, ctx.keep), scores=scores)
-        return Selection(keep_index=top_k_per_view(scores, geometry.view, ctx.keep), scores=scores)
+        # Whether any token comes from a tile is known on the host; only then does the per-view path run.
+        views = geometry.view if geometry is not None and geometry.has_tiles else None
+        return Selection(keep_index=select_fastervlm(scores, ctx.keep, views=views), scores=scores)
+
+
+def select_fastervlm(cls_attention: torch.Tensor, keep: int, *, views: torch.Tensor | None = None) -> torch.Tensor:
+    """FasterVLM's kept tokens: the ``keep`` tokens the vision [CLS] token attends to most.
+
+    Args:
+        cls_attention: (B, N) attention of the [CLS] query to each visual token at the vision feature layer
+            (softmax over all the tower's tokens, averaged over heads), for the N tokens that reach the language
+            model (on tiled inputs each token's value comes from its own view's [CLS] row).
+        keep: tokens kept per sample (a count in [1, N]).
+        views: (B, N) each token's view when some token comes from a tile (LLaVA-NeXT: 0 the base view, 1.. the
+            tiles, -1 a line break), else None (LLaVA-1.5, an untiled anyres image, Qwen-VL): one top-k over all N.
+            With views each view takes its share of ``keep`` in proportion to its tokens (the reference's equal
+            share per view when every view is whole) and line breaks only what is left when every other is kept.
+
+    Returns:
+        (B, keep) long indices into the N tokens, ascending.
+    """
+    if views is None:
+        return top_k_sorted(cls_attention, keep)
+    return top_k_per_view(cls_attention, views, keep)
 
 
 def top_k_per_view(scores: torch.Tensor, views: torch.Tensor, keep: int) -> torch.Tensor:

@@ -57,6 +57,11 @@ breaks are removed and the rest, the base view then the stitched tile grid row b
 sequence, crops crossing the base/tile border as in the reference. Deviation: the reference hard-codes 16 crops and
 a 64-token budget there; vlprune applies its crop rule (above) to the budget asked, over the tokens without the line
 breaks.
+
+The selection is :func:`select_holov`, a function of the projected tokens, the attention scores and, on anyres
+inputs, where the line breaks are (re-exported by :mod:`vlprune.pruners.selection`), which the pruner calls and
+another engine can call alike. Its options are the reference's choices made open: ``crops=None`` is the reference's
+crop rule, ``tiles=False`` its raster chunks, ``reference_order=True`` its crop-by-crop order.
 """
 
 from __future__ import annotations
@@ -145,40 +150,108 @@ class HoloV(Pruner):
         return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
 
     def crop_layout(self, num_visual: int, keep: int, device: torch.device) -> CropLayout:
-        crops = reference_crop_count(num_visual, keep) if self.crops is None else self.crops
-        if isinstance(crops, bool) or not isinstance(crops, int) or not 1 <= crops <= num_visual:
-            raise VlpruneError(f"crops={crops!r} must be an int in [1, {num_visual}] (the number of visual tokens)")
-        return crop_layout_on(num_visual, crops, self.tiles, device)
+        return holov_crop_layout(num_visual, keep, self.crops, self.tiles, device)
 
     def select(self, ctx: StageContext) -> Selection:
         attention = ctx.vision_cls_attention if ctx.vision_cls_attention is not None else ctx.vision_received_attention
         assert attention is not None, "the engine supplies the [CLS] attention (or its substitute) for holov"
         geometry = ctx.geometry
-        if geometry is None or not geometry.has_newlines:
-            keep_index = self._select(ctx.visual_hidden, attention, ctx.keep)
-            return Selection(keep_index=keep_index, scores=attention, ordered=self.reference_order)
-        # LLaVA-NeXT: the reference drops the line breaks and chunks the rest ([base] ++ [stitched tiles]).
-        rows = []
-        for sample in range(ctx.batch_size):
-            visible = (~geometry.is_newline[sample]).nonzero()[:, 0]
-            if ctx.keep > len(visible):
-                raise VlpruneError(
-                    f"holov drops the image_newline line breaks as its reference does; keep={ctx.keep} exceeds the "
-                    f"{len(visible)} other visual tokens"
-                )
-            picked = self._select(
-                ctx.visual_hidden[sample : sample + 1, visible], attention[sample : sample + 1, visible], ctx.keep
-            )
-            rows.append(visible[picked[0]])
-        return Selection(keep_index=torch.stack(rows), scores=attention, ordered=self.reference_order)
+        # Whether any sample has line breaks is known on the host; only then does the per-sample path run.
+        line_breaks = geometry.is_newline if geometry is not None and geometry.has_newlines else None
+        keep_index = select_holov(
+            ctx.visual_hidden,
+            attention,
+            ctx.keep,
+            crops=self.crops,
+            tiles=self.tiles,
+            reference_order=self.reference_order,
+            line_breaks=line_breaks,
+        )
+        return Selection(keep_index=keep_index, scores=attention, ordered=self.reference_order)
 
-    def _select(self, hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> torch.Tensor:
-        """(B, keep) indices among ``hidden``'s tokens: crop quotas, then each crop's most attended tokens, crop by
-        crop (most attended first) as the reference, or ascending without ``reference_order``."""
-        layout = self.crop_layout(hidden.shape[1], keep, hidden.device)
-        scores = holistic_crop_scores(hidden, attention, layout)
-        weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
-        quota = crop_quotas(weights, layout.capacity, keep)
-        if not self.reference_order:
-            return keep_by_quota(attention, layout.crop_of, quota, keep)
-        return crop_by_crop_order(attention, layout.crop_of, quota, layout.capacity, keep)
+
+def holov_crop_layout(
+    num_visual: int, keep: int, crops: int | None, tiles: bool, device: torch.device | str
+) -> CropLayout:
+    """The crops HoloV cuts ``num_visual`` tokens into for a budget of ``keep``: ``crops`` of them, or the
+    reference's count (:func:`reference_crop_count`) when None; raster strips, or 2-D tiles with ``tiles``."""
+    count = reference_crop_count(num_visual, keep) if crops is None else crops
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_visual:
+        raise VlpruneError(f"crops={count!r} must be an int in [1, {num_visual}] (the number of visual tokens)")
+    return crop_layout_on(num_visual, count, tiles, torch.device(device))
+
+
+def select_holov(
+    embeddings: torch.Tensor,
+    attention: torch.Tensor,
+    keep: int,
+    *,
+    crops: int | None = None,
+    tiles: bool = False,
+    reference_order: bool = True,
+    line_breaks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HoloV's kept tokens: crop budgets from attention and within-crop similarity variance, then each crop's most
+    attended tokens.
+
+    Args:
+        embeddings: (B, N, D) the visual tokens as they enter the language model (the projector's output).
+        attention: (B, N) each token's attention score at the vision feature layer: the [CLS] query's attention to
+            it (head mean), or on towers without [CLS] (SigLIP, Qwen-VL's) the attention it receives (the
+            reference's Qwen2.5-VL substitute).
+        keep: tokens kept per sample (a count in [1, N], at most the tokens that are not line breaks).
+        crops: C, the number of crops; None takes the reference's rule (:func:`reference_crop_count`).
+        tiles: cut a square token grid into rectangular tiles instead of the reference's raster chunks.
+        reference_order: hand the tokens crop by crop, most attended first, as the reference concatenates them;
+            False gives them in ascending (raster) order.
+        line_breaks: (B, N) True at LLaVA-NeXT's and OneVision's ``image_newline`` tokens when some sample has
+            them, else None. They are removed first, as the reference does, and each sample's other tokens are
+            chunked and pruned as one sequence.
+
+    Returns:
+        (B, keep) long indices into the N tokens, in crop-by-crop order with ``reference_order`` (the engine keeps
+        that order when positions are re-indexed), else ascending.
+
+    Raises:
+        VlpruneError: ``crops`` is not an int in [1, N], or ``keep`` exceeds a sample's tokens without its line
+            breaks.
+    """
+    if line_breaks is None:
+        return _select_in_crops(embeddings, attention, keep, crops, tiles, reference_order)
+    rows = []
+    for sample in range(embeddings.shape[0]):
+        visible = (~line_breaks[sample]).nonzero()[:, 0]
+        if keep > len(visible):
+            raise VlpruneError(
+                f"holov drops the image_newline line breaks as its reference does; keep={keep} exceeds the "
+                f"{len(visible)} other visual tokens"
+            )
+        picked = _select_in_crops(
+            embeddings[sample : sample + 1, visible],
+            attention[sample : sample + 1, visible],
+            keep,
+            crops,
+            tiles,
+            reference_order,
+        )
+        rows.append(visible[picked[0]])
+    return torch.stack(rows)
+
+
+def _select_in_crops(
+    embeddings: torch.Tensor,
+    attention: torch.Tensor,
+    keep: int,
+    crops: int | None,
+    tiles: bool,
+    reference_order: bool,
+) -> torch.Tensor:
+    """(B, keep) indices among ``embeddings``' tokens: crop quotas, then each crop's most attended tokens, crop by
+    crop (most attended first) as the reference, or ascending without ``reference_order``."""
+    layout = holov_crop_layout(embeddings.shape[1], keep, crops, tiles, embeddings.device)
+    scores = holistic_crop_scores(embeddings, attention, layout)
+    weights = scores / (scores.sum(dim=-1, keepdim=True) + _EPS)
+    quota = crop_quotas(weights, layout.capacity, keep)
+    if not reference_order:
+        return keep_by_quota(attention, layout.crop_of, quota, keep)
+    return crop_by_crop_order(attention, layout.crop_of, quota, layout.capacity, keep)

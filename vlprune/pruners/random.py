@@ -4,6 +4,9 @@ Random pruning is a strong baseline in pruning benchmarks (UniPruneBench, arXiv 
 should include it. It acts pre-LLM by default (``layer=0``) and inside the language model with ``layer=K``.
 The selection depends only on ``seed`` and the number of visual tokens, never on the tokens or on the other samples
 of the batch: every sample of a call draws the same subset, so a batch gives what each sample gives alone.
+
+The selection is :func:`select_random`, a function of the token count, the budget and the seed (re-exported by
+:mod:`vlprune.pruners.selection`), which the pruner calls and another engine can call alike.
 """
 
 from __future__ import annotations
@@ -30,6 +33,25 @@ def seeded_draw(seed: int, count: int, device: torch.device | str = "cpu") -> to
     return _DRAWS[seed, count, device]
 
 
+def select_random(
+    num_visual: int, keep: int, *, batch: int = 1, seed: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The random baseline's kept tokens: the ``keep`` of ``num_visual`` tokens whose seeded uniform draw is highest.
+
+    Args:
+        num_visual: N, the visual tokens of each sample.
+        keep: tokens kept per sample (a count in [1, N]).
+        batch: B, samples; each keeps the same subset (the draw depends only on ``seed`` and N).
+        seed: the draw's seed (:func:`seeded_draw`: a CPU generator, the same on every device).
+        device: where the indices are made.
+
+    Returns:
+        (B, keep) long indices into the N tokens, ascending.
+    """
+    scores = seeded_draw(seed, num_visual, device).expand(batch, -1)
+    return torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values
+
+
 @register
 @dataclass
 class RandomPruner(Pruner):
@@ -52,7 +74,8 @@ class RandomPruner(Pruner):
         return [StagePlan(layer=layer, keep=self._required_keep(num_visual))]
 
     def select(self, ctx: StageContext) -> Selection:
-        draw = seeded_draw(self.seed, ctx.num_visual, ctx.visual_hidden.device)
-        scores = draw.expand(ctx.batch_size, -1)
-        keep_index = torch.topk(scores, ctx.keep, dim=-1).indices.sort(dim=-1).values
+        device = ctx.visual_hidden.device
+        keep_index = select_random(ctx.num_visual, ctx.keep, batch=ctx.batch_size, seed=self.seed, device=device)
+        # The draw is cached per (seed, count, device): reading it again for the statistics costs nothing.
+        scores = seeded_draw(self.seed, ctx.num_visual, device).expand(ctx.batch_size, -1)
         return Selection(keep_index=keep_index, scores=scores)

@@ -54,11 +54,18 @@ Deviations: the reference reads the attention with flash attention's varlen kern
 all images of the call at once, without the per-image mask (one image per prompt, as it is run, is unaffected);
 vlprune scores each image within itself. It is batch 1 only and handles images only; vlprune runs batches and scores
 a video's tokens the same way, time step by time step as the encoder attends.
+
+The selection is :func:`select_visionzip`, a function of the scores, the keys and the tokens to merge (and, on tiled
+inputs, each token's view), re-exported by :mod:`vlprune.pruners.selection`, which the pruner calls and another
+engine can call alike. It returns the dominant tokens, the merged contextual tokens and their centres; the caller
+projects the merged features (LLaVA) or puts them in their centres' places (:meth:`ZippedTokens.in_place`, Qwen-VL).
+The reference's budget splits are :func:`visionzip_split`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -112,6 +119,138 @@ def merge_contextual(
     return features[:, centres].float() + member_mean, assignment
 
 
+def visionzip_split(
+    keep: int, num_visual: int, contextual: int | None = None, *, qwen: bool = False
+) -> tuple[int, int]:
+    """(dominant, contextual) for a budget of ``keep`` of ``num_visual`` tokens: ``contextual`` when given, else the
+    reference's split, ``round(keep · 10 / 64)`` on LLaVA (54 + 10 of 64) and with ``qwen`` its Qwen-VL rule, 5% of
+    the tokens (at least one).
+
+    Raises:
+        VlpruneError: the contextual count is not an int in [0, keep), or exceeds the tokens the dominant ones leave.
+    """
+    if contextual is None:
+        contextual = max(int(QWEN_CONTEXTUAL_SHARE * num_visual), 1) if qwen else round(keep * CONTEXTUAL_SHARE)
+    if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < keep:
+        raise VlpruneError(f"contextual={contextual!r} must be an int in [0, keep={keep})")
+    if contextual > num_visual - (keep - contextual):
+        raise VlpruneError(f"contextual={contextual} exceeds the {num_visual - keep + contextual} tokens left")
+    return keep - contextual, contextual
+
+
+class ZippedTokens(NamedTuple):
+    """What :func:`select_visionzip` returns."""
+
+    index: torch.Tensor
+    """(B, keep - contextual) long indices of the dominant tokens, ascending."""
+    merged: torch.Tensor | None
+    """(B, contextual, F) float32 contextual tokens: each centre's token plus the mean of its members' (None when
+    ``contextual`` is 0); in the tokens' space (on LLaVA vision features, for the projector to map)."""
+    centres: torch.Tensor | None
+    """(B, contextual) long index of each contextual token's centre among the N tokens (None when ``contextual`` is
+    0): where it takes its RoPE position from, or its place (:meth:`in_place`)."""
+
+    def in_place(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's Qwen-VL placement: each contextual token replaces its centre, among the dominant tokens in
+        their original order. tokens: (B, N, D) the tokens merged (there the language model's input embeddings).
+
+        Returns:
+            (B, keep) long indices ascending (dominant tokens and centres), and (B, keep, D) the tokens to put there
+            (a dominant token's own, a centre's merged one), in ``tokens``' dtype.
+        """
+        if self.merged is None or self.centres is None:
+            return self.index, gather_tokens(tokens, self.index)
+        keep_index, order = torch.cat([self.index, self.centres], dim=1).sort(dim=1)
+        hidden = torch.cat([gather_tokens(tokens, self.index).float(), self.merged], dim=1)
+        return keep_index, gather_tokens(hidden, order).to(tokens.dtype)
+
+
+@torch.no_grad()
+def select_visionzip(
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    tokens: torch.Tensor,
+    keep: int,
+    contextual: int,
+    *,
+    views: torch.Tensor | None = None,
+) -> ZippedTokens:
+    """VisionZip's selection: the ``keep - contextual`` dominant tokens by attention, and ``contextual`` tokens merged
+    from the rest by the similarity of their keys.
+
+    Args:
+        scores: (B, N) each token's attention at the vision feature layer: the [CLS] query's (LLaVA, head mean; on
+            tiled inputs each view's own [CLS] row), or on Qwen-VL the attention the token receives at the last
+            vision block (the reference's score there).
+        keys: (B, N, d) each token's key at that layer, averaged over heads (on Qwen-VL over its merge group too).
+        tokens: (B, N, F) what is merged: the projector's input features on LLaVA (the reference merges before the
+            projector), the language model's input embeddings on Qwen-VL (its reference merges after the merger).
+        keep: tokens per sample, dominant and contextual together (64 = 54 + 10 in the reference's LLaVA setting).
+        contextual: how many of ``keep`` are merged contextual tokens, in [0, keep); :func:`visionzip_split` gives
+            the reference's choice.
+        views: (B, N) each token's view when some token comes from a tile (LLaVA-NeXT: 0 the base view, 1.. the
+            tiles, -1 a line break), else None. With views each view takes its share of the dominant and of the
+            contextual tokens in proportion to its size, its dominant tokens by its own scores and its contextual
+            tokens merged from its own other tokens; line breaks are dropped.
+
+    Returns:
+        the dominant tokens, the merged contextual tokens and their centres (:class:`ZippedTokens`); the contextual
+        tokens come view by view (base first), centres ascending within a view.
+    """
+    dominant = keep - contextual
+    if views is not None:
+        return _zip_per_view(scores, keys, tokens, dominant, contextual, views)
+    index = top_k_sorted(scores, dominant)
+    if contextual == 0:
+        return ZippedTokens(index, None, None)
+    is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, index, False)
+    rest, _ = first_true(is_rest, scores.shape[1] - dominant)  # (B, M), ascending
+    centres = contextual_centres(rest.shape[1], contextual).to(rest.device)
+    merged, _ = merge_contextual(gather_tokens(tokens, rest), gather_tokens(keys, rest), centres)
+    return ZippedTokens(index, merged, rest[:, centres])
+
+
+def _zip_per_view(
+    scores: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, dominant: int, contextual: int, views: torch.Tensor
+) -> ZippedTokens:
+    """LLaVA-NeXT: each view (base, tiles) takes its share of the dominant and of the contextual tokens, in
+    proportion to its size; dominant tokens by the view's own scores, contextual ones merged from the view's other
+    tokens only; line breaks are dropped."""
+    kept_rows, merged_rows, centre_rows = [], [], []
+    for sample in range(scores.shape[0]):
+        group = views[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles
+        capacity = torch.bincount(group)
+        weights = capacity.float()
+        weights[0] = 0.0
+        weights = (weights / weights.sum())[None]
+        dominant_quota = crop_quotas(weights, capacity, dominant)[0]
+        contextual_quota = crop_quotas(weights, capacity - dominant_quota, contextual)[0]
+        kept, merged, centre_slots = [], [], []
+        for view in range(1, len(capacity)):
+            members = (group == view).nonzero()[:, 0]
+            take, merge = int(dominant_quota[view]), int(contextual_quota[view])
+            top = members[scores[sample, members].topk(take).indices] if take else members[:0]
+            kept.append(top)
+            if merge == 0:
+                continue
+            is_rest = torch.ones(len(members), dtype=torch.bool, device=members.device)
+            is_rest[torch.searchsorted(members, top.sort().values)] = False
+            rest = members[is_rest]  # ascending
+            centres = contextual_centres(len(rest), merge).to(rest.device)
+            merged_tokens, _ = merge_contextual(
+                tokens[sample : sample + 1, rest], keys[sample : sample + 1, rest], centres
+            )
+            merged.append(merged_tokens)
+            centre_slots.append(rest[centres])
+        kept_rows.append(torch.cat(kept).sort().values)
+        merged_rows.append(torch.cat(merged, dim=1) if merged else None)
+        centre_rows.append(torch.cat(centre_slots) if centre_slots else None)
+    index = torch.stack(kept_rows)
+    if contextual == 0:
+        return ZippedTokens(index, None, None)
+    return ZippedTokens(index, torch.cat(merged_rows), torch.stack(centre_rows))
+
+
 @register
 @dataclass
 class VisionZip(Pruner):
@@ -126,18 +265,8 @@ class VisionZip(Pruner):
 
     def split(self, keep: int, num_visual: int, qwen: bool = False) -> tuple[int, int]:
         """(dominant, contextual) for a budget of ``keep`` tokens (``qwen``: the reference's Qwen-VL split, 5% of the
-        tokens contextual)."""
-        if self.contextual is not None:
-            contextual = self.contextual
-        elif qwen:
-            contextual = max(int(QWEN_CONTEXTUAL_SHARE * num_visual), 1)
-        else:
-            contextual = round(keep * CONTEXTUAL_SHARE)
-        if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < keep:
-            raise VlpruneError(f"contextual={contextual!r} must be an int in [0, keep={keep})")
-        if contextual > num_visual - (keep - contextual):
-            raise VlpruneError(f"contextual={contextual} exceeds the {num_visual - keep + contextual} tokens left")
-        return keep - contextual, contextual
+        tokens contextual); see :func:`visionzip_split`."""
+        return visionzip_split(keep, num_visual, self.contextual, qwen=qwen)
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         dominant, _ = self.split(self._required_keep(num_visual), num_visual)
@@ -157,83 +286,29 @@ class VisionZip(Pruner):
         if ctx.vision_cls_attention is None:  # the Qwen-VL plan reads the attention each token receives
             return self._select_merged_in_place(ctx)
         assert ctx.vision_keys is not None and ctx.projector is not None
-        dominant, contextual = self.split(self._required_keep(ctx.num_visual), ctx.num_visual)
-        if ctx.geometry is not None and ctx.geometry.has_tiles:
-            return self._select_per_view(ctx, dominant, contextual)
+        keep = self._required_keep(ctx.num_visual)
+        _, contextual = self.split(keep, ctx.num_visual)
         scores = ctx.vision_cls_attention
-        keep_index = top_k_sorted(scores, dominant)
-        if contextual == 0:
-            return Selection(keep_index=keep_index, scores=scores)
-        is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, keep_index, False)
-        rest, _ = first_true(is_rest, ctx.num_visual - dominant)  # (B, M), ascending
-        centres = contextual_centres(rest.shape[1], contextual)
-        merged, _ = merge_contextual(
-            gather_tokens(ctx.vision_features, rest), gather_tokens(ctx.vision_keys, rest), centres
-        )
+        # Whether any token comes from a tile is known on the host; only then does the per-view path run.
+        views = ctx.geometry.view if ctx.geometry is not None and ctx.geometry.has_tiles else None
+        zipped = select_visionzip(scores, ctx.vision_keys, ctx.vision_features, keep, contextual, views=views)
+        if zipped.merged is None:
+            return Selection(keep_index=zipped.index, scores=scores)
         parameter = next(ctx.projector.parameters())
-        hidden = ctx.projector(merged.to(parameter.dtype))
-        positions = gather_tokens(ctx.visual_positions, rest[:, centres.to(rest.device)])
+        hidden = ctx.projector(zipped.merged.to(parameter.dtype))
+        positions = gather_tokens(ctx.visual_positions, zipped.centres)  # each contextual token at its centre's
         return Selection(
-            keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
+            keep_index=zipped.index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
         )
 
     def _select_merged_in_place(self, ctx: StageContext) -> Selection:
         """Qwen-VL: dominant tokens by received attention, contextual tokens merged from the rest's embeddings into
         their centres, which stay in place among the kept tokens."""
         assert ctx.vision_received_attention is not None and ctx.vision_keys is not None
-        dominant, contextual = self.split(ctx.keep, ctx.num_visual, qwen=True)
+        _, contextual = self.split(ctx.keep, ctx.num_visual, qwen=True)
         scores = ctx.vision_received_attention
-        dominant_index = top_k_sorted(scores, dominant)
-        is_rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, dominant_index, False)
-        rest, _ = first_true(is_rest, ctx.num_visual - dominant)  # (B, M), ascending
-        centres = contextual_centres(rest.shape[1], contextual).to(rest.device)
-        merged, _ = merge_contextual(
-            gather_tokens(ctx.visual_hidden, rest), gather_tokens(ctx.vision_keys, rest), centres
-        )
-        keep_index, order = torch.cat([dominant_index, rest[:, centres]], dim=1).sort(dim=1)
-        hidden = torch.cat([gather_tokens(ctx.visual_hidden, dominant_index).float(), merged], dim=1)
-        kept_hidden = gather_tokens(hidden, order).to(ctx.visual_hidden.dtype)
+        zipped = select_visionzip(scores, ctx.vision_keys, ctx.visual_hidden, ctx.keep, contextual)
+        if zipped.merged is None:  # contextual=0: the dominant tokens alone, their states unchanged
+            return Selection(keep_index=zipped.index, scores=scores)
+        keep_index, kept_hidden = zipped.in_place(ctx.visual_hidden)
         return Selection(keep_index=keep_index, kept_hidden=kept_hidden, scores=scores)
-
-    def _select_per_view(self, ctx: StageContext, dominant: int, contextual: int) -> Selection:
-        """LLaVA-NeXT: each view (base, tiles) takes its share of the dominant and of the contextual tokens, in
-        proportion to its size; dominant tokens by the view's own [CLS] attention, contextual ones merged from the
-        view's other tokens only; line breaks are dropped."""
-        scores = ctx.vision_cls_attention
-        kept_rows, hidden_rows, position_rows = [], [], []
-        for sample in range(ctx.batch_size):
-            group = ctx.geometry.view[sample].clamp(min=-1) + 1  # 0: line breaks, 1: base view, 2..: tiles
-            capacity = torch.bincount(group)
-            weights = capacity.float()
-            weights[0] = 0.0
-            weights = (weights / weights.sum())[None]
-            dominant_quota = crop_quotas(weights, capacity, dominant)[0]
-            contextual_quota = crop_quotas(weights, capacity - dominant_quota, contextual)[0]
-            kept, merged, centre_slots = [], [], []
-            for view in range(1, len(capacity)):
-                members = (group == view).nonzero()[:, 0]
-                take, merge = int(dominant_quota[view]), int(contextual_quota[view])
-                top = members[scores[sample, members].topk(take).indices] if take else members[:0]
-                kept.append(top)
-                if merge == 0:
-                    continue
-                is_rest = torch.ones(len(members), dtype=torch.bool, device=members.device)
-                is_rest[torch.searchsorted(members, top.sort().values)] = False
-                rest = members[is_rest]  # ascending
-                centres = contextual_centres(len(rest), merge).to(rest.device)
-                features = ctx.vision_features[sample : sample + 1, rest]
-                tokens, _ = merge_contextual(features, ctx.vision_keys[sample : sample + 1, rest], centres)
-                merged.append(tokens)
-                centre_slots.append(rest[centres])
-            kept_rows.append(torch.cat(kept).sort().values)
-            hidden_rows.append(torch.cat(merged, dim=1) if merged else None)
-            position_rows.append(ctx.visual_positions[sample, torch.cat(centre_slots)] if centre_slots else None)
-        keep_index = torch.stack(kept_rows)
-        if contextual == 0:
-            return Selection(keep_index=keep_index, scores=scores)
-        parameter = next(ctx.projector.parameters())
-        hidden = ctx.projector(torch.cat(hidden_rows).to(parameter.dtype))
-        positions = torch.stack(position_rows)
-        return Selection(
-            keep_index=keep_index, recycled=RecycledTokens(hidden=hidden, positions=positions), scores=scores
-        )
