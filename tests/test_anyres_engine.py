@@ -5,10 +5,10 @@ detaching restores the model, and every registered method runs or refuses with a
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import torch
+from conftest import shared_model
 from test_engine import greedy, greedy_under_mask, hook_count
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -17,16 +17,14 @@ import vlprune.adapters
 from vlprune.errors import VlpruneError
 from vlprune.pruners import available_methods, create, families_of
 from vlprune.testing import build_tiny_inputs, make_test_image
-from vlprune.testing_anyres import build_tiny_llava_next, build_tiny_llava_onevision
 
 FAMILIES = ["llava-next", "llava-onevision"]
 QUESTIONS = ("What colour is the square?", "How many red objects are on the left?")
 
 
-@functools.cache
 def anyres_model(family: str, attn: str = "sdpa"):
-    build = build_tiny_llava_next if family == "llava-next" else build_tiny_llava_onevision
-    return build(attn_implementation=attn)
+    """The shared, cached tiny model of ``family`` (conftest's factory): use it as it is."""
+    return shared_model(family, attn_implementation=attn)
 
 
 def anyres_inputs(processor, batch: int, size: tuple[int, int] = (40, 30)):

@@ -45,7 +45,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[torch.nn.Module, object]:
-    return tiny_model()
+    return tiny_model(private=True)  # its own: model_folder saves it, which writes to its config
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_an_empty_image_is_refused() -> None:
 
 
 def test_the_callers_padding_side_is_restored(image: Path) -> None:
-    model, processor = tiny_model()
+    model, processor = tiny_model(private=True)  # its own: the test changes its tokenizer
     processor.tokenizer.padding_side = "right"
     pipeline = vlprune.load((model, processor), method="random", keep=8)
     batch = pipeline([str(image), str(image)], ["What?", "How many red objects are on the left?"], max_new_tokens=2)

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import QUESTIONS, tiny_model
+from conftest import QUESTIONS, private_model, tiny_model
 from test_engine import hook_count
 
 import vlprune
@@ -178,6 +178,45 @@ def test_other_families_run_captured(family: str, method: str, options: dict) ->
         assert session.compilations == 2
     assert torch.equal(captured, sequences)
     torch.testing.assert_close(captured_logits, logits, atol=1e-5, rtol=0)
+
+
+RECYCLING_ON_QWEN3 = [
+    # One merged token recycled per stage; the first stage (layer 1) comes before DeepStack's second plane, which
+    # must skip the recycled token (it has no original token, hence no plane row).
+    ("sparsevlm", {"keep": 0.25}),
+    # On Qwen-VL its contextual tokens take their centres' places, positions and plane rows (no separate tokens).
+    ("visionzip", {"keep": 0.25}),
+]
+
+
+@pytest.mark.parametrize("method,options", RECYCLING_ON_QWEN3)
+def test_captured_equals_eager_in_logits_where_tokens_are_recycled_on_qwen3_vl(method: str, options: dict) -> None:
+    """Captured equals eager in the logits, not only in the tokens, for merged tokens under DeepStack: giving the
+    recycled token the plane row of its sample's first visual token moves the logits by 2.2e-2 (in float32 and in
+    float64 alike) and leaves every greedy token as it was.
+
+    Why float64 and 1e-6: in float32 the clean gap is 6e-6 with no pruning at all and 1.2e-5 to 1.4e-5 with these
+    methods (2.2e-5 in the issue that asked for this test), above the 1e-5 of the tests above. In float64 it is
+    1.2e-7 with no pruning and with both methods alike: the rounding of the float32 copy of the logits that
+    transformers' ``generate`` returns. So the two engines compute the same thing, and the float32 gap is
+    reassociation, not a difference in what any token receives: the captured prefill runs the prompt left-padded to
+    its bucket and attends over static caches longer than the prompt, so its matmuls and softmaxes sum in another
+    order, and the tiny model's sharp layers (weight_scale 8) grow those differences."""
+    from test_qwen_engine import qwen_inputs
+
+    model, processor = private_model("qwen3-vl")  # its own: it runs in float64
+    model = model.to(torch.float64)
+    inputs = qwen_inputs(processor, 2, sizes=((48, 32), (48, 32)))  # one size: the same count per sample
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
+    sequences, logits, stats = eager_generate(model, create(method, **options), inputs)
+    with CapturedSession(model, create(method, **options), backend="eager") as session:
+        captured, captured_logits = session.generate(**inputs, max_new_tokens=NEW_TOKENS, return_logits=True)
+        assert session.fallback_reason is None and session.compilations == 2
+    if method == "sparsevlm":
+        assert stats.stages[0].layer == 1 and all(stage.recycled > 0 for stage in stats.stages)
+    assert torch.equal(captured, sequences)
+    assert [s.kept_indices for s in session.stats.stages] == [s.kept_indices for s in stats.stages]
+    torch.testing.assert_close(captured_logits.double(), logits.double(), atol=1e-6, rtol=0)
 
 
 def test_a_ragged_batch_runs_eagerly_with_the_reason() -> None:

@@ -456,7 +456,7 @@ def test_the_vision_attention_map_is_the_feature_layers_eager_attention_without_
 def test_the_engine_runs_in_half_precision(dtype: torch.dtype, method: str) -> None:
     """The CLI offers float16 and bfloat16: keep-all equals vanilla exactly, and pruning equals masking within the
     dtype's rounding (drop equals mask holds for the methods without recycling)."""
-    model, processor = tiny_model("clip", 2)
+    model, processor = tiny_model("clip", 2, private=True)  # its own: the test changes its dtype
     model = model.to(dtype)
     inputs = tiny_inputs(processor, 2)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

@@ -338,7 +338,7 @@ def test_siglip_runs_methods_that_do_not_need_cls(siglip: Subject) -> None:
 def test_vision_feature_layer_without_attention_rolls_back_the_hooks() -> None:
     # vision_feature_layer = -4 on a 3-layer tower selects the patch embeddings: fastervlm finds no attention to read
     # only after the session has started installing hooks, so this exercises the rollback in _attach.
-    model, processor = tiny_model()
+    model, processor = tiny_model(private=True)  # its own: the test changes its config
     model.config.vision_feature_layer = -4
     subject = make_subject(model, processor)
     pruner = create("fastervlm", keep=8)

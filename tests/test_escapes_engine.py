@@ -4,37 +4,34 @@ attach on a model a compiled Pipeline holds, and the captured fallback warning a
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import shared_model
 
 import vlprune
 from vlprune.engine.captured import CapturedSession
 from vlprune.errors import VlpruneError
 from vlprune.pruners import create
-from vlprune.testing import build_tiny_inputs, build_tiny_llava, make_test_image
-from vlprune.testing_anyres import VIDEO_TOKEN, VIEW_SIZE, build_tiny_llava_next, build_tiny_llava_onevision
+from vlprune.testing import build_tiny_inputs, make_test_image
+from vlprune.testing_anyres import VIDEO_TOKEN, VIEW_SIZE
 
 VIDEO_REFUSAL = "vlprune does not prune the videos of llava-onevision"
 
 
-@functools.cache
 def onevision_with_videos():
-    return build_tiny_llava_onevision(videos=True)
+    return shared_model("llava-onevision", videos=True)
 
 
-@functools.cache
 def llava_next():
-    return build_tiny_llava_next()
+    return shared_model("llava-next")
 
 
-@functools.cache
 def llava(layers: int = 4):
-    return build_tiny_llava(num_hidden_layers=layers)
+    return shared_model("llava", num_hidden_layers=layers)
 
 
 def greedy(model, inputs, new_tokens: int = 2) -> torch.Tensor:

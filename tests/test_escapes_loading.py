@@ -61,7 +61,7 @@ def save_folder(folder: Path, model: torch.nn.Module, processor: object) -> Path
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA-1.5 folder (64 visual tokens, 4 decoder layers)."""
-    return save_folder(tmp_path_factory.mktemp("llava"), *tiny_model())
+    return save_folder(tmp_path_factory.mktemp("llava"), *tiny_model(private=True))  # saving writes to its config
 
 
 @pytest.fixture(scope="module")

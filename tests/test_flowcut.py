@@ -69,7 +69,7 @@ def reference_flowcut(tower, pixel_values: torch.Tensor, keep: int) -> tuple[lis
 def flowcut_model(attn: str = "eager", vision: str = "clip"):
     """A tiny model whose vision attention is peaky (random weights give a nearly flat [CLS] row, and FlowCut's
     adaptive stages then prune nothing), so every stage prunes, by different amounts for different images."""
-    model, processor = tiny_model(vision, 4, attn=attn, vision_layers=VISION_LAYERS)
+    model, processor = tiny_model(vision, 4, attn=attn, vision_layers=VISION_LAYERS, private=True)  # weights change
     with torch.no_grad():
         for module in model.model.vision_tower.modules():
             for name in ("q_proj", "k_proj", "query", "key"):

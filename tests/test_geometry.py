@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shared_model
 
 from vlprune.adapters import adapter_for
 from vlprune.geometry import NEWLINE, VisualGeometry
 from vlprune.testing import build_tiny_inputs, make_test_image
-from vlprune.testing_anyres import build_tiny_llava_next, build_tiny_llava_onevision
 
 SIZES = [(40, 20), (20, 40), (50, 50), (28, 28), (30, 90), (90, 30), (56, 57), (1, 250), (250, 1)]
 """(width, height) of test images: wide, tall, square, tiny, very wide, very tall, nearly square, and two slivers
@@ -24,8 +24,7 @@ MARK = -7.0
 
 @pytest.fixture(scope="module", params=["llava-next", "llava-onevision"])
 def family(request):
-    build = build_tiny_llava_next if request.param == "llava-next" else build_tiny_llava_onevision
-    return build(num_hidden_layers=2, vision_layers=1)
+    return shared_model(request.param, num_hidden_layers=2, vision_layers=1)
 
 
 def _coordinate_features(model, image_sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -113,7 +112,7 @@ def _check_grid_facts(geometry: VisualGeometry, side: int) -> None:
 
 
 def test_onevision_down_scaling_is_exercised_and_changes_the_grid() -> None:
-    model, processor = build_tiny_llava_onevision(num_hidden_layers=2, vision_layers=1)
+    model, processor = shared_model("llava-onevision", num_hidden_layers=2, vision_layers=1)
     image = make_test_image(3, 96).resize((50, 50))
     inputs = build_tiny_inputs(processor, [image], ["Where?"])
     count = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -142,9 +141,7 @@ def test_a_batch_gives_each_sample_its_own_images_and_global_crops(family) -> No
 
 
 def test_llava_geometry_is_one_square_grid_per_image() -> None:
-    from vlprune.testing import build_tiny_llava
-
-    model, processor = build_tiny_llava(num_hidden_layers=2, vision_layers=1)
+    model, processor = shared_model("llava", num_hidden_layers=2, vision_layers=1)
     inputs = build_tiny_inputs(processor, [make_test_image(1), make_test_image(2)], ["What?", "Where is it?"])
     geometry = adapter_for(model).visual_geometry(dict(inputs), [64, 64], torch.device("cpu"))
     index = torch.arange(64)
@@ -158,9 +155,7 @@ def test_llava_geometry_is_one_square_grid_per_image() -> None:
 
 def test_llava_geometry_follows_the_pixels_not_the_towers_config() -> None:
     """vlprune-tiny's DINOv2 says 518 pixels in its config and runs at the processor's 224: the grid is the pixels'."""
-    from vlprune.testing import build_tiny_llava
-
-    model, _ = build_tiny_llava(vision="dinov2", num_hidden_layers=2, vision_layers=1)
+    model, _ = shared_model("llava", vision="dinov2", num_hidden_layers=2, vision_layers=1)
     adapter = adapter_for(model)
     pixels = torch.zeros(2, 3, 48, 40)  # 12 x 10 patches of 4 pixels
     geometry = adapter.visual_geometry({"pixel_values": pixels}, [120, 120], torch.device("cpu"))

@@ -93,9 +93,9 @@ def test_an_explicit_mode_overrides_the_default_and_changes_the_numbering(model_
 
 
 def test_the_pipeline_follows_each_method_unless_told() -> None:
-    from vlprune.testing import build_tiny_llava, make_test_image
+    from vlprune.testing import make_test_image
 
-    model, processor = build_tiny_llava()
+    model, processor = tiny_model()
     pipeline = vlprune.load((model, processor), method="fastervlm", keep=16)
     assert pipeline.positions is None
     assert pipeline(make_test_image(0), "What?", max_new_tokens=1).stats.positions == "reindex"

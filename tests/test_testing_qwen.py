@@ -4,11 +4,10 @@ through a forward pass and greedy generation, Qwen2.5-VL's windowed encoder and 
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
+from conftest import shared_model
 
 from vlprune.testing import make_test_image
 from vlprune.testing_qwen import (
@@ -31,9 +30,9 @@ EXPECTED_IMAGE_TOKENS = [16, 24]
 """32 x 32 pixels: 8 x 8 patches, 4 x 4 merged tokens; 48 wide x 32 high: 8 x 12 patches, 4 x 6 tokens."""
 
 
-@functools.cache
 def qwen_model(family: str, attn: str = "sdpa"):
-    return BUILDERS[family](attn_implementation=attn)
+    """The shared, cached tiny model of ``family`` (conftest's factory): use it as it is."""
+    return shared_model(family, attn_implementation=attn)
 
 
 def two_images():
