@@ -69,6 +69,7 @@ def vlprune_hooks(model: nn.Module) -> list[str]:
 
 
 def make_subject(model: nn.Module, processor: Any) -> Subject:
+    """A fresh model's subject: it must start with no hook at all (a shared model may carry transformers' own)."""
     inputs = dict(tiny_inputs(processor, 2))
     assert hooks_on(model) == {}
     tokens = greedy(model, inputs)
@@ -113,13 +114,13 @@ def expect_error(subject: Subject, action: Callable[[], object], *fragments: str
 @pytest.fixture(scope="module")
 def clip() -> Subject:
     """CLIP + Llama, 4 layers, 64 visual tokens."""
-    return make_subject(*tiny_model())
+    return make_subject(*tiny_model(private=True))
 
 
 @pytest.fixture(scope="module")
 def siglip() -> Subject:
     """SigLIP (no [CLS] token) + Llama with grouped-query attention."""
-    return make_subject(*tiny_model(vision="siglip", kv_heads=2))
+    return make_subject(*tiny_model(vision="siglip", kv_heads=2, private=True))
 
 
 def run_pipeline(subject: Subject, image: Any = None, **load_options: Any) -> Callable[[], object]:
