@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 
+import vlprune.api
 from vlprune.testing import build_tiny_inputs, build_tiny_llava, make_test_image
 from vlprune.testing_anyres import build_tiny_llava_next, build_tiny_llava_onevision
 from vlprune.testing_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl
@@ -270,3 +271,13 @@ def _no_leftovers() -> Any:
     if problems:
         _recover(interface)
         pytest.fail("left after the test:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model: its check must come first."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the bad value was reported")
+
+    monkeypatch.setattr(vlprune.api, "load_model", refuse)

@@ -33,16 +33,6 @@ def _random_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vlprune.cli, "DEFAULT_MODEL", "tiny-random")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command loads a model: its check must come first."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model was loaded before the bad value was reported")
-
-    monkeypatch.setattr(vlprune.api, "load_model", refuse)
-
-
 def sweep_argv(out: Path) -> list[str]:
     return ["sweep", *MODEL, "--methods", "random", "--keep", "16", "--limit", "1", "--max-new-tokens", "1",
             "--out", str(out)]  # fmt: skip

@@ -106,16 +106,6 @@ def api_error(action, *fragments: str) -> str:
     return message
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command loads a model: its check must come first."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model was loaded before the bad value was reported")
-
-    monkeypatch.setattr(vlprune.api, "load_model", refuse)
-
-
 # ------------------------------------------------------------------------------------------------ a folder's own code
 
 
