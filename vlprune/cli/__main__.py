@@ -1,0 +1,7 @@
+"""``python -m vlprune.cli``: the `vlprune` command."""
+
+import sys
+
+from vlprune.cli import main
+
+sys.exit(main())
