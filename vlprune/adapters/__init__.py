@@ -1,8 +1,9 @@
-"""Model adapters: where a VLM family keeps its vision tower, projector, decoder layers and image tokens, and where
-each of its visual tokens came from.
+"""Model adapters: where a VLM family keeps its vision tower, projector, decoder layers and image tokens, where each
+of its visual tokens came from, and what the family is (:class:`AdapterTraits`).
 
-The engine and the pruners only talk to a :class:`ModelAdapter`, so supporting another family means adding one
-module here (and its entry in :data:`FAMILIES`), not touching the pruners.
+The engine and the pruners only talk to a :class:`ModelAdapter` and its traits, so supporting another family means
+adding one module here whose adapter class is decorated with :func:`register_adapter` (and imported below), not
+touching the pruners.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ from vlprune.adapters.llava import LlavaAdapter
 from vlprune.adapters.llava_next import LlavaNextAdapter
 from vlprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlprune.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from vlprune.adapters.registry import (
+    FAMILIES,
+    adapter_class_for,
+    family_names,
+    register_adapter,
+    registered_traits,
+    traits_of,
+)
+from vlprune.adapters.traits import AdapterTraits, VisionTower, provided_needs, refusal
 from vlprune.errors import VlpruneError
 
 __all__ = [
     "FAMILIES",
     "SUPPORTED_ATTENTION",
+    "AdapterTraits",
     "LanguageModelShape",
     "LlavaAdapter",
     "LlavaNextAdapter",
@@ -25,24 +36,15 @@ __all__ = [
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
+    "VisionTower",
     "adapter_for",
+    "family_names",
+    "provided_needs",
+    "refusal",
+    "register_adapter",
+    "registered_traits",
+    "traits_of",
 ]
-
-FAMILIES: dict[str, type[ModelAdapter]] = {
-    "LlavaForConditionalGeneration": LlavaAdapter,
-    "LlavaModel": LlavaAdapter,
-    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
-    "LlavaNextModel": LlavaNextAdapter,
-    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
-    "LlavaOnevisionModel": LlavaOnevisionAdapter,
-    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
-    "Qwen2VLModel": Qwen2VLAdapter,
-    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
-    "Qwen2_5_VLModel": Qwen2_5_VLAdapter,
-    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
-    "Qwen3VLModel": Qwen3VLAdapter,
-}
-"""transformers class name -> adapter (the exact class: a subclass may lay its modules out differently)."""
 
 
 def adapter_for(model: object) -> ModelAdapter:
@@ -51,11 +53,7 @@ def adapter_for(model: object) -> ModelAdapter:
     Raises:
         VlpruneError: the model family is not supported, or its attention implementation is not.
     """
-    adapter_class = FAMILIES.get(type(model).__name__)
-    if adapter_class is None:
-        supported = ", ".join(name for name in FAMILIES if name.endswith("ForConditionalGeneration"))
-        raise VlpruneError(f"unsupported model family {type(model).__name__}; vlprune supports {supported}")
-    adapter = adapter_class(model)
+    adapter = adapter_class_for(type(model).__name__)(model)
     unsupported = sorted(adapter.attention_implementations() - set(SUPPORTED_ATTENTION))
     if unsupported:
         raise VlpruneError(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlprune.adapters.traits import AdapterTraits
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens
@@ -30,41 +31,82 @@ class LanguageModelShape:
     gated_mlp: bool
 
 
+class _FromTraits:
+    """An adapter attribute read from its traits, on the class and on an instance alike (the names the engine and
+    users read before the traits existed: ``adapter.family``, ``adapter.vision_has_cls``, ...)."""
+
+    def __init__(self, trait: str) -> None:
+        self.trait = trait
+
+    def __get__(self, adapter: object, owner: type) -> Any:
+        return getattr((owner if adapter is None else adapter).traits, self.trait)
+
+
 class ModelAdapter:
-    """Base of the per-family adapters. Subclasses fill in the attributes in ``__init__``.
+    """The small core interface every per-family adapter fills in (its ``__init__`` finds the modules).
 
     Attributes:
-        family: the family's name in messages and in ``vlprune methods`` ("llava", "llava-next", ...).
-        multi_crop: whether the vision tower may encode several crops (base view and tiles) per image.
-        geometry_inputs: the keyword arguments of the base model's ``get_image_features`` that
-            :meth:`visual_geometry` reads (the engine records them each time images are encoded).
-        position_modes: the position handlings the family supports after pruning, the one used by default first.
-        reads_vision_tower: whether stages may prune inside the vision tower (not yet on the Qwen-VL family).
-        vision_reads: what of the vision tower stages may read ("cls", "keys", "features", "map", "received",
-            "crop_map"), or None for all of it.
-        vision_chunked: whether the tower runs its attention image by image over one packed sequence (Qwen-VL), so
-            the feature layer's attention arrives in one call per image (see :meth:`received_tokens`).
-        encodes_videos: whether the base model encodes videos (``get_video_features``) whose tokens are visual tokens.
-        deepstack: whether the language model adds vision features to the visual positions after its first layers
-            (Qwen3-VL), which the engine then prunes alike.
+        traits: what the family is (:class:`~vlprune.adapters.traits.AdapterTraits`); a class declares its family's
+            usual traits, an instance may refine them for its model (a LLaVA with a SigLIP tower has no [CLS]).
+        model, config, base_model, language_model, decoder_layers, rotary_embedding, projector: the model's parts
+            (``base_model``: the module whose forward receives input_ids and runs vision + language model;
+            ``projector``: vision features -> language-model embeddings).
+        image_token_id: the image placeholder token.
+
+    ``family``, ``multi_crop``, ``geometry_inputs``, ``position_modes``, ``reads_vision_tower``, ``vision_chunked``,
+    ``encodes_videos``, ``deepstack``, ``vision_has_cls`` and ``vision_drops_cls`` read the traits.
     """
 
-    family: str
-    multi_crop: bool = False
-    geometry_inputs: tuple[str, ...] = ()
-    position_modes: tuple[str, ...] = ("original", "reindex")
-    reads_vision_tower: bool = True
-    vision_reads: frozenset[str] | None = None
-    vision_chunked: bool = False
-    encodes_videos: bool = False
-    deepstack: bool = False
+    traits: AdapterTraits
     model: nn.Module
     config: Any
-    base_model: nn.Module  # the module whose forward receives input_ids and runs vision + language model
+    base_model: nn.Module
     language_model: nn.Module
     decoder_layers: nn.ModuleList
     rotary_embedding: nn.Module
-    projector: nn.Module  # vision features -> language-model embeddings
+    projector: nn.Module
+    image_token_id: int
+
+    family = _FromTraits("family")
+    multi_crop = _FromTraits("multi_crop")
+    geometry_inputs = _FromTraits("geometry_inputs")
+    position_modes = _FromTraits("position_modes")
+    reads_vision_tower = _FromTraits("prunes_in_vision")
+    vision_chunked = _FromTraits("vision_chunked")
+    encodes_videos = _FromTraits("encodes_videos")
+    deepstack = _FromTraits("deepstack")
+    vision_has_cls = _FromTraits("has_cls")
+    vision_drops_cls = _FromTraits("drops_cls")
+
+    # ------------------------------------------------------------------ the vision tower
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder module (hooks on it see every encoding)."""
+        raise NotImplementedError
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers (blocks), in order."""
+        raise NotImplementedError
+
+    def vision_attention(self, index: int) -> nn.Module:
+        """The module of vision encoder layer ``index`` that calls the attention function."""
+        return innermost_attention(self.vision_layers[index])
+
+    @property
+    def merge_size(self) -> int:
+        """Patches merged into one language-model token along each side (1 where none are merged)."""
+        return 1
+
+    def raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Per-token values of one chunk (image or video time step) of grid ``grid`` = (t, h, w), in the order a
+        packed tower processed them, put back in the raster order of the merged grid (the identity by default)."""
+        return tokens
+
+    def window_index(self, grids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """A windowed packed tower's permutation of the merged tokens and its window bounds in patches (Qwen2.5-VL)."""
+        raise NotImplementedError
 
     @property
     def token_projector(self) -> nn.Module:
@@ -74,10 +116,6 @@ class ModelAdapter:
     def feature_tokens(self, features: torch.Tensor, image_inputs: dict[str, Any]) -> torch.Tensor:
         """(crops, T, F) per-token projector inputs from what the projector received, for a chunked tower."""
         raise NotImplementedError
-
-    image_token_id: int
-    vision_has_cls: bool
-    vision_drops_cls: bool  # whether the [CLS] output is dropped before the projector
 
     def continuation_position_ids(self, start: int, count: int, device: torch.device) -> torch.Tensor:
         """Position ids of ``count`` tokens fed through the cache after a prompt of ``start`` tokens (batch of one), as

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlprune.adapters.base import ModelAdapter, innermost_attention, vision_encoder_layers
+from vlprune.adapters.base import ModelAdapter, vision_encoder_layers
+from vlprune.adapters.registry import register_adapter
+from vlprune.adapters.traits import AdapterTraits
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry, batch_geometry, single_view
 
@@ -16,12 +19,12 @@ from vlprune.geometry import VisualGeometry, batch_geometry, single_view
 _TOWERS_WITH_CLS = {"clip_vision_model": True, "dinov2": True, "siglip_vision_model": False}
 
 
+@register_adapter("LlavaForConditionalGeneration", "LlavaModel")
 class LlavaAdapter(ModelAdapter):
     """``LlavaForConditionalGeneration`` (or a bare ``LlavaModel``) with a CLIP, SigLIP or DINOv2 tower and a
     Llama/Qwen2-style decoder, with or without grouped-query attention."""
 
-    family = "llava"
-    geometry_inputs = ("pixel_values",)
+    traits = AdapterTraits(family="llava", geometry_inputs=("pixel_values",))
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -37,8 +40,9 @@ class LlavaAdapter(ModelAdapter):
             raise VlpruneError(
                 f"vision tower {vision_type!r} is not supported; supported towers: {', '.join(_TOWERS_WITH_CLS)}"
             )
-        self.vision_has_cls = _TOWERS_WITH_CLS[vision_type]
-        self.vision_drops_cls = self.vision_has_cls and self.config.vision_feature_select_strategy == "default"
+        has_cls = _TOWERS_WITH_CLS[vision_type]
+        drops_cls = has_cls and self.config.vision_feature_select_strategy == "default"
+        self.traits = replace(type(self).traits, has_cls=has_cls, drops_cls=drops_cls)
         self.check_language_model()
 
     @staticmethod
@@ -94,10 +98,6 @@ class LlavaAdapter(ModelAdapter):
                 f"vision_feature_layer={feature_layer} selects the patch embeddings, which have no attention"
             )
         return hidden_index - 1
-
-    def vision_attention(self, index: int) -> nn.Module:
-        """The module of vision encoder layer ``index`` that calls the attention function."""
-        return innermost_attention(self.vision_layers[index])
 
     def vision_feature_attention(self) -> nn.Module:
         """The vision attention module whose layer produces the features that reach the projector."""

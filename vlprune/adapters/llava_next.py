@@ -8,22 +8,31 @@ The adapter reproduces that layout per token with the family's own grid and unpa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlprune.adapters.llava import LlavaAdapter
+from vlprune.adapters.registry import register_adapter
 from vlprune.errors import VlpruneError
 from vlprune.geometry import PADDING, ImageTokens, VisualGeometry, batch_geometry, single_view, tiled_view
+from vlprune.needs import Need
 
 
+@register_adapter("LlavaNextForConditionalGeneration", "LlavaNextModel")
 class LlavaNextAdapter(LlavaAdapter):
     """``LlavaNextForConditionalGeneration`` (or a bare ``LlavaNextModel``) with a CLIP or SigLIP tower."""
 
-    family = "llava-next"
-    multi_crop = True
-    geometry_inputs = ("image_sizes",)
+    # A tiled image has no one square attention map: methods that read one have no multi-crop path here.
+    traits = replace(
+        LlavaAdapter.traits,
+        family="llava-next",
+        multi_crop=True,
+        geometry_inputs=("image_sizes",),
+        vision_reads=LlavaAdapter.traits.vision_reads - {Need.VISION_MAP},
+    )
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:

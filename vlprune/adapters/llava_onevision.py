@@ -5,22 +5,31 @@ views' worth of patches), and images of multi-image samples encoded as one view 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlprune.adapters.llava_next import LlavaNextAdapter
+from vlprune.adapters.registry import register_adapter
 from vlprune.errors import VlpruneError
 
 
+@register_adapter("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """``LlavaOnevisionForConditionalGeneration`` (or a bare ``LlavaOnevisionModel``), images only: a call with a
     video is refused (``ModelAdapter.check_call``), as the model pools its frames by another path, with no geometry
     here, so its tokens would pass unpruned and uncounted."""
 
-    family = "llava-onevision"
-    geometry_inputs = ("image_sizes", "batch_num_images")
+    # Its SigLIP tower has no [CLS] token.
+    traits = replace(
+        LlavaNextAdapter.traits,
+        family="llava-onevision",
+        has_cls=False,
+        drops_cls=False,
+        geometry_inputs=("image_sizes", "batch_num_images"),
+    )
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:

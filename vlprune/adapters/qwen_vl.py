@@ -24,12 +24,15 @@ step by time step.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlprune.adapters.base import ModelAdapter
+from vlprune.adapters.registry import register_adapter
+from vlprune.adapters.traits import AdapterTraits, VisionTower
 from vlprune.errors import VlpruneError
 from vlprune.geometry import (
     TOKEN_FIELDS,
@@ -39,6 +42,7 @@ from vlprune.geometry import (
     interleaved_geometry,
     single_view,
 )
+from vlprune.needs import Need
 
 
 class MergedTokenProjector(nn.Module):
@@ -70,17 +74,21 @@ class MultimodalRotary(nn.Module):
         return self.rotary(hidden, positions)
 
 
+@register_adapter("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
 class Qwen2VLAdapter(ModelAdapter):
     """``Qwen2VLForConditionalGeneration`` (or a bare ``Qwen2VLModel``)."""
 
-    family = "qwen2-vl"
-    geometry_inputs = ("image_grid_thw", "video_grid_thw", "input_ids")
-    encodes_videos = True
-    position_modes = ("original",)
-    reads_vision_tower = True  # through vlprune.engine.packed_vision
-    vision_reads = frozenset({"received", "keys", "features", "crop_map"})
-    vision_chunked = True
-    deepstack = False
+    traits = AdapterTraits(
+        family="qwen2-vl",
+        tower=VisionTower.PACKED,  # pruned inside through vlprune.engine.packed_vision
+        has_cls=False,
+        drops_cls=False,
+        encodes_videos=True,
+        position_modes=("original",),
+        geometry_inputs=("image_grid_thw", "video_grid_thw", "input_ids"),
+        # Read at the last block, image by image: no [CLS], and no one square map per prompt image.
+        vision_reads=frozenset({Need.RECEIVED_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES, Need.CROP_MAPS}),
+    )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -93,8 +101,6 @@ class Qwen2VLAdapter(ModelAdapter):
         self._token_projector = MergedTokenProjector(self.projector, self.merge_size**2)
         self.image_token_id = int(self.config.image_token_id)
         self.video_token_id = int(self.config.video_token_id)
-        self.vision_has_cls = False
-        self.vision_drops_cls = False
         self.check_language_model()
 
     @staticmethod
@@ -188,7 +194,7 @@ class Qwen2VLAdapter(ModelAdapter):
             raise RuntimeError(f"{self.family}: the vision values of {len(chunks)} chunks do not match the grids")
         unit = self.merge_size**2
         pooled = [
-            self._raster_order(chunk.float().view(-1, unit, chunk.shape[-1]).mean(dim=1), grid)
+            self.raster_order(chunk.float().view(-1, unit, chunk.shape[-1]).mean(dim=1), grid)
             for chunk, grid in zip(chunks, grids, strict=True)
         ]
         width = max(len(tokens) for tokens in pooled)
@@ -214,16 +220,11 @@ class Qwen2VLAdapter(ModelAdapter):
         unit = self.merge_size**2
         per_chunk = features.split(grids.prod(dim=-1).tolist())
         tokens = [
-            self._raster_order(chunk.reshape(-1, unit * features.shape[-1]), grid)
+            self.raster_order(chunk.reshape(-1, unit * features.shape[-1]), grid)
             for chunk, grid in zip(per_chunk, grids, strict=True)
         ]
         width = max(len(rows) for rows in tokens)
         return torch.stack([torch.nn.functional.pad(rows, (0, 0, 0, width - len(rows))) for rows in tokens])
-
-    def _raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Merged tokens in the order the tower processed them, put back in raster order (the identity here; the
-        windowed encoder of Qwen2.5-VL permutes them)."""
-        return tokens
 
     def vision_feature_layer_index(self) -> int:
         """The merger reads the last block's output: numbered as the layer after the last block."""
@@ -241,11 +242,12 @@ class Qwen2VLAdapter(ModelAdapter):
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}
 
 
+@register_adapter("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's spelling)
     """``Qwen2_5_VLForConditionalGeneration`` (or a bare ``Qwen2_5_VLModel``): Qwen2-VL's layout with a windowed
     vision encoder, which the language-model side does not see."""
 
-    family = "qwen2.5-vl"
+    traits = replace(Qwen2VLAdapter.traits, family="qwen2.5-vl")
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:
@@ -263,7 +265,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's
             )
         return visual.blocks[last].attn
 
-    def _raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def raster_order(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Merged tokens in the windowed encoder's order put back in raster order."""
         window_index, _ = self.window_index(grid[None].to(tokens.device))
         return tokens[torch.argsort(window_index.to(tokens.device))]
 
@@ -279,11 +282,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (the transformers class's
         return get_vision_window_index(grids, visual.spatial_merge_size, visual.window_size, visual.patch_size)
 
 
+@register_adapter("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """``Qwen3VLForConditionalGeneration`` (or a bare ``Qwen3VLModel``), with DeepStack."""
 
-    family = "qwen3-vl"
-    deepstack = True
+    traits = replace(Qwen2VLAdapter.traits, family="qwen3-vl", deepstack=True)
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:

@@ -3,16 +3,14 @@ one fused call, and the layout that describes them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from vlprune.engine.layout import Layout, apply_order, reindexed
+from vlprune.engine.positions import Rotary
 from vlprune.kernels import gather_rows
 from vlprune.pruners.base import Selection
-
-Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def compact(

@@ -1,5 +1,5 @@
-"""Decoding after a pruned prefill: the segments of decoder layers that hold the same pruned prefill, the masks of
-each decode step over a segment's shorter KV cache, and the cache's size."""
+"""Decoding after a pruned prefill: the segments of decoder layers that hold the same pruned prefill, each decode
+step's masks (over a segment's shorter KV cache, eager or static) and positions, and the cache's size."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vlprune.engine.layout import decode_mask
+from vlprune.engine.positions import Rotary, shifted_decode_positions
 
 
 @dataclass
@@ -41,17 +42,61 @@ class DecodeState:
     step_length: int = 0
 
 
-def step_mask(decode: DecodeState, segment: Segment, hidden: torch.Tensor, style: str) -> torch.Tensor:
-    """The attention mask of this decode step for the layers of ``segment``: its pruned prefill's real slots, then
-    the tokens generated so far and this step's."""
-    batch, device = hidden.shape[0], hidden.device
-    new_tokens = decode.generated + decode.step_length
+def step_mask(
+    prefill_real: torch.Tensor, answer_real: torch.Tensor, query_length: int, style: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """The attention mask of a decode step for the layers of one segment, without a device read (a captured graph
+    traces it): the keys are the segment's pruned prefill slots ``prefill_real`` (B, Lp), then the answer's slots
+    ``answer_real`` (B or 1, A), the step's ``query_length`` new tokens last among the attended ones (a static
+    cache's slots not written yet are False in ``answer_real``)."""
+    key_real = torch.cat([prefill_real, answer_real.expand(prefill_real.shape[0], -1)], dim=1)
+    return decode_mask(key_real, query_length, style, dtype)
+
+
+def answer_slots(decode: DecodeState, batch: int, device: torch.device) -> torch.Tensor:
+    """(B, A) which tokens generated so far and this step's are real: the call's attention mask past the prompt, or
+    all of them."""
     if decode.step_attention_mask is not None:
-        tail = decode.step_attention_mask[:, decode.prompt_length :].bool().to(device)
-    else:
-        tail = torch.ones(batch, new_tokens, dtype=torch.bool, device=device)
-    key_real = torch.cat([segment.real.to(device), tail], dim=1)
-    return decode_mask(key_real, decode.step_length, style, hidden.dtype)
+        return decode.step_attention_mask[:, decode.prompt_length :].bool().to(device)
+    return torch.ones(batch, decode.generated + decode.step_length, dtype=torch.bool, device=device)
+
+
+def static_answer_slots(room: int, step: torch.Tensor) -> torch.Tensor:
+    """(1, room) the slots of a static cache's answer that hold a token at decode step ``step`` (0-d, counted from
+    the first token after the prefill's): those written so far and this step's."""
+    return (torch.arange(room, device=step.device) <= step)[None, :]
+
+
+def start_step(decode: DecodeState, attention_mask: torch.Tensor | None, query_length: int) -> None:
+    """Forget the masks and positions of the previous decode step."""
+    decode.step_masks, decode.step_positions = {}, {}
+    decode.step_attention_mask = attention_mask
+    decode.step_length = query_length
+
+
+def step_layer_inputs(
+    decode: DecodeState, index: int, hidden: torch.Tensor, kwargs: dict, style: str, rotary: Rotary, reindex: bool
+) -> dict | None:
+    """Decoder layer ``index``'s keyword arguments for this decode step: its segment's mask and, with re-indexed
+    positions, its shifted positions and cos/sin (each computed once per segment and step); None before the first
+    stage."""
+    segment_index = decode.segment_of_layer[index]
+    if segment_index is None:
+        return None
+    segment = decode.segments[segment_index]
+    if segment_index not in decode.step_masks:
+        answer = answer_slots(decode, hidden.shape[0], hidden.device)
+        real = segment.real.to(hidden.device)
+        decode.step_masks[segment_index] = step_mask(real, answer, decode.step_length, style, hidden.dtype)
+    kwargs["attention_mask"] = decode.step_masks[segment_index]
+    if reindex:
+        if segment_index not in decode.step_positions:
+            shifted = shifted_decode_positions(kwargs, segment.position_shift, hidden.shape[0])
+            decode.step_positions[segment_index] = (shifted, rotary(hidden, shifted))
+        shifted, embeddings = decode.step_positions[segment_index]
+        kwargs["position_ids"] = shifted
+        kwargs["position_embeddings"] = embeddings
+    return kwargs
 
 
 def segment_of_layer(segments: list[Segment], num_layers: int) -> list[int | None]:

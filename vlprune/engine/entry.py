@@ -1,7 +1,7 @@
 """The engine's entry point: :func:`attach` gives the eager :class:`~vlprune.engine.session.PruningSession` or the
-captured :class:`~vlprune.engine.captured.CapturedSession`, which builds on it.
+captured :class:`~vlprune.engine.captured.CapturedSession`, which holds an eager one.
 
-It sits above both, so that the eager session never imports the captured one that subclasses it.
+It sits above both, so that the eager session never imports the captured one that is built on it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def attach(
     num_visual: int | None = None,
     compile: bool = False,
     **compile_options: Any,
-) -> PruningSession:
+) -> PruningSession | CapturedSession:
     """Attach ``pruner`` to ``model`` and return the session (a context manager that detaches on exit).
     ``positions=None`` follows the method's reference ("original" or "reindex"; see :class:`PruningSession`).
 

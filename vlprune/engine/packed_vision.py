@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vlprune.adapters import ModelAdapter
-from vlprune.engine.vision_bridge import images_first
+from vlprune.engine.tower_packed import images_first
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.pruners.base import Pruner, VisionLayerContext, image_keep_error, keep_range_of
@@ -106,7 +106,7 @@ class PackedVisionStages:
                 mask[units] = 1.0
                 for frame in range(frames):
                     step = mask[frame * per_frame : (frame + 1) * per_frame]
-                    masks.append(self.adapter._raster_order(step, torch.tensor([1, height, width])))
+                    masks.append(self.adapter.raster_order(step, torch.tensor([1, height, width])))
         width = max(len(mask) for mask in masks)
         padded = torch.stack([nn.functional.pad(mask, (0, width - len(mask))) for mask in masks])
         return geometry.crop_values(padded[..., None])[..., 0] > 0.5
@@ -137,7 +137,7 @@ class PackedVisionStages:
         for image, count in enumerate(counts.tolist()):
             tokens = count // self.group
             try:
-                budget = self.pruner.vision_budget(self.adapter.family, tokens, tokens, 1)
+                budget = self.pruner.vision_budget_for(self.adapter.traits, tokens, tokens, 1)
             except VlpruneError as error:
                 keep_range = keep_range_of(error)
                 if keep_range is None:

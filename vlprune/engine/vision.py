@@ -8,7 +8,7 @@ The tower runs unmodified; hooks do the work:
   fewer tokens. Images of a batch may keep different numbers of tokens at intermediate layers (FlowCut's count
   depends on each image's attention entropy): the batch then keeps the largest count and the others carry fillers
   that no token attends to, so each image computes exactly what it computes alone. The last pruning layer leaves
-  exactly each crop's ``keep`` patches (:meth:`Pruner.vision_budget`; the crops of the anyres families' images may
+  exactly each crop's ``keep`` patches (:meth:`Pruner.vision_budget_for`; the crops of the anyres families' images may
   keep different numbers, and the shorter ones then carry fillers to the end);
 * a forward hook on the tower shortens every hidden state it returns to those tokens, so LLaVA's feature selection
   (one layer or several concatenated) reads the kept tokens of each layer;
@@ -54,11 +54,8 @@ class VisionStages:
         self.layers = adapter.vision_layers
         self.feature_layer, self.stage_layers = -1, []
         # Only pruners that override vision_layers prune inside the tower; the others never need its feature layer.
-        if type(pruner).vision_layers is not Pruner.vision_layers:
-            if not adapter.reads_vision_tower:
-                raise VlpruneError(
-                    f"{pruner.name} prunes inside the vision encoder, which is not implemented for {adapter.family} yet"
-                )
+        # (Whether the family allows it, the bridge has checked: vlprune.pruners.unsupported_reason.)
+        if pruner.prunes_vision_tower():
             self.feature_layer = adapter.vision_feature_layer_index()
             self.stage_layers = sorted(set(pruner.vision_layers(len(self.layers), self.feature_layer)))
         if self.stage_layers and not 0 <= self.stage_layers[0] <= self.stage_layers[-1] < self.feature_layer:
@@ -155,7 +152,7 @@ class VisionStages:
         if self.pruner.keep is None:
             raise VlpruneError(f"method {self.pruner.name!r} needs a budget: pass keep=<count> or keep=<fraction>")
         if not self.adapter.multi_crop:
-            return [self.pruner.vision_budget(self.adapter.family, patches, patches, 1)] * crops
+            return [self.pruner.vision_budget_for(self.adapter.traits, patches, patches, 1)] * crops
         images = self.adapter.image_views(self.image_inputs)
         if sum(views for _, views in images) != crops:
             raise VlpruneError(
@@ -165,7 +162,7 @@ class VisionStages:
         budgets = []
         for image, (tokens, views) in enumerate(images):
             try:
-                budget = self.pruner.vision_budget(self.adapter.family, tokens, patches, views)
+                budget = self.pruner.vision_budget_for(self.adapter.traits, tokens, patches, views)
             except VlpruneError as error:
                 keep_range = keep_range_of(error)
                 if keep_range is None:

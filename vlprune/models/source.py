@@ -154,7 +154,7 @@ def model_shape_on_disk(folder: Path | None) -> ModelShape | None:
     fields = read_config_json(folder)
     adapter = adapter_of_config(folder, fields)
     config = load_config(folder, fields)
-    if adapter.family != "llava":  # the tiled and Qwen-VL families' token counts depend on each image's size
+    if adapter.traits.multi_crop or adapter.traits.packed_tower:  # then token counts depend on each image's size
         return ModelShape(adapter)
     return ModelShape(adapter, _llava_visual_tokens(folder, config), int(config.text_config.num_hidden_layers))
 

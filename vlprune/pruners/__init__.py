@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import TYPE_CHECKING
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners.base import (
     Pruner,
     QueryRows,
@@ -33,6 +35,10 @@ from vlprune.pruners.base import (
     top_k_sorted,
 )
 from vlprune.pruners.options import coerce_options
+from vlprune.pruners.plans import plan_needs
+
+if TYPE_CHECKING:
+    from vlprune.adapters import AdapterTraits
 
 _REGISTRY: dict[str, type[Pruner]] = {}
 
@@ -97,57 +103,52 @@ def stages_of(name: str) -> str:
     return f"{cls.stage.value}+{Stage.IN_LLM.value}" if later else cls.stage.value
 
 
-FAMILY_NAMES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-"""The model families vlprune runs on (see :mod:`vlprune.adapters`)."""
+def __getattr__(name: str) -> object:
+    if name == "FAMILY_NAMES":  # read when asked: the adapters' registry may grow after this module loads
+        from vlprune.adapters import family_names
+
+        return family_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def families_of(method: str | Pruner) -> list[str]:
-    """The families a method runs on: the method ``name`` with its defaults, or a pruner with its own options. A
-    method reading one square vision attention map per image has no multi-crop path (LLaVA-NeXT, OneVision), one
-    reading the [CLS] token's attention cannot run on OneVision's SigLIP tower, which has none, unless its reference
-    has a substitute (:attr:`Pruner.cls_substitute`), and one reading or pruning the vision encoder does not run on the
-    Qwen-VL family yet.
+    """The registered families a method runs on: the method ``name`` with its defaults, or a pruner with its own
+    options. Each family's adapter declares what its stages can be given (``AdapterTraits``); a method runs where
+    its plan for that family needs nothing the family lacks (:func:`vlprune.adapters.refusal`, the rule the engine
+    refuses by).
     """
-    from vlprune.pruners.base import ANYRES_FAMILIES, PROBE_TOKENS, QWEN_FAMILIES
+    from vlprune.adapters import registered_traits
     from vlprune.pruners.var import VAR
 
+    families = [traits.family for traits in registered_traits()]
     if method == VAR.name:
-        return list(FAMILY_NAMES)
+        return families
     if isinstance(method, Pruner):
-        pruner, cls = method, type(method)
+        pruner = method
     else:
         cls = get(method)
         pruner = cls() if cls.name == "none" else cls(keep=0.25)
-    vision_side = type(pruner).vision_layers is not Pruner.vision_layers
-    families = []
-    for family in FAMILY_NAMES:
-        plan = pruner.plan_for_family(family, PROBE_TOKENS, _LISTING_LAYERS)
-        if family in ANYRES_FAMILIES and any(stage.vision_attention for stage in plan):
-            continue
-        needs_cls = any(stage.vision_cls_attention for stage in plan) and cls.cls_substitute is None
-        if family == "llava-onevision" and needs_cls:
-            continue
-        if family in QWEN_FAMILIES:
-            from vlprune.adapters.qwen_vl import Qwen2VLAdapter
-
-            reads = set().union(*(_vision_reads(stage, cls.cls_substitute) for stage in plan))
-            if (vision_side and not Qwen2VLAdapter.reads_vision_tower) or not reads <= Qwen2VLAdapter.vision_reads:
-                continue
-        families.append(family)
-    return families
+    return [traits.family for traits in registered_traits() if unsupported_reason(pruner, traits) is None]
 
 
-def _vision_reads(stage: StagePlan, cls_substitute: str | None) -> set[str]:
-    """What of the vision tower a stage reads, in the names of ``ModelAdapter.vision_reads``."""
-    wanted = [
-        ("received" if cls_substitute == "received" else "cls", stage.vision_cls_attention),
-        ("keys", stage.vision_keys),
-        ("features", stage.vision_features),
-        ("map", stage.vision_attention),
-        ("received", stage.vision_received_attention),
-        ("crop_map", stage.vision_crop_attention),
-    ]
-    return {name for name, needed in wanted if needed}
+def unsupported_reason(
+    pruner: Pruner, traits: AdapterTraits, needs: frozenset[Need] | None = None, tower_name: str = "the vision tower"
+) -> str | None:
+    """Why ``pruner``, whose stages need ``needs`` (by default those of its plan for such a model), cannot run on a
+    model with ``traits`` (its vision tower named ``tower_name``), or None when it can."""
+    from vlprune.adapters import refusal
+    from vlprune.pruners.base import PROBE_TOKENS
+
+    if needs is None:
+        needs = plan_needs(pruner.plan_for(traits, PROBE_TOKENS, _LISTING_LAYERS))
+    return refusal(
+        traits,
+        needs,
+        pruner.name,
+        cls_substitute=type(pruner).cls_substitute,
+        prunes_in_vision=pruner.prunes_vision_tower(),
+        tower_name=tower_name,
+    )
 
 
 def _options_of(cls: type) -> set[str]:
@@ -234,10 +235,12 @@ __all__ = [
     "available_modifiers",
     "check_budget",
     "create",
+    "families_of",
     "get",
     "parse_budget",
     "register",
     "resolve_keep",
     "stages_of",
     "top_k_sorted",
+    "unsupported_reason",
 ]

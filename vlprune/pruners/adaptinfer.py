@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -191,8 +192,7 @@ class AdaptInfer(Pruner):
                 layer=layer,
                 keep=count,
                 query_rows=QueryRows.TEXT,
-                per_head_attention=True,
-                query_row_attention=True,
+                needs=frozenset({Need.PER_HEAD_ATTENTION, Need.QUERY_ROW_ATTENTION}),
             )
             for layer, count in zip(layers, counts, strict=True)
         ]

@@ -17,13 +17,39 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
 from vlprune.errors import VlpruneError
-from vlprune.geometry import VisualGeometry
+from vlprune.pruners.contexts import StageContext, VisionLayerContext
+from vlprune.pruners.plans import QueryRows, StagePlan
+
+if TYPE_CHECKING:
+    from vlprune.adapters import AdapterTraits
+
+__all__ = [  # the protocol's names, wherever they live
+    "PROBE_TOKENS",
+    "Pruner",
+    "QueryRows",
+    "RecycledTokens",
+    "Selection",
+    "Stage",
+    "StageContext",
+    "StagePlan",
+    "VisionLayerContext",
+    "check_budget",
+    "check_layer",
+    "first_true",
+    "image_keep_error",
+    "is_probe",
+    "keep_out_of_range",
+    "keep_range_of",
+    "parse_budget",
+    "resolve_keep",
+    "sample_keep_error",
+    "top_k_sorted",
+]
 
 
 class Stage(enum.StrEnum):
@@ -34,205 +60,6 @@ class Stage(enum.StrEnum):
     PRE_LLM = "pre-LLM"
     IN_LLM = "in-LLM"
     ATTENTION = "attention-modifier"
-
-
-class QueryRows(enum.StrEnum):
-    """Which query tokens' attention rows a stage needs from the layer before it."""
-
-    LAST = "last"  # the last token of each sample (FastV)
-    TEXT = "text"  # every non-visual, non-padding token after the first visual token
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One pruning step: before decoder layer ``layer``, keep ``keep`` visual tokens per sample.
-
-    Attributes:
-        layer: decoder layer whose input is pruned; 0 means pre-LLM.
-        keep: visual tokens per sample that continue (recycled tokens come on top of these), or None when the pruner
-            decides the count from the data at :meth:`Pruner.select` (each sample its own: the engine then runs the
-            stage sample by sample; the context's ``keep`` is then the number of tokens present).
-        query_rows: attention rows the engine computes at layer ``layer - 1`` for this stage, or None.
-        own_layer_attention: compute those rows with layer ``layer``'s own queries and keys, from its input, before
-            pruning it (PyramidDrop), instead of from layer ``layer - 1``'s attention.
-        per_head_attention: hand the pruner those rows per head, (B, H, R, N), instead of averaged over heads.
-        query_row_attention: also hand the pruner the attention of those rows to the query rows' own tokens
-            ((B, R, R), or (B, H, R, R) per head): the text-to-text attention of text-guided methods (AdaptInfer).
-        vision_cls_attention: whether the stage needs the vision tower's [CLS] attention row at the feature layer.
-        text_tokens: whether the stage needs the hidden states of the text after the image (the instruction).
-        vision_features: whether the stage needs the projector's input features of the visual tokens and the
-            projector itself (methods that score through the projector or merge before it).
-        vision_keys: whether the stage needs the head-averaged keys of the visual tokens at the vision feature layer.
-        initial_embeddings: whether the stage needs the language model's input embeddings (layer 0's input) of the
-            visual tokens and of the text after the image, whatever layer it runs at.
-        vision_attention: whether the stage needs the full attention map among the image's tokens at the vision
-            feature layer (head mean), and the pixels the tower received.
-        vision_received_attention: whether the stage needs the attention each visual token receives at the vision
-            feature layer, averaged over its crop's patch queries and the heads (works on multi-crop families).
-        vision_crop_attention: whether the stage needs each crop's attention map among its patches at the vision
-            feature layer, the crops' pixels and the function that places per-crop values on the visual tokens as
-            the model packs its features (multi-crop families; VFlowOpt).
-        value_states: whether the stage also needs the value vectors of the visual tokens and of the query rows at
-            the layer its attention rows come from (FlowCut's language-model stage). Not with ``own_layer_attention``.
-        keep_at_most: ``keep`` is an upper bound: a sample with fewer visual tokens at this stage keeps them all
-            (FlowCut's language-model stage runs only where the vision side left more than its budget).
-    """
-
-    layer: int
-    keep: int | None
-    query_rows: QueryRows | None = None
-    own_layer_attention: bool = False
-    per_head_attention: bool = False
-    query_row_attention: bool = False
-    vision_cls_attention: bool = False
-    text_tokens: bool = False
-    vision_features: bool = False
-    vision_keys: bool = False
-    initial_embeddings: bool = False
-    vision_attention: bool = False
-    vision_received_attention: bool = False
-    vision_crop_attention: bool = False
-    value_states: bool = False
-    keep_at_most: bool = False
-
-
-@dataclass
-class StageContext:
-    """What the engine hands to :meth:`Pruner.select` at one stage. B = batch, N = visual tokens now, D = hidden.
-
-    Attributes:
-        layer: decoder layer whose input is being pruned (0 = pre-LLM).
-        keep: how many of the N visual tokens to keep per sample.
-        visual_hidden: (B, N, D) hidden states of the visual tokens at this point.
-        visual_positions: (B, N) RoPE positions of those tokens.
-        visual_origin: (B, N) index of each token among the original visual tokens of its sample (0..N0-1), -1 for a
-            recycled token.
-        geometry: where each of the N tokens came from (image, base view, tile or ``image_newline`` line break, grid
-            places, crop and patch; -1 in every field for recycled tokens); see :mod:`vlprune.geometry`.
-        query_attention: (B, R, N) softmax attention of the requested query rows to the visual tokens at layer
-            ``layer - 1`` (or ``layer`` with ``own_layer_attention``), normalised over all keys, averaged over heads
-            ((B, H, R, N) per head with ``per_head_attention``), or None.
-        query_positions: (B, R) RoPE positions of those query rows, or None.
-        query_row_attention: (B, R, R) attention of the query rows to the query rows' own tokens (row i, column j:
-            row i's attention to row j's token), normalised over all keys like ``query_attention`` and per head
-            alike, when the plan asked for it, else None. Columns of rows that ``query_mask`` marks unreal repeat a
-            real row's token: mask them.
-        rotary: the language model's rotary embedding as a function of (B, K) positions -> (cos, sin), each
-            (B, K, head_dim), for pruners that correct for RoPE, or None.
-        query_mask: (B, R) which of the R rows are real (rows are padded when samples have different text lengths).
-        vision_cls_attention: (B, N) attention of the vision tower's [CLS] query to each visual token at the feature
-            layer (averaged over heads), or None.
-        text_hidden: (B, T, D) hidden states of the real text tokens after the first visual token (the instruction),
-            when the plan asked for them; samples with fewer tokens repeat their last one.
-        text_mask: (B, T) which of the T text tokens are real.
-        vision_features: (B, N, F) what the projector received for each visual token (zeros for recycled tokens), or
-            None. ``projector(vision_features)`` gives the tokens' embeddings at the input of the language model.
-        projector: the model's projector module (vision features -> language-model embeddings), or None.
-        vision_keys: (B, N, d) keys of the visual tokens at the vision feature layer, averaged over heads (zeros for
-            recycled tokens), or None.
-        initial_visual_hidden: (B, N0, D) the input embeddings of all the original visual tokens (not only the current
-            ones; ``visual_origin`` indexes them), or None.
-        initial_text_hidden: (B, T, D) the input embeddings of the text after the first visual token, padded like
-            ``text_hidden``, or None.
-        initial_text_mask: (B, T) which of those are real.
-        vision_attention: (B, N0, N0) head-mean softmax attention among the original visual tokens at the vision
-            feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), or None.
-        pixel_values: (B, C, H, W) the images as the vision tower received them, or None.
-        vision_received_attention: (B, N) attention each token receives at the vision feature layer, averaged over
-            the patch queries of its own crop and the heads (0 for line breaks and recycled tokens), or None.
-        vision_crop_attention: (C, P, P) head-mean softmax attention among each crop's P patches at the vision
-            feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), for every crop of
-            the batch (``geometry.crop`` indexes them), or None.
-        vision_crop_pixels: (C, channels, height, width) the crops as the vision tower received them, or None.
-        pack_crop_values: places per-crop patch values (C, P) on this context's original visual tokens, (B, N0), as
-            the model packs its features (the stitched tile grid, unpadded, and OneVision's bilinear down-scaling);
-            line breaks get the second argument. Index the result with ``visual_origin``. None unless the plan
-            asked for ``vision_crop_attention``.
-        visual_values: (B, Hkv, N, d) value vectors of the visual tokens at the layer the attention rows come from
-            (key-value heads, before any repetition for grouped-query attention), or None.
-        query_values: (B, Hkv, R, d) value vectors of the query rows at that layer, or None.
-        vision_kept: (B, N) True at the visual tokens whose features the vision tower kept, for pruners with
-            vision-encoder stages (:meth:`Pruner.vision_layers`) at the stage at layer 0, or None. A token of
-            OneVision's down-scaled grid counts as kept when its nearest source patch is.
-        stage_index: 0 for the first stage of the pruner's plan, 1 for the next, ...
-        num_layers: decoder layers in the language model.
-    """
-
-    layer: int
-    keep: int
-    visual_hidden: torch.Tensor
-    visual_positions: torch.Tensor
-    visual_origin: torch.Tensor
-    geometry: VisualGeometry | None = None
-    query_attention: torch.Tensor | None = None
-    query_mask: torch.Tensor | None = None
-    query_positions: torch.Tensor | None = None
-    query_row_attention: torch.Tensor | None = None
-    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    vision_cls_attention: torch.Tensor | None = None
-    text_hidden: torch.Tensor | None = None
-    text_mask: torch.Tensor | None = None
-    vision_features: torch.Tensor | None = None
-    projector: nn.Module | None = None
-    vision_keys: torch.Tensor | None = None
-    initial_visual_hidden: torch.Tensor | None = None
-    initial_text_hidden: torch.Tensor | None = None
-    initial_text_mask: torch.Tensor | None = None
-    vision_attention: torch.Tensor | None = None
-    pixel_values: torch.Tensor | None = None
-    vision_received_attention: torch.Tensor | None = None
-    vision_crop_attention: torch.Tensor | None = None
-    vision_crop_pixels: torch.Tensor | None = None
-    pack_crop_values: Callable[[torch.Tensor, float], torch.Tensor] | None = None
-    visual_values: torch.Tensor | None = None
-    query_values: torch.Tensor | None = None
-    vision_kept: torch.Tensor | None = None
-    stage_index: int = 0
-    num_layers: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.visual_hidden.shape[0]
-
-    @property
-    def num_visual(self) -> int:
-        return self.visual_hidden.shape[1]
-
-
-@dataclass
-class VisionLayerContext:
-    """What the engine hands to :meth:`Pruner.select_in_vision` at one layer of the vision encoder.
-
-    B = images, T = tokens the layer attends over (the [CLS] token first when the tower has one), H heads, d = head
-    dimension. Tokens the pruner dropped for one image while another image of the batch kept more stay in the batch as
-    fillers: ``real`` is False for them, no later layer attends to them, and the pruner must not keep them.
-
-    Attributes:
-        layer: encoder layer index (0-based) whose attention this is; a pruning decision applies to its output.
-        feature_layer: index of the encoder layer whose output the projector reads (the deepest one when several).
-        query, key, value: (B, H, T, d) the layer's attention inputs.
-        scaling: the attention's logit scale.
-        real: (B, T) False at filler tokens.
-        origin: (B, T) index of each token in the tower's original sequence ([CLS] = 0 when present).
-        has_cls: whether token 0 is a [CLS] token that must stay.
-        keep: (B,) patch tokens of each image (crop) that must reach the projector (see :meth:`Pruner.vision_budget`).
-        group: patches that become one language-model token (Qwen-VL's m x m merge groups, consecutive in the
-            sequence); a decision keeps or drops whole groups, and ``keep`` is a multiple of it.
-        state: a dictionary that lives for one pass of the vision tower, for scores a pruner carries across layers.
-    """
-
-    layer: int
-    feature_layer: int
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    scaling: float
-    real: torch.Tensor
-    origin: torch.Tensor
-    has_cls: bool
-    keep: torch.Tensor
-    state: dict
-    group: int = 1
 
 
 @dataclass
@@ -271,12 +98,6 @@ class Selection:
     kept_hidden: torch.Tensor | None = None
     ordered: bool = False
 
-
-ANYRES_FAMILIES = frozenset({"llava-next", "llava-onevision"})
-"""The families that encode an image as a base view and tiles (the references' "anyres" paths)."""
-
-QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-"""The Qwen-VL families: dynamic resolution, m x m patches merged into one token, multimodal RoPE."""
 
 PROBE_TOKENS = 1 << 30
 """The token count the engine passes to :meth:`Pruner.plan` at attach time, when the real count is not known yet: the
@@ -438,14 +259,31 @@ class Pruner:
         """
         raise NotImplementedError
 
-    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        """The stages for a model of ``family`` ("llava", "llava-next", ...): :meth:`plan`, unless the method's
-        reference runs other stages on that family (FlowCut's LLaVA-NeXT path adds a language-model stage)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A pruner written against family names (overriding :meth:`plan_for_family` or :meth:`vision_budget`, not
+        their traits forms) is asked through them: its traits forms call them with the family's name."""
+        super().__init_subclass__(**kwargs)
+        for by_name, by_traits in _BY_NAME_FORMS.items():
+            if by_name in vars(cls) and by_traits not in vars(cls):
+                setattr(cls, by_traits, _asking_by_name(by_name))
+
+    def plan_for(self, traits: AdapterTraits, num_visual: int, num_layers: int) -> list[StagePlan]:
+        """The stages for a model with ``traits`` (:class:`vlprune.adapters.AdapterTraits`): :meth:`plan`, unless the
+        method's reference runs other stages on such a model (FlowCut's anyres path adds a language-model stage)."""
         return self.plan(num_visual, num_layers)
+
+    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
+        """:meth:`plan_for` the registered family named ``family`` ("llava", "llava-next", ...)."""
+        return _traits_form(type(self), "plan_for")(self, _traits_of(family), num_visual, num_layers)
 
     def select(self, ctx: StageContext) -> Selection:
         """Choose the visual tokens to keep at one stage."""
         raise NotImplementedError
+
+    @classmethod
+    def prunes_vision_tower(cls) -> bool:
+        """Whether the method prunes inside the vision tower: whether it lists layers there (:meth:`vision_layers`)."""
+        return cls.vision_layers is not Pruner.vision_layers
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> list[int]:
         """Vision encoder layers at which :meth:`select_in_vision` runs (none by default).
@@ -456,11 +294,16 @@ class Pruner:
         """
         return []
 
-    def vision_budget(self, family: str, image_tokens: int, view_patches: int, views: int) -> int:
-        """Patches each view (crop) of an image keeps inside the vision tower of a ``family`` model, for an image that
-        gives ``image_tokens`` visual tokens from ``views`` views of ``view_patches`` patches each (on the Qwen-VL
-        family in merge groups: one per token); by default the budget resolved against one view's patches."""
+    def vision_budget_for(self, traits: AdapterTraits, image_tokens: int, view_patches: int, views: int) -> int:
+        """Patches each view (crop) of an image keeps inside the vision tower of a model with ``traits``, for an image
+        that gives ``image_tokens`` visual tokens from ``views`` views of ``view_patches`` patches each (on a packed
+        tower in merge groups: one per token); by default the budget resolved against one view's patches."""
         return resolve_keep(self._required_keep(view_patches), view_patches)
+
+    def vision_budget(self, family: str, image_tokens: int, view_patches: int, views: int) -> int:
+        """:meth:`vision_budget_for` the registered family named ``family``."""
+        form = _traits_form(type(self), "vision_budget_for")
+        return form(self, _traits_of(family), image_tokens, view_patches, views)
 
     def select_in_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
         """At a vision layer listed by :meth:`vision_layers`: None to keep every token, or a (B, T) bool tensor of the
@@ -490,3 +333,35 @@ def first_true(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tens
     valid = torch.arange(width, device=mask.device)[None, :] < count
     last = torch.gather(order, 1, (count - 1).clamp(min=0, max=max(width - 1, 0)))
     return torch.where(valid, order, last), valid
+
+
+_BY_NAME_FORMS = {"plan_for_family": "plan_for", "vision_budget": "vision_budget_for"}
+"""The family-name form of each method the engine asks by traits."""
+
+
+def _asking_by_name(by_name: str) -> Callable[..., Any]:
+    """A traits form that asks the family-name form ``by_name`` with the traits' family."""
+
+    def ask(self: Pruner, traits: AdapterTraits, *args: int) -> Any:
+        return getattr(self, by_name)(traits.family, *args)
+
+    ask.asks_by_name = True  # type: ignore[attr-defined]
+    return ask
+
+
+def _traits_form(cls: type, name: str) -> Callable[..., Any]:
+    """The nearest traits form ``name`` in ``cls``'s MRO written as such (not one asking the family-name form), so
+    that an override of the family-name form that calls its parent's reaches the parent's rule, not itself."""
+    for klass in cls.__mro__:
+        form = vars(klass).get(name)
+        if form is not None and not getattr(form, "asks_by_name", False):
+            return form
+    raise AttributeError(name)
+
+
+def _traits_of(family: str) -> AdapterTraits:
+    """The registered family's traits, imported when asked: the pruners load nothing of the adapters otherwise, so
+    that the selections can run without them (:mod:`vlprune.pruners.selection`)."""
+    from vlprune.adapters import traits_of
+
+    return traits_of(family)

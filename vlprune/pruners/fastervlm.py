@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, top_k_sorted
 from vlprune.pruners.groups import crop_quotas, keep_by_quota
@@ -51,7 +52,7 @@ class FasterVLM(Pruner):
     default_positions = "reindex"  # the reference shortens inputs_embeds before the LLM, which numbers them 0..L-1
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
+        return [StagePlan(layer=0, keep=self._required_keep(num_visual), needs=frozenset({Need.CLS_ATTENTION}))]
 
     def select(self, ctx: StageContext) -> Selection:
         assert ctx.vision_cls_attention is not None, "the engine supplies the [CLS] attention for fastervlm"

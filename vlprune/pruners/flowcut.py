@@ -63,14 +63,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
-    ANYRES_FAMILIES,
-    QWEN_FAMILIES,
     Pruner,
     QueryRows,
     Selection,
@@ -83,6 +83,9 @@ from vlprune.pruners.base import (
     resolve_keep,
     top_k_sorted,
 )
+
+if TYPE_CHECKING:
+    from vlprune.adapters import AdapterTraits
 
 
 def head_mean_attention(query: torch.Tensor, key: torch.Tensor, real: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -183,8 +186,9 @@ class FlowCut(Pruner):
         # The tokens are chosen inside the vision tower; the stage at layer 0 only drops the others' placeholders.
         return [StagePlan(layer=0, keep=self._required_keep(num_visual))]
 
-    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        if family not in ANYRES_FAMILIES and family not in QWEN_FAMILIES:
+    def plan_for(self, traits: AdapterTraits, num_visual: int, num_layers: int) -> list[StagePlan]:
+        # The reference's anyres and Qwen-VL ports add a language-model stage; its LLaVA-1.5 path prunes in the tower.
+        if not traits.multi_crop and not traits.packed_tower:
             return self.plan(num_visual, num_layers)
         if not self.llm_layer + 1 < num_layers:
             raise VlpruneError(
@@ -199,13 +203,12 @@ class FlowCut(Pruner):
                 keep=budget,
                 keep_at_most=True,
                 query_rows=QueryRows.LAST,
-                per_head_attention=True,
-                value_states=True,
+                needs=frozenset({Need.PER_HEAD_ATTENTION, Need.VALUE_STATES}),
             ),
         ]
 
-    def vision_budget(self, family: str, image_tokens: int, view_patches: int, views: int) -> int:
-        if family in QWEN_FAMILIES:  # the reference's Qwen2-VL port: 2T tokens (8T patches) leave the encoder
+    def vision_budget_for(self, traits: AdapterTraits, image_tokens: int, view_patches: int, views: int) -> int:
+        if traits.packed_tower:  # the reference's Qwen2-VL port: 2T tokens (8T patches) leave the encoder
             return min(view_patches, 2 * resolve_keep(self._required_keep(image_tokens), image_tokens))
         if views == 1:
             return resolve_keep(self._required_keep(view_patches), view_patches)

@@ -71,6 +71,7 @@ from dataclasses import dataclass
 import torch
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
 from vlprune.pruners.groups import crop_by_crop_order, crop_quotas, keep_by_quota, strip_crops, tile_crops
@@ -147,7 +148,7 @@ class HoloV(Pruner):
     reference_order: bool = True
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_cls_attention=True)]
+        return [StagePlan(layer=0, keep=self._required_keep(num_visual), needs=frozenset({Need.CLS_ATTENTION}))]
 
     def crop_layout(self, num_visual: int, keep: int, device: torch.device) -> CropLayout:
         return holov_crop_layout(num_visual, keep, self.crops, self.tiles, device)

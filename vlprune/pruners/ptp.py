@@ -39,6 +39,7 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan, check_layer
 from vlprune.pruners.groups import crop_quotas, grid_tiles, keep_by_quota, tile_crops
@@ -120,7 +121,7 @@ class PTP(Pruner):
                 layer=layer,
                 keep=self._required_keep(num_visual),
                 query_rows=QueryRows.TEXT,
-                vision_received_attention=True,
+                needs=frozenset({Need.RECEIVED_ATTENTION}),
             )
         ]
 

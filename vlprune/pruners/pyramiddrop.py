@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -143,7 +144,7 @@ class PyramidDrop(Pruner):
         else:
             layers, counts = self.schedule(num_visual, num_layers)
         return [
-            StagePlan(layer=layer, keep=count, query_rows=QueryRows.LAST, own_layer_attention=True)
+            StagePlan(layer=layer, keep=count, query_rows=QueryRows.LAST, needs=frozenset({Need.OWN_LAYER_ATTENTION}))
             for layer, count in zip(layers, counts, strict=True)
         ]
 

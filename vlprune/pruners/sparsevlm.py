@@ -58,6 +58,7 @@ import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.kernels import gather_tokens, merge_tokens
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -235,8 +236,7 @@ class SparseVLM(Pruner):
                 layer=layer,
                 keep=count,
                 query_rows=QueryRows.TEXT,
-                initial_embeddings=True,
-                per_head_attention=self.version == 2,
+                needs=frozenset({Need.INITIAL_EMBEDDINGS, *([Need.PER_HEAD_ATTENTION] if self.version == 2 else [])}),
             )
             for layer, count in zip(stage_layers, counts, strict=True)
         ]

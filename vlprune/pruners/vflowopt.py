@@ -56,12 +56,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.geometry import BASE, VisualGeometry
 from vlprune.kernels import gather_tokens, merge_tokens
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
     Pruner,
@@ -83,6 +85,9 @@ RELEASED = {
     0.25: (34.760, 0.0, 15.581, 0.26510, 0.98334),
     0.50: (28.683, 0.0, 11.757, 0.72332, 0.74875),
 }
+
+if TYPE_CHECKING:
+    from vlprune.adapters import AdapterTraits
 
 
 def importance_map(attention: torch.Tensor, sensitivity: float) -> torch.Tensor:
@@ -238,16 +243,17 @@ class VFlowOpt(Pruner):
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         return self._stages(num_visual, num_layers, multi_crop=False)
 
-    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        # LLaVA-1.5's untiled path reads one square map per image; the other families' maps come per crop (a view,
-        # or a Qwen-VL image of any size) and are packed onto the tokens as the model packs its features.
-        return self._stages(num_visual, num_layers, multi_crop=family != "llava")
+    def plan_for(self, traits: AdapterTraits, num_visual: int, num_layers: int) -> list[StagePlan]:
+        # Where the family gives one square map per image (LLaVA-1.5's untiled path) the reference reads it; elsewhere
+        # the maps come per crop (a view, or a Qwen-VL image of any size) and are packed onto the tokens as the model
+        # packs its features.
+        return self._stages(num_visual, num_layers, multi_crop=Need.VISION_MAP not in traits.provides)
 
     def _stages(self, num_visual: int, num_layers: int, multi_crop: bool) -> list[StagePlan]:
         counts = [num_visual] * 3 if is_probe(num_visual) else self.counts(num_visual, num_layers)
         layers = [0, *self.stage_layers(num_layers)]
         return [
-            StagePlan(layer=layer, keep=count, vision_attention=not multi_crop, vision_crop_attention=multi_crop)
+            StagePlan(layer=layer, keep=count, needs=frozenset({Need.CROP_MAPS if multi_crop else Need.VISION_MAP}))
             for layer, count in zip(layers, counts, strict=True)
         ]
 

@@ -65,15 +65,15 @@ The reference's budget splits are :func:`visionzip_split`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from vlprune.errors import VlpruneError
 from vlprune.kernels import gather_tokens, merge_tokens
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import (
-    QWEN_FAMILIES,
     Pruner,
     RecycledTokens,
     Selection,
@@ -87,6 +87,9 @@ from vlprune.pruners.groups import crop_quotas
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference's 54 + 10, 108 + 20, 162 + 30
 QWEN_CONTEXTUAL_SHARE = 0.05  # of the image's tokens, in the reference's Qwen2.5-VL code
+
+if TYPE_CHECKING:
+    from vlprune.adapters import AdapterTraits
 
 
 def contextual_centres(remaining: int, contextual: int) -> torch.Tensor:
@@ -271,15 +274,19 @@ class VisionZip(Pruner):
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
         dominant, _ = self.split(self._required_keep(num_visual), num_visual)
         # The stage keeps the dominant tokens; the contextual ones come on top as recycled tokens.
-        return [StagePlan(layer=0, keep=dominant, vision_cls_attention=True, vision_keys=True, vision_features=True)]
+        return [
+            StagePlan(
+                layer=0, keep=dominant, needs=frozenset({Need.CLS_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES})
+            )
+        ]
 
-    def plan_for_family(self, family: str, num_visual: int, num_layers: int) -> list[StagePlan]:
-        if family not in QWEN_FAMILIES:
+    def plan_for(self, traits: AdapterTraits, num_visual: int, num_layers: int) -> list[StagePlan]:
+        if not traits.packed_tower:  # the reference's Qwen-VL code: a packed, merged tower
             return self.plan(num_visual, num_layers)
         # The contextual tokens replace their centres in place, so the stage keeps the whole budget.
         keep = self._required_keep(num_visual)
         self.split(keep, num_visual, qwen=True)
-        return [StagePlan(layer=0, keep=keep, vision_received_attention=True, vision_keys=True)]
+        return [StagePlan(layer=0, keep=keep, needs=frozenset({Need.RECEIVED_ATTENTION, Need.VISION_KEYS}))]
 
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:

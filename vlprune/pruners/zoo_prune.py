@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call
 
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
 from vlprune.pruners.divprune import cosine_distance, greedy_max_min
@@ -207,7 +208,7 @@ class ZOOPrune(Pruner):
             raise VlpruneError(f"step={self.step!r} must be a positive number (the paper uses 1e-4 to 1)")
 
     def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return [StagePlan(layer=0, keep=self._required_keep(num_visual), vision_features=True)]
+        return [StagePlan(layer=0, keep=self._required_keep(num_visual), needs=frozenset({Need.VISION_FEATURES}))]
 
     @torch.no_grad()
     def select(self, ctx: StageContext) -> Selection:
