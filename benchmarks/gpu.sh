@@ -85,7 +85,7 @@ if ((smoke)); then
   echo "| cuda-tests | skipped (--smoke) | 0 |" >> "$out/summary.md"
 else
   step cuda-tests "${limits[6]}" env VLPRUNE_TEST_DEVICE=cuda "$python" -m pytest -q -x -p no:cacheprovider \
-    tests/test_triton_kernels.py tests/test_stats.py tests/test_engine.py tests/test_pruners.py
+    tests/test_triton_kernels.py tests/test_stats.py tests/test_engine.py tests/test_invariants.py tests/test_pruners.py
 fi
 
 echo

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MODEL_KINDS, tiny_inputs, tiny_model
-from test_engine import MaskOracle, greedy, greedy_under_mask
+from family_cases import MaskOracle, greedy, greedy_under_mask
 
 import vlprune
 from vlprune.errors import VlpruneError

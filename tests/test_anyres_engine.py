@@ -1,6 +1,7 @@
-"""Engine invariants on tiny random LLaVA-NeXT and LLaVA-OneVision models (base view, tiles, line breaks):
-keep-all equals vanilla, drop equals mask, a batch equals its samples alone, cached decoding equals recomputation,
-detaching restores the model, and every registered method runs or refuses with a reason."""
+"""What is specific to the tiled families, LLaVA-NeXT and LLaVA-OneVision (base view, tiles, line breaks): statistics
+per view, per-view budgets and reads (FasterVLM, HoloV, VisionZip, PTP), the received attention of each crop, and a
+count larger than a sample's tokens. The invariants every family shares (keep-all, drop equals mask, batches, ragged
+batches, cached decoding, captured, detach, every method runs or refuses) are in ``test_invariants.py``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import dataclasses
 import pytest
 import torch
 from conftest import shared_model
-from test_engine import greedy, greedy_under_mask, hook_count
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from family_cases import COLOUR_QUESTIONS as QUESTIONS
+from family_cases import greedy
 
 import vlprune
 import vlprune.adapters
 from vlprune.errors import VlpruneError
-from vlprune.pruners import available_methods, create, families_of
+from vlprune.pruners import create
 from vlprune.testing import build_tiny_inputs, make_test_image
 
 FAMILIES = ["llava-next", "llava-onevision"]
-QUESTIONS = ("What colour is the square?", "How many red objects are on the left?")
 
 
 def anyres_model(family: str, attn: str = "sdpa"):
@@ -35,120 +35,6 @@ def anyres_inputs(processor, batch: int, size: tuple[int, int] = (40, 30)):
 
 def num_visual(model, inputs) -> int:
     return int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_none_is_identical_to_vanilla(family: str, attn: str) -> None:
-    model, processor = anyres_model(family, attn)
-    inputs = anyres_inputs(processor, 2)
-    tokens, logits = greedy(model, inputs)
-    with vlprune.attach(model, create("none")) as session:
-        pruned_tokens, pruned_logits = greedy(model, inputs)
-    assert torch.equal(tokens, pruned_tokens)
-    torch.testing.assert_close(pruned_logits, logits, atol=1e-6, rtol=0)
-    assert session.stats.visual_tokens == num_visual(model, inputs)
-
-
-DROP_CASES = [("fastv", {"keep": 0.25, "layer": 2}, 2), ("random", {"keep": 0.3}, 0), ("divprune", {"keep": 0.25}, 0)]
-
-
-@pytest.mark.parametrize("method,options,layer", DROP_CASES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_drop_equals_mask(family: str, method: str, options: dict, layer: int) -> None:
-    model, processor = anyres_model(family)
-    inputs = anyres_inputs(processor, 2)
-    with vlprune.attach(model, create(method, **options), positions="original") as session:
-        tokens, logits = greedy(model, inputs)
-    [stage] = session.stats.stages
-    assert stage.layer == layer and stage.visual_out < stage.visual_in == num_visual(model, inputs)
-    masked_tokens, masked_logits = greedy_under_mask(model, inputs, [(layer, stage.kept_indices)])
-    assert torch.equal(tokens, masked_tokens)
-    torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("method,options", [("fastv", {"keep": 0.25}), ("visionzip", {"keep": 0.25})])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_of_two_equals_samples_alone(family: str, method: str, options: dict) -> None:
-    model, processor = anyres_model(family)
-    if method == "visionzip" and family == "llava-onevision":
-        pytest.skip("SigLIP has no [CLS] token for VisionZip")
-    batch = anyres_inputs(processor, 2)
-    with vlprune.attach(model, create(method, **options)) as session:
-        tokens, logits = greedy(model, batch)
-        kept = session.stats.stages[0].kept_indices
-        for index in range(2):
-            alone = {key: value[index : index + 1] for key, value in batch.items() if key != "batch_num_images"}
-            if "batch_num_images" in batch:
-                alone["batch_num_images"] = batch["batch_num_images"][index : index + 1]
-            real = alone["attention_mask"][0].bool()
-            alone["input_ids"], alone["attention_mask"] = alone["input_ids"][:, real], alone["attention_mask"][:, real]
-            single_tokens, single_logits = greedy(model, alone)
-            assert session.stats.stages[0].kept_indices[0] == kept[index]
-            assert torch.equal(single_tokens[0], tokens[index])
-            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("positions", ["original", "reindex"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decoding_equals_recomputation(family: str, positions: str) -> None:
-    model, processor = anyres_model(family)
-    inputs = anyres_inputs(processor, 2)
-    images = {key: inputs[key] for key in ("pixel_values", "image_sizes", "batch_num_images") if key in inputs}
-    with vlprune.attach(model, create("divprune", keep=0.25), positions=positions):
-        tokens, logits = greedy(model, inputs)
-        for step in range(tokens.shape[1]):
-            ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **images)
-            torch.testing.assert_close(out.logits[:, -1], logits[step], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_detach_restores_the_model_exactly(family: str) -> None:
-    model, processor = anyres_model(family)
-    inputs = anyres_inputs(processor, 2)
-    before = greedy(model, inputs)
-    hooks, mapping = hook_count(model), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
-    session = vlprune.attach(model, create("fastv", keep=0.2))
-    assert "get_image_features" in vars(model.model)  # the geometry's recorder, on this instance only
-    during = greedy(model, inputs)
-    session.detach()
-    after = greedy(model, inputs)
-    assert "get_image_features" not in vars(model.model)
-    assert hook_count(model) == hooks and ALL_ATTENTION_FUNCTIONS._local_mapping == mapping
-    assert not torch.equal(during[1], before[1])
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-
-
-# Options that fit the tiny 4-layer language model (a method's defaults are for 32 layers where they are absolute).
-TINY_OPTIONS = {"adaptinfer": {"layers": [1, 2, 3]}}
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_runs_or_refuses_with_its_reason(family: str) -> None:
-    model, processor = anyres_model(family)
-    inputs = anyres_inputs(processor, 2)
-    total = num_visual(model, inputs)
-    ran, refused = [], {}
-    for method in [m for m in available_methods() if m not in ("none", "var")] + ["fastv+var"]:
-        pruner = create(method, keep=0.25, **TINY_OPTIONS.get(method, {}))
-        try:
-            with vlprune.attach(model, pruner) as session:
-                greedy(model, inputs, new_tokens=2)
-        except VlpruneError as error:
-            refused[method] = str(error)
-            continue
-        assert session.stats.equivalent_visual_tokens < total, method  # the language model saw fewer tokens
-        ran.append(method)
-    for method in [*ran, *refused]:
-        assert (family in families_of(method.partition("+")[0])) == (method in ran), method  # `vlprune methods`
-    for method, message in refused.items():
-        assert family in message or "[CLS]" in message, (method, message)
-    assert {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "zoo-prune", "adaptinfer"} <= set(ran)
-    assert {"flowcut", "vflowopt", "holov", "ptp"} <= set(ran)
-    assert len(ran) >= 12  # of the 14 methods: FasterVLM and VisionZip need a [CLS] token on OneVision
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,52 +62,6 @@ def test_statistics_count_tokens_per_view(family: str) -> None:
         out = stats.stages[0].views_out[sample]
         assert out["base"] == int((view[kept] == 0).sum()) and out["newlines"] == int((view[kept] == -1).sum())
         assert sum(out.values()) == stats.stages[0].visual_out
-
-
-RAGGED_CASES = [
-    ("fastv", {"keep": 0.25}),
-    ("random", {"keep": 0.3}),
-    ("divprune", {"keep": 0.25}),
-    ("sparsevlm", {"keep": 0.3}),  # three stages with recycling
-    ("pyramiddrop", {"keep": 0.3}),
-    ("visionzip", {"keep": 0.25}),  # recycling at layer 0
-    ("random", {"keep": 30, "layer": 2}),  # a count per sample
-    ("adaptinfer", {"keep": 0.25, "layers": [1, 2, 3]}),  # text-to-text attention rows per sample
-    ("fastv+var", {"keep": 0.25}),  # attention redistribution over a left-filled sequence
-    ("ptp", {"keep": 0.25}),  # per-crop received attention
-    ("flowcut", {"keep": 0.3}),  # per-view budgets inside the tower, a data-dependent layer-0 count, values
-    ("vflowopt", {"keep": 0.3}),  # per-view maps packed as the features are, recycling in grid cells
-]
-
-
-@pytest.mark.parametrize("method,options", RAGGED_CASES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_ragged_batch_equals_its_samples_alone(family: str, method: str, options: dict) -> None:
-    """Images of different aspect ratios give different numbers of visual tokens per sample; each sample keeps its
-    own share (or count) and computes what it computes alone."""
-    model, processor = anyres_model(family)
-    if method == "visionzip" and family == "llava-onevision":
-        pytest.skip("SigLIP has no [CLS] token for VisionZip")
-    images = [make_test_image(1, 96).resize((40, 20)), make_test_image(2, 96).resize((30, 60))]
-    batch = build_tiny_inputs(processor, images, list(QUESTIONS))
-    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    assert counts[0] != counts[1]
-    with vlprune.attach(model, create(method, **options)) as session:
-        tokens, logits = greedy(model, batch)
-        together = session.stats
-        for index in range(2):
-            single_tokens, single_logits = greedy(
-                model, build_tiny_inputs(processor, [images[index]], [QUESTIONS[index]])
-            )
-            alone = session.stats
-            assert torch.equal(single_tokens[0], tokens[index])
-            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
-            for stage, single in zip(together.stages, alone.stages, strict=True):
-                assert stage.kept_indices[index] == single.kept_indices[0]
-                assert stage.visual_out_per_sample[index] == single.visual_out
-    assert together.visual_tokens_per_sample == counts
-    first = together.stages[0].visual_out_per_sample
-    assert first[0] != first[1] or (method == "random" and "layer" in options)
 
 
 def test_a_count_larger_than_a_samples_tokens_names_the_sample() -> None:

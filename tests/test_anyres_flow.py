@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 import torch
+from family_cases import greedy
 from test_anyres_engine import FAMILIES, anyres_inputs, anyres_model, num_visual
-from test_engine import greedy
 
 import vlprune
 import vlprune.adapters

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import QUESTIONS, private_model, tiny_model
-from test_engine import hook_count
+from family_cases import hook_count
 
 import vlprune
 from vlprune.engine.captured import ANSWER_ROOM, CapturedSession

@@ -1,227 +1,22 @@
-"""Engine invariants on tiny random models: keep-all equals vanilla, drop equals mask, batches equal single samples,
-cached decoding equals recomputation, and detaching restores the model."""
+"""Engine behaviour on tiny random LLaVA-1.5 models that the invariant suite (``test_invariants.py``, which runs
+keep-all, drop-equals-mask, batch, cache, captured and detach invariants over every family) does not cover: reindexed
+positions, text-only calls, what reaches a pruner (text rows, initial embeddings, the vision tower's attention map),
+in-place replacement of kept tokens, multi-token steps through a pruned cache, and half precision."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import torch
-from conftest import DEVICE, MODEL_KINDS, tiny_inputs, tiny_model
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from conftest import DEVICE, tiny_inputs, tiny_model
+from family_cases import greedy, greedy_under_mask
 
 import vlprune
 from vlprune.kernels import gather_tokens
 from vlprune.pruners import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan
 
 NEW_TOKENS = 5
-
-
-def greedy(model, inputs, new_tokens: int = NEW_TOKENS):
-    """Greedy generation returning (tokens (B, T), logits (T, B, V))."""
-    out = model.generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    prompt = inputs["input_ids"].shape[1]
-    return out.sequences[:, prompt:], torch.stack(out.logits)
-
-
-def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_none_is_identical_to_vanilla(vision: str, kv_heads: int, attn: str, batch: int) -> None:
-    model, processor = tiny_model(vision, kv_heads, attn)
-    inputs = tiny_inputs(processor, batch)
-    tokens, logits = greedy(model, inputs)
-    with vlprune.attach(model, vlprune.pruners.create("none")) as session:
-        pruned_tokens, pruned_logits = greedy(model, inputs)
-    assert torch.equal(tokens, pruned_tokens)
-    torch.testing.assert_close(pruned_logits, logits, atol=1e-6, rtol=0)
-    assert session.stats.visual_tokens == 64
-    assert session.stats.stages == []
-
-
-class MaskOracle:
-    """Vanilla model, but from each stage's layer on the visual tokens it pruned cannot be seen as keys (prefill and
-    decode). ``stages``: (layer, kept original visual indices per sample) in layer order."""
-
-    def __init__(self, model, input_ids: torch.Tensor, stages: list[tuple[int, list[list[int]]]], visual_ids: tuple):
-        visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
-        self.pruned_from: dict[int, torch.Tensor] = {}
-        for layer, kept in stages:
-            pruned = torch.zeros_like(visual)
-            for b, keep in enumerate(kept):
-                slots = visual[b].nonzero()[:, 0]
-                drop = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
-                drop[keep] = False
-                pruned[b, slots[drop]] = True
-            self.pruned_from[layer] = pruned
-        layers = model.model.language_model.layers
-        self.handles = [
-            layers[index].register_forward_pre_hook(functools.partial(self.hook, index), with_kwargs=True)
-            for index in range(stages[0][0], len(layers))
-        ]
-
-    def pruned(self, index: int) -> torch.Tensor:
-        return self.pruned_from[max(layer for layer in self.pruned_from if layer <= index)]
-
-    def hook(self, index: int, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, q_len = hidden.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # SDPA without padding: causal over the cache plus the new tokens
-            k_len = kwargs["cache"].get_seq_length(index) + q_len
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=hidden.device).tril(k_len - q_len)
-            mask = causal[None, None].expand(batch, 1, q_len, k_len)
-        pruned_keys = self.pruned(index)[:, None, None, :]
-        pruned_keys = torch.nn.functional.pad(pruned_keys, (0, mask.shape[-1] - pruned_keys.shape[-1]))
-        if mask.dtype == torch.bool:
-            kwargs["attention_mask"] = mask & ~pruned_keys
-        else:
-            kwargs["attention_mask"] = mask.masked_fill(pruned_keys, torch.finfo(mask.dtype).min)
-        return args, kwargs
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def greedy_under_mask(model, inputs, stages: list[tuple[int, list[list[int]]]]):
-    """``greedy`` on the unpruned model with the pruned tokens masked from each stage layer on (``stages``: the
-    (layer, kept_indices) of a pruned run's statistics): what pruning must equal with original positions."""
-    visual_ids = tuple(
-        int(token) for token in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if token
-    )  # a video's tokens are visual tokens too (Qwen-VL)
-    oracle = MaskOracle(model, inputs["input_ids"], stages, visual_ids)
-    try:
-        return greedy(model, inputs)
-    finally:
-        oracle.remove()
-
-
-PRUNING_CASES = [
-    ("fastv", {"keep": 16, "layer": 2}, 2),
-    ("random", {"keep": 20}, 0),
-    ("random", {"keep": 12, "layer": 1, "seed": 4}, 1),
-    ("fastervlm", {"keep": 16}, 0),
-    ("divprune", {"keep": 16}, 0),
-    ("zoo-prune", {"keep": 16, "directions": 8}, 0),
-    ("holov", {"keep": 16}, 0),
-    ("holov", {"keep": 16, "crops": 4, "tiles": True}, 0),
-    ("ptp", {"keep": 16}, 3),
-]
-# Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
-MULTI_STAGE_CASES = [
-    ("pyramiddrop", {"layers": [8, 16, 24], "ratios": [0.5, 0.25, 0.125]}),
-    ("pyramiddrop", {"keep": 20}),
-    ("sparsevlm", {"keep": 0.3, "recycle": False}),
-    ("sparsevlm", {"keep": 0.3, "version": 2}),
-    ("vflowopt", {"keep": 0.25, "recycle": False}),
-]
-# Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
-RECYCLING_CASES = [("visionzip", {"keep": 16}), ("sparsevlm", {"keep": 0.3}), ("vflowopt", {"keep": 0.25})]
-
-
-@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,options,layer", PRUNING_CASES)
-def test_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, options: dict, layer: int) -> None:
-    model, processor = tiny_model(vision, kv_heads, attn)
-    inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
-        tokens, logits = greedy(model, inputs)
-    stage = session.stats.stages[0]
-    assert stage.layer == layer and stage.visual_out == options["keep"]
-    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
-    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, stages)
-    _, vanilla_logits = greedy(model, inputs)
-    assert torch.equal(tokens, oracle_tokens)
-    torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
-    # The invariant is only meaningful if pruning changed something.
-    assert (logits - vanilla_logits).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("vision,kv_heads", MODEL_KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-# The rank rule's count comes from each sample's data (a stage with keep=None runs sample by sample).
-@pytest.mark.parametrize(
-    "method,options",
-    [*MULTI_STAGE_CASES, ("sparsevlm", {"keep": 0.111, "rule": "rank", "recycle": False, "layers": [2, 6, 15]})],
-)
-def test_multi_stage_drop_equals_mask(vision: str, kv_heads: int, attn: str, method: str, options: dict) -> None:
-    model, processor = tiny_model(vision, kv_heads, attn)
-    inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
-        tokens, logits = greedy(model, inputs)
-    stages = [(s.layer, s.kept_indices) for s in session.stats.stages]
-    per_sample = [[len(row) for row in kept] for _, kept in stages]
-    assert len(stages) >= 3 and per_sample == [s.visual_out_per_sample for s in session.stats.stages]
-    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, stages)
-    assert torch.equal(tokens, oracle_tokens)
-    torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("method,options", [(m, o) for m, o, _ in PRUNING_CASES] + MULTI_STAGE_CASES + RECYCLING_CASES)
-def test_batch_of_two_equals_samples_alone(method: str, options: dict) -> None:
-    model, processor = tiny_model("dinov2", 2)
-    batch = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options)) as session:
-        tokens, logits = greedy(model, batch)
-        kept = session.stats.stages[0].kept_indices
-        for index in range(2):
-            alone = {key: value[index : index + 1] for key, value in batch.items()}
-            real = alone["attention_mask"][0].bool()
-            alone["input_ids"] = alone["input_ids"][:, real]
-            alone["attention_mask"] = alone["attention_mask"][:, real]
-            single_tokens, single_logits = greedy(model, alone)
-            assert session.stats.stages[0].kept_indices[0] == kept[index]
-            assert torch.equal(single_tokens[0], tokens[index])
-            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
-
-
-TEXT_INDEPENDENT_CASES = [
-    ("random", {"keep": 20}),
-    ("random", {"keep": 12, "layer": 2}),
-    ("visionzip", {"keep": 16}),  # with recycling: merged tokens enter the cache too
-    ("fastervlm", {"keep": 16}),
-    ("divprune", {"keep": 16}),
-    ("holov", {"keep": 16}),
-    ("flowcut", {"keep": 16}),
-]
-
-
-@pytest.mark.parametrize("positions", ["original", "reindex"])
-@pytest.mark.parametrize("method,options", TEXT_INDEPENDENT_CASES)
-def test_cached_decoding_equals_recomputation(positions: str, method: str, options: dict) -> None:
-    """These selections do not depend on the text, so re-running the whole sequence without a cache prunes the same
-    tokens: each cached decode step must give the logits of that full recomputation."""
-    model, processor = tiny_model("clip", 2)
-    inputs = tiny_inputs(processor, 2)
-    pruner = vlprune.pruners.create(method, **options)
-    with vlprune.attach(model, pruner, positions=positions):
-        tokens, logits = greedy(model, inputs)
-        for step in range(NEW_TOKENS):
-            ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                pixel_values=inputs["pixel_values"],
-                use_cache=False,
-            )
-            torch.testing.assert_close(out.logits[:, -1], logits[step], atol=1e-4, rtol=0)
 
 
 def test_reindex_changes_positions_but_not_selection() -> None:
@@ -235,50 +30,6 @@ def test_reindex_changes_positions_but_not_selection() -> None:
     assert (results["original"][0] - results["reindex"][0]).abs().max() > 1e-4
 
 
-def test_detach_restores_the_model_exactly() -> None:
-    model, processor = tiny_model("clip", 4)
-    inputs = tiny_inputs(processor, 2)
-    before = greedy(model, inputs)  # first: transformers adds its own output-capturing hooks on first use
-    hooks, mapping = hook_count(model), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
-    session = vlprune.attach(model, vlprune.pruners.create("fastv", keep=8))
-    assert hook_count(model) > hooks
-    during = greedy(model, inputs)
-    session.detach()
-    after = greedy(model, inputs)
-    assert hook_count(model) == hooks and ALL_ATTENTION_FUNCTIONS._local_mapping == mapping
-    assert not torch.equal(during[1], before[1])
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-
-    with pytest.raises(KeyError), vlprune.attach(model, vlprune.pruners.create("fastervlm", keep=8)):
-        greedy(model, inputs)
-        raise KeyError("user code failed inside the session")
-    assert hook_count(model) == hooks and ALL_ATTENTION_FUNCTIONS._local_mapping == mapping
-    assert torch.equal(greedy(model, inputs)[1], before[1])
-
-
-class FailingPruner(Pruner):
-    name = "failing"
-    stage = Stage.IN_LLM
-
-    def plan(self, num_visual: int, num_layers: int) -> list[StagePlan]:
-        return [StagePlan(layer=1, keep=4)]
-
-    def select(self, ctx: StageContext) -> Selection:
-        raise ZeroDivisionError("scoring failed")
-
-
-def test_an_exception_inside_a_hook_leaves_no_trace() -> None:
-    model, processor = tiny_model("clip", 4)
-    inputs = tiny_inputs(processor, 1)
-    before = greedy(model, inputs)
-    hooks = hook_count(model)
-    with pytest.raises(ZeroDivisionError), vlprune.attach(model, FailingPruner()):
-        greedy(model, inputs)
-    assert hook_count(model) == hooks
-    after = greedy(model, inputs)
-    assert torch.equal(after[1], before[1])
-
-
 def test_a_text_only_call_inside_a_session_is_untouched() -> None:
     model, processor = tiny_model("clip", 4)
     ids = processor.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt").to(DEVICE)
@@ -286,18 +37,6 @@ def test_a_text_only_call_inside_a_session_is_untouched() -> None:
     with vlprune.attach(model, vlprune.pruners.create("fastv", keep=8)) as session:
         pruned = model(**ids).logits
     assert torch.equal(vanilla, pruned) and session.stats is None
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,options,layer", [("fastv", {"keep": 16}, 2), ("random", {"keep": 24}, 0)])
-def test_drop_equals_mask_on_siglip_and_qwen2(attn: str, method: str, options: dict, layer: int) -> None:
-    model, processor = tiny_model("siglip", 2, attn, text="qwen2")
-    inputs = tiny_inputs(processor, 2)
-    with vlprune.attach(model, vlprune.pruners.create(method, **options), positions="original") as session:
-        tokens, logits = greedy(model, inputs)
-    oracle_tokens, oracle_logits = greedy_under_mask(model, inputs, [(layer, session.stats.stages[0].kept_indices)])
-    assert torch.equal(tokens, oracle_tokens)
-    torch.testing.assert_close(logits, oracle_logits, atol=1e-4, rtol=0)
 
 
 class RecordingPruner(Pruner):
