@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import vlprune.adapters as adapters
 import vlprune.pruners
 from vlprune.adapters import AdapterTraits, VisionTower, refusal, traits_of
+from vlprune.adapters.base import continuation_starts
 from vlprune.errors import VlpruneError
 from vlprune.needs import Need
 
@@ -124,3 +126,11 @@ def test_a_pruner_written_against_family_names_still_plans_and_budgets() -> None
     assert pruner.plan_for(traits_of("llava"), 8, 2) == [StagePlan(layer=0, keep=1)]
     assert pruner.vision_budget_for(traits_of("qwen2-vl"), 8, 8, 1) == 3
     assert pruner.vision_budget_for(traits_of("llava"), 8, 8, 1) == 4
+
+
+def test_a_continuation_starts_after_each_samples_real_tokens() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # the first prompt left-padded by 2
+    assert continuation_starts(5, torch.device("cpu"), mask).tolist() == [[3], [5]]
+    assert continuation_starts(5, torch.device("cpu"), None).tolist() == [[5]]
+    with pytest.raises(VlpruneError, match=r"prompt_mask must be \(batch, 5\).*got \(2, 4\)"):
+        continuation_starts(5, torch.device("cpu"), mask[:, :4])

@@ -1,7 +1,9 @@
-"""Engine invariants on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models (multimodal RoPE, dynamic resolution,
-DeepStack): keep-all equals vanilla, drop equals mask, a ragged batch equals its samples alone, cached decoding equals
-recomputation, kept tokens keep the model's own (t, h, w) positions, DeepStack planes follow the kept tokens,
-detaching restores the model, and every registered method runs or refuses with a reason."""
+"""What is specific to the Qwen-VL families, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (multimodal RoPE, dynamic resolution,
+DeepStack, videos, the packed vision encoder): kept tokens keep the model's own (t, h, w) positions, continuations
+follow each sample's rope_deltas, reindexed positions are refused, videos are visual tokens with their frames, what
+the encoder's last block gives the pruners, pruning inside the encoder, statistics, and the CLI on a Qwen folder. The
+invariants every family shares (keep-all, drop equals mask, ragged batches, cached decoding, captured, detach, every
+method runs or refuses) are in ``test_invariants.py``."""
 
 from __future__ import annotations
 
@@ -10,19 +12,18 @@ import itertools
 import pytest
 import torch
 from conftest import shared_model
-from test_engine import greedy, greedy_under_mask, hook_count
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from family_cases import COLOUR_QUESTIONS as QUESTIONS
+from family_cases import greedy, greedy_under_mask
 
 import vlprune
 import vlprune.adapters
 from vlprune.errors import VlpruneError
-from vlprune.pruners import available_methods, create, families_of
+from vlprune.pruners import create
 from vlprune.pruners.flowcut import FlowCut
 from vlprune.testing import make_test_image
 from vlprune.testing_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen_inputs
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
-QUESTIONS = ("What colour is the square?", "How many red objects are on the left?")
 SIZES = ((48, 32), (32, 64))  # (width, height): different token counts per sample
 
 
@@ -40,109 +41,6 @@ def visual_counts(model, inputs) -> list[int]:
     return (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
 
 
-def alone(batch, index: int) -> dict:
-    """Sample ``index`` of a processor batch on its own (its image rows, its unpadded prompt)."""
-    counts = (batch["image_grid_thw"].prod(-1)).tolist()
-    start = sum(counts[:index])
-    single = {
-        "pixel_values": batch["pixel_values"][start : start + counts[index]],
-        "image_grid_thw": batch["image_grid_thw"][index : index + 1],
-    }
-    real = batch["attention_mask"][index].bool()
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in batch:
-            single[key] = batch[key][index : index + 1, real]
-    return single
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_none_is_identical_to_vanilla(family: str) -> None:
-    model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    tokens, logits = greedy(model, inputs)
-    with vlprune.attach(model, create("none")) as session:
-        pruned_tokens, pruned_logits = greedy(model, inputs)
-    assert torch.equal(tokens, pruned_tokens)
-    torch.testing.assert_close(pruned_logits, logits, atol=1e-6, rtol=0)
-    assert session.stats.visual_tokens_per_sample == visual_counts(model, inputs)
-
-
-DROP_CASES = [("fastv", {"keep": 0.25, "layer": 2}, 2), ("random", {"keep": 0.3}, 0), ("divprune", {"keep": 0.25}, 0)]
-
-
-@pytest.mark.parametrize("method,options,layer", DROP_CASES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_drop_equals_mask(family: str, method: str, options: dict, layer: int) -> None:
-    """Pruning equals masking the pruned tokens; on Qwen3-VL with a stage before layer 3 this also needs every
-    DeepStack plane cut with the same indices (a plane added to the wrong tokens changes the logits)."""
-    model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    with vlprune.attach(model, create(method, **options)) as session:
-        tokens, logits = greedy(model, inputs)
-    [stage] = session.stats.stages
-    assert session.stats.positions == "original" and stage.layer == layer
-    assert stage.visual_out_per_sample < stage.visual_in_per_sample
-    masked_tokens, masked_logits = greedy_under_mask(model, inputs, [(layer, stage.kept_indices)])
-    assert torch.equal(tokens, masked_tokens)
-    torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
-
-
-RAGGED_CASES = [
-    ("fastv", {"keep": 0.25}),
-    ("random", {"keep": 0.3}),
-    ("divprune", {"keep": 0.25}),
-    ("sparsevlm", {"keep": 0.3}),  # three stages with recycling
-    ("pyramiddrop", {"keep": 0.3}),
-    ("adaptinfer", {"keep": 0.25, "layers": [1, 2, 3]}),
-    ("holov", {"keep": 0.25}),  # the received attention of each image's last vision block
-    ("ptp", {"keep": 0.25}),
-    ("zoo-prune", {"keep": 0.25}),  # the merger's input per token
-    ("visionzip", {"keep": 0.25}),  # received attention and keys; contextual tokens merged in place
-    ("vflowopt", {"keep": 0.3}),  # each image's attention map, padded to the largest
-    ("flowcut", {"keep": 0.3}),  # pruning inside the packed encoder, images keeping different counts
-]
-
-
-@pytest.mark.parametrize("method,options", RAGGED_CASES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_ragged_batch_equals_its_samples_alone(family: str, method: str, options: dict) -> None:
-    model, processor = qwen_model(family)
-    batch = qwen_inputs(processor, 2)
-    counts = visual_counts(model, batch)
-    assert counts[0] != counts[1]
-    with vlprune.attach(model, create(method, **options)) as session:
-        tokens, logits = greedy(model, batch)
-        together = session.stats
-        for index in range(2):
-            single_tokens, single_logits = greedy(model, alone(batch, index))
-            assert torch.equal(single_tokens[0], tokens[index])
-            torch.testing.assert_close(single_logits[:, 0], logits[:, index], atol=1e-4, rtol=0)
-            for stage, single in zip(together.stages, session.stats.stages, strict=True):
-                assert stage.kept_indices[index] == single.kept_indices[0]
-    assert together.visual_tokens_per_sample == counts
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decoding_equals_recomputation(family: str) -> None:
-    """Each cached decoding step equals a prefill of the prompt and the tokens so far without a cache, in which the
-    model computes its multimodal positions itself (a selection that ignores the text, so both prune alike)."""
-    model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    images = {key: inputs[key] for key in ("pixel_values", "image_grid_thw")}
-    with vlprune.attach(model, create("divprune", keep=0.25)):
-        tokens, logits = greedy(model, inputs)
-        for step in range(tokens.shape[1]):
-            ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-            extra = {}
-            if "mm_token_type_ids" in inputs:
-                types = inputs["mm_token_type_ids"]
-                extra["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(tokens[:, :step])], dim=1)
-            model.model.rope_deltas = None
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **images, **extra)
-            torch.testing.assert_close(out.logits[:, -1], logits[step], atol=1e-4, rtol=0)
-
-
 def continuation_logits(model, inputs, pruner) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Three tokens per sample fed in one call through the (pruned) cache after the prompts, at
     ``continuation_position_ids`` (lmms-eval's log-likelihood path), and the same tokens in one pass over prompt +
@@ -156,7 +54,8 @@ def continuation_logits(model, inputs, pruner) -> tuple[torch.Tensor, torch.Tens
     with vlprune.attach(model, pruner), torch.no_grad():
         prefill = model(**inputs, use_cache=True)
         deltas = model.model.rope_deltas.flatten().tolist()
-        positions = vlprune.adapters.adapter_for(model).continuation_position_ids(length, steps.shape[1], "cpu")
+        adapter = vlprune.adapters.adapter_for(model)
+        positions = adapter.continuation_position_ids(length, steps.shape[1], "cpu", inputs["attention_mask"])
         cache = getattr(prefill, "cache", None) or prefill.past_key_values
         fed = model(input_ids=steps, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache})
         types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(steps)], dim=1)
@@ -183,12 +82,9 @@ def test_a_continuation_of_a_batch_continues_each_samples_own_positions(family: 
     torch.testing.assert_close(fed, whole, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="continuation_position_ids is documented for a batch of one and takes no attention mask: a left-padded "
-    "sample continues from the padded length (start + its rope_deltas) instead of its own length, off by its padding",
-)
 def test_a_continuation_of_a_left_padded_batch_continues_each_samples_own_positions() -> None:
+    """With the prompt's attention mask, a left-padded sample continues from its own length (start + its
+    rope_deltas alone would be off by its padding)."""
     model, processor = qwen_model("qwen2-vl")
     inputs = qwen_inputs(processor, 2)  # the first prompt is 8 tokens shorter: left-padded
     assert not bool(inputs["attention_mask"].all())
@@ -236,54 +132,10 @@ def test_kept_tokens_keep_the_models_own_multimodal_positions(family: str) -> No
         assert len(set(positions[1, sample, slots].tolist())) > 1  # the height row really varies over the image
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_detach_restores_the_model_exactly(family: str) -> None:
-    model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    before = greedy(model, inputs)
-    hooks, mapping = hook_count(model), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
-    session = vlprune.attach(model, create("fastv", keep=0.2))
-    during = greedy(model, inputs)
-    session.detach()
-    after = greedy(model, inputs)
-    assert "get_image_features" not in vars(model.model) and "_deepstack_process" not in vars(
-        model.model.language_model
-    )
-    assert hook_count(model) == hooks and ALL_ATTENTION_FUNCTIONS._local_mapping == mapping
-    assert not torch.equal(during[1], before[1])
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-
-
 def test_reindexed_positions_are_refused_with_the_reason() -> None:
     model, _ = qwen_model("qwen2-vl")
     with pytest.raises(VlpruneError, match="multimodal RoPE"):
         vlprune.attach(model, create("fastv", keep=0.25), positions="reindex")
-
-
-TINY_OPTIONS = {"adaptinfer": {"layers": [1, 2, 3]}}
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_runs_or_refuses_with_its_reason(family: str) -> None:
-    model, processor = qwen_model(family)
-    inputs = qwen_inputs(processor, 2)
-    total = max(visual_counts(model, inputs))
-    ran, refused = [], {}
-    for method in [m for m in available_methods() if m not in ("none", "var")] + ["fastv+var"]:
-        pruner = create(method, keep=0.25, **TINY_OPTIONS.get(method, {}))
-        try:
-            with vlprune.attach(model, pruner) as session:
-                greedy(model, inputs, new_tokens=2)
-        except VlpruneError as error:
-            refused[method] = str(error)
-            continue
-        assert session.stats.equivalent_visual_tokens < total, method
-        ran.append(method)
-    for method in [*ran, *refused]:
-        assert (family in families_of(method.partition("+")[0])) == (method in ran), method
-    for method, message in refused.items():
-        assert family in message or "[CLS]" in message, (method, message)
-    assert {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "adaptinfer", "fastv+var"} <= set(ran)
 
 
 def video_inputs(processor):

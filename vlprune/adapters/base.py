@@ -117,10 +117,13 @@ class ModelAdapter:
         """(crops, T, F) per-token projector inputs from what the projector received, for a chunked tower."""
         raise NotImplementedError
 
-    def continuation_position_ids(self, start: int, count: int, device: torch.device) -> torch.Tensor:
-        """Position ids of ``count`` tokens fed through the cache after a prompt of ``start`` tokens (batch of one), as
-        ``generate`` would number them."""
-        return torch.arange(start, start + count, device=device)[None]
+    def continuation_position_ids(
+        self, start: int, count: int, device: torch.device, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Position ids (B, count) of ``count`` tokens fed through the cache after a prompt of ``start`` tokens, as
+        ``generate`` would number them; ``prompt_mask`` (B, start), the prompt's attention mask, makes each
+        left-padded sample continue from its own real length (without it: a batch of one, or of unpadded prompts)."""
+        return continuation_starts(start, device, prompt_mask) + torch.arange(count, device=device)[None]
 
     def prompt_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The position ids ``generate`` gives a left-padded prompt (real tokens 0, 1, ...), or None where the model
@@ -261,3 +264,15 @@ def innermost_attention(layer: nn.Module) -> nn.Module:
     if len(innermost) != 1:
         raise VlpruneError(f"cannot find the attention module of vision layer {type(layer).__name__}")
     return innermost[0]
+
+
+def continuation_starts(start: int, device: torch.device, prompt_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1) the first position after each sample's prompt: its real tokens (``prompt_mask``, (B, start)), or
+    ``start`` ((1, 1)) without a mask."""
+    if prompt_mask is None:
+        return torch.tensor([[start]], device=device)
+    if prompt_mask.dim() != 2 or prompt_mask.shape[1] != start:
+        raise VlpruneError(
+            f"prompt_mask must be (batch, {start}), the prompt's attention mask; got {tuple(prompt_mask.shape)}"
+        )
+    return prompt_mask.to(device).long().sum(1, keepdim=True)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlprune.adapters.base import ModelAdapter
+from vlprune.adapters.base import ModelAdapter, continuation_starts
 from vlprune.adapters.registry import register_adapter
 from vlprune.adapters.traits import AdapterTraits, VisionTower
 from vlprune.errors import VlpruneError
@@ -117,13 +117,18 @@ class Qwen2VLAdapter(ModelAdapter):
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
-    def continuation_position_ids(self, start: int, count: int, device: torch.device) -> torch.Tensor:
-        """The three multimodal rows of tokens after the prompt: text positions shifted by the prompt's
-        ``rope_deltas``, which the model stored when it numbered the prompt."""
+    def continuation_position_ids(
+        self, start: int, count: int, device: torch.device, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The three multimodal rows of tokens after the prompt: text positions shifted by each sample's
+        ``rope_deltas``, which the model stored when it numbered the prompt (from each sample's real tokens: with
+        ``prompt_mask``, the prompt's (B, start) attention mask, a left-padded sample continues from its own
+        length)."""
         deltas = self.base_model.rope_deltas
         if deltas is None:
             raise RuntimeError(f"{self.family}: the prompt's rope_deltas are missing; prefill the prompt first")
-        positions = torch.arange(start, start + count, device=device)[None] + deltas.to(device)
+        steps = torch.arange(count, device=device)[None]
+        positions = continuation_starts(start, device, prompt_mask) + steps + deltas.to(device)
         return positions[None].expand(3, -1, -1)
 
     def prompt_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
