@@ -11,6 +11,12 @@ import os
 if os.environ.get("VLPRUNE_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite runs in one worker process per core (pytest-xdist, `-n auto` in pyproject.toml): the cores are then all
+# busy, and the tiny models' operations are too small to gain from threads, so each worker computes on one thread
+# (two workers of two threads each on CI's 2 cores took longer than one process).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import functools
 import inspect
 import sys
@@ -28,6 +34,9 @@ import vlprune.api
 from vlprune.testing import build_tiny_inputs, build_tiny_llava, make_test_image
 from vlprune.testing_anyres import build_tiny_llava_next, build_tiny_llava_onevision
 from vlprune.testing_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Set VLPRUNE_TEST_DEVICE=cuda to run the model tests on a GPU (the default suite runs on the CPU).
 DEVICE = os.environ.get("VLPRUNE_TEST_DEVICE", "cpu")
