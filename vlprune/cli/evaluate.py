@@ -7,11 +7,10 @@ import argparse
 from vlprune.api import load
 from vlprune.cli.options import (
     COMPILE_HELP,
-    _budget,
     _method_settings,
-    _option,
     _positive,
     add_device_options,
+    add_method_options,
     add_model_option,
 )
 
@@ -22,11 +21,8 @@ def add_parser(commands: argparse._SubParsersAction, default_model: str) -> None
     evaluate.add_argument("--dataset", default="shapes", help="shapes, easy-vqa or jsonl:PATH")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=_positive, default=None, help="first N questions only")
-    evaluate.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
-    evaluate.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction")
-    evaluate.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
-    evaluate.add_argument(
-        "--option", type=_option, action="append", default=[], metavar="NAME=VALUE", help="another method option"
+    add_method_options(
+        evaluate, keep_help="visual tokens kept: a count, or a fraction", option_help="another method option"
     )
     evaluate.add_argument("--config", default=None, help="JSON with method, keep and options (from calibrate)")
     evaluate.add_argument("--batch-size", type=_positive, default=8)

@@ -78,6 +78,14 @@ def add_model_option(parser: argparse.ArgumentParser, default: str, help: str) -
     parser.add_argument("--model", default=default, help=help)
 
 
+def add_method_options(parser: argparse.ArgumentParser, keep_help: str, option_help: str) -> None:
+    """--method, --keep, --layer and --option: the method and its settings, as `run` and `eval` take them."""
+    parser.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
+    parser.add_argument("--keep", type=_budget, default=None, help=keep_help)
+    parser.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="NAME=VALUE", help=option_help)
+
+
 def add_device_options(parser: argparse.ArgumentParser, device_help: str | None = None) -> None:
     """--device and --dtype: where the model runs, and in which dtype."""
     parser.add_argument("--device", default=None, help=device_help)

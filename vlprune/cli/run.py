@@ -8,11 +8,10 @@ import json
 from vlprune.api import load
 from vlprune.cli.options import (
     COMPILE_HELP,
-    _budget,
     _method_settings,
-    _option,
     _positive,
     add_device_options,
+    add_method_options,
     add_model_option,
 )
 from vlprune.engine import POSITION_MODES
@@ -23,16 +22,10 @@ def add_parser(commands: argparse._SubParsersAction, default_model: str) -> None
     add_model_option(run, default_model, f"built-in name, local folder or HF id (default {default_model})")
     run.add_argument("--image", required=True, help="path of the image")
     run.add_argument("--question", required=True, help="question about the image")
-    run.add_argument("--method", default=None, help="pruning method (see `vlprune methods`; default none)")
-    run.add_argument("--keep", type=_budget, default=None, help="visual tokens kept: a count, or a fraction in (0, 1)")
-    run.add_argument("--layer", type=int, default=None, help="decoder layer where an in-LLM method prunes")
-    run.add_argument(
-        "--option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="another method option, e.g. --option seed=3 (repeatable)",
+    add_method_options(
+        run,
+        keep_help="visual tokens kept: a count, or a fraction in (0, 1)",
+        option_help="another method option, e.g. --option seed=3 (repeatable)",
     )
     run.add_argument(
         "--positions", choices=POSITION_MODES, default=None, help="RoPE positions after pruning (default: the method's)"
