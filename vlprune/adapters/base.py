@@ -32,8 +32,8 @@ class LanguageModelShape:
 
 
 class _FromTraits:
-    """An adapter attribute read from its traits, on the class and on an instance alike (the names the engine and
-    users read before the traits existed: ``adapter.family``, ``adapter.vision_has_cls``, ...)."""
+    """An adapter attribute read from its traits, on the class and on an instance alike: the names users read before
+    the traits existed (``adapter.family``, ``adapter.vision_has_cls``, ...); vlprune itself reads ``traits``."""
 
     def __init__(self, trait: str) -> None:
         self.trait = trait
@@ -72,7 +72,7 @@ class ModelAdapter:
     geometry_inputs = _FromTraits("geometry_inputs")
     position_modes = _FromTraits("position_modes")
     reads_vision_tower = _FromTraits("prunes_in_vision")
-    vision_chunked = _FromTraits("vision_chunked")
+    vision_chunked = _FromTraits("packed_tower")
     encodes_videos = _FromTraits("encodes_videos")
     deepstack = _FromTraits("deepstack")
     vision_has_cls = _FromTraits("has_cls")
@@ -135,7 +135,7 @@ class ModelAdapter:
         """Refuse a model call this family cannot prune (raises VlpruneError): by default a call that carries a video
         when the family's videos are not visual tokens to vlprune (``encodes_videos``), as their tokens would pass
         unpruned and uncounted."""
-        if not self.encodes_videos and carries_video(model_kwargs):
+        if not self.traits.encodes_videos and carries_video(model_kwargs):
             raise VlpruneError(
                 f"this prompt has a video, and vlprune does not prune the videos of {self.family} (their tokens would "
                 "pass unpruned and uncounted); prompt with images only, run the video without vlprune attached, or "

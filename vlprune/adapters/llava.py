@@ -58,7 +58,7 @@ class LlavaAdapter(ModelAdapter):
         values' height and width over the patch size (a tower such as DINOv2 runs at the processor's size, not its
         config's); without the pixel values, one square grid per sample."""
         pixels = model_kwargs.get("pixel_values")
-        leading_cls = self.vision_has_cls and not self.vision_drops_cls
+        leading_cls = self.traits.has_cls and not self.traits.drops_cls
         total = sum(per_sample)
         if pixels is not None:
             patch = self.config.vision_config.patch_size

@@ -65,8 +65,6 @@ class AdapterTraits:
         """Whether the tower runs every image in one packed sequence and merges m x m patches into one token."""
         return self.tower is VisionTower.PACKED
 
-    vision_chunked = packed_tower  # its attention arrives image by image (the engine's older name)
-
 
 def provided_needs(traits: AdapterTraits, needs: frozenset[Need], cls_substitute: str | None) -> frozenset[Need]:
     """``needs`` as this family serves them: on a tower without [CLS], a method whose reference reads the attention

@@ -28,7 +28,7 @@ def resolve_positions(pruner: Pruner, positions: str | None, adapter: ModelAdapt
     Raises:
         VlpruneError: a value other than None, "original" or "reindex", or one the model's family does not support.
     """
-    modes = POSITION_MODES if adapter is None else adapter.position_modes
+    modes = POSITION_MODES if adapter is None else adapter.traits.position_modes
     if positions is None:
         positions = pruner.reference_positions()
         return positions if positions in modes else modes[0]

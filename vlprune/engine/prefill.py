@@ -214,7 +214,7 @@ def start_prefill(
         current_counts=list(counts),
         sample_plans=plans,
         image_inputs={
-            name: model_kwargs[name] for name in adapter.geometry_inputs if model_kwargs.get(name) is not None
+            name: model_kwargs[name] for name in adapter.traits.geometry_inputs if model_kwargs.get(name) is not None
         },
         original_real=layout.real,
         original_counts=real_counts,

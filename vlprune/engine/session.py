@@ -146,7 +146,7 @@ class PruningSession:
         if self.bridge.watches_feature_layer:
             watched[self.adapter.vision_feature_attention()] = self.bridge.on_attention
         self._handles.extend(self.bridge.install())
-        if self.adapter.deepstack:
+        if self.adapter.traits.deepstack:
             self._handles.append(wrap_deepstack(self.adapter.language_model, self._pruned_layout))
         for extra in (self.vision_stages if self.vision_stages.active else None, self._redistribution):
             if extra is not None:

@@ -58,7 +58,7 @@ class StaticLayers:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers over the prompt (the session's hooks run the stages): the last token's logits and its
         final (normalised) hidden state, as ``generate``'s last ``hidden_states`` entry holds it."""
-        planes = self.deepstack_planes if self.adapter.deepstack else None
+        planes = self.deepstack_planes if self.adapter.traits.deepstack else None
         for index, layer in enumerate(self.adapter.decoder_layers):
             output = layer(hidden, **kwargs, **{self.cache_name: cache, "use_cache": True})
             hidden = output[0] if isinstance(output, tuple) else output

@@ -100,7 +100,7 @@ class PatchTowerRecord:
         attention = self.attention_map
         if attention is None:
             raise RuntimeError("the vision tower's attention map was not captured for this prefill")
-        if self.adapter.vision_drops_cls:
+        if self.adapter.traits.drops_cls:
             attention = attention[:, 1:, 1:]
         return attention.mean(dim=1)[..., None]
 

@@ -63,8 +63,8 @@ class VisionStages:
                 f"{pruner.name}: vision pruning layers {self.stage_layers} must lie in 0..{self.feature_layer - 1}, "
                 f"before the feature layer {self.feature_layer}"
             )
-        self.has_cls = adapter.vision_has_cls
-        if self.stage_layers and self.has_cls and not adapter.vision_drops_cls:
+        self.has_cls = adapter.traits.has_cls
+        if self.stage_layers and self.has_cls and not adapter.traits.drops_cls:
             raise VlpruneError(
                 f"{pruner.name} prunes inside the vision tower, which needs vision_feature_select_strategy='default' "
                 "(the [CLS] token dropped before the projector) on a tower with a [CLS] token"
@@ -126,7 +126,7 @@ class VisionStages:
         dropped patches (OneVision's down-scaled grid; the dropped patches reach the projector as zeros) divided by
         its kept share, so that it is the down-scaling of the kept patches alone, weights renormalised. Tokens of
         one patch are left as they are."""
-        if not self.adapter.multi_crop:
+        if not self.adapter.traits.multi_crop:
             return hidden
         share = self.kept_share(geometry, image_inputs).to(hidden.device)  # (B, N0)
         blended = (share > 0) & (share < 1)
@@ -151,7 +151,7 @@ class VisionStages:
         """Patches each crop of this pass keeps: the pruner's budget per view, for the image each crop belongs to."""
         if self.pruner.keep is None:
             raise VlpruneError(f"method {self.pruner.name!r} needs a budget: pass keep=<count> or keep=<fraction>")
-        if not self.adapter.multi_crop:
+        if not self.adapter.traits.multi_crop:
             return [self.pruner.vision_budget_for(self.adapter.traits, patches, patches, 1)] * crops
         images = self.adapter.image_views(self.image_inputs)
         if sum(views for _, views in images) != crops:

@@ -68,9 +68,9 @@ class VisionBridge:
         """Register the tower and projector hooks; the caller observes the feature layer's attention (see
         :meth:`on_attention`) when :attr:`watches_feature_layer`."""
         handles: list[Any] = []
-        if self.adapter.geometry_inputs:
+        if self.adapter.traits.geometry_inputs:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs))
-        if self.adapter.encodes_videos:
+        if self.adapter.traits.encodes_videos:
             handles.append(_record_image_inputs(self.adapter, self.image_inputs, "get_video_features"))
         if self.tower.hooks_tower:
             tower = self.adapter.vision_tower
@@ -144,7 +144,7 @@ class VisionBridge:
         """
         if values is None:
             raise RuntimeError(f"the {what} of the vision side was not captured for this prefill")
-        if with_cls and self.adapter.vision_drops_cls:
+        if with_cls and self.adapter.traits.drops_cls:
             values = values[:, 1:]
         if values.shape[0] != geometry.num_crops:
             raise VlpruneError(
@@ -188,7 +188,7 @@ class VisionBridge:
                 f"{attention.shape[0]} crops for {batch} samples ({self.adapter.family} encodes a base view and "
                 f"tiles per image; this method's multi-crop path is not implemented yet)"
             )
-        if self.adapter.vision_drops_cls:
+        if self.adapter.traits.drops_cls:
             attention = attention[:, 1:, 1:]
         if attention.shape[1] != num_visual:
             raise VlpruneError(f"the vision attention map covers {attention.shape[1]} tokens, not {num_visual}")
@@ -203,7 +203,7 @@ class VisionBridge:
         pixels = self.tower.pixels
         if attention is None or pixels is None:
             raise RuntimeError("the vision tower's attention map was not captured for this prefill")
-        if self.adapter.vision_drops_cls:
+        if self.adapter.traits.drops_cls:
             attention = attention[:, 1:, 1:]
         if attention.shape[0] != geometry.num_crops:
             raise VlpruneError(
@@ -238,7 +238,7 @@ def _record_image_inputs(
     attribute of this model instance only, and detaching removes it."""
     owner = adapter.base_model
     encode = getattr(owner, encoder)  # the bound method of the model's class
-    names = [name for name in adapter.geometry_inputs if name in inspect.signature(encode).parameters]
+    names = [name for name in adapter.traits.geometry_inputs if name in inspect.signature(encode).parameters]
 
     @functools.wraps(encode)
     def recording_encoder(*args: Any, **kwargs: Any) -> Any:
