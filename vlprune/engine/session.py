@@ -106,7 +106,9 @@ class PruningSession:
             else Redistribution(self.adapter, self.shape.num_layers, self._prefill_layout, modifier)
         )
         self.mask_style: str = self.adapter.config.text_config._attn_implementation
-        sources = StageSources(self.adapter, self.bridge, self.vision_stages, self.mask_style, self.shape.num_layers)
+        sources = StageSources(
+            self.adapter, self.bridge, self.vision_stages, self.mask_style, self.shape.num_layers, pruner.cls_substitute
+        )
         self._runner = StageRunner(pruner, positions == "reindex", sources)
         self.stats: PrefillStats | None = None
         self.history: list[PrefillStats] = []

@@ -8,13 +8,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vlprune.adapters import provided_needs
 from vlprune.engine.layout import prefill_mask
 from vlprune.engine.prefill import Prefill
 from vlprune.engine.scoring import QueryAttention, own_layer_rows
 from vlprune.engine.stage_inputs import StageReads, StageSources, attention_row_inputs, provided_inputs
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens
-from vlprune.needs import Need
 from vlprune.pruners.base import StageContext, StagePlan
 
 
@@ -61,7 +61,7 @@ def build_stage_context(stage: StagePlan, hidden: torch.Tensor, prefill: Prefill
         num_layers=sources.num_layers,
         vision_kept=vision_kept,
         **({} if query is None else attention_row_inputs(reads)),
-        **provided_inputs(reads, served_needs(stage.needs, sources.bridge.cls_substituted)),
+        **provided_inputs(reads, provided_needs(sources.adapter.traits, stage.needs, sources.cls_substitute)),
     )
     return StageInputs(context, hidden, slots)
 
@@ -80,11 +80,3 @@ def _vision_kept(vision_stages: Any, geometry: VisualGeometry, origin: torch.Ten
     """(B, N) True at the current visual tokens whose patches the vision-encoder stages kept."""
     kept = vision_stages.token_kept(geometry)
     return gather_tokens(kept, origin.clamp(min=0)) & (origin >= 0)
-
-
-def served_needs(needs: frozenset[Need], cls_substituted: bool) -> frozenset[Need]:
-    """``needs`` as the vision bridge serves them: on a tower without [CLS] whose method's reference reads the
-    attention each token receives instead (``VisionBridge.cls_substituted``), that in place of the [CLS] row."""
-    if cls_substituted and Need.CLS_ATTENTION in needs:
-        return (needs - {Need.CLS_ATTENTION}) | {Need.RECEIVED_ATTENTION}
-    return needs

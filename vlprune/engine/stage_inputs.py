@@ -39,13 +39,15 @@ ROW_MODES = frozenset({Need.OWN_LAYER_ATTENTION, Need.PER_HEAD_ATTENTION})
 class StageSources:
     """Where a stage's inputs come from, besides the prefill: the model's adapter, the vision tower's recorded
     reads (``bridge``), the vision-encoder stages (``vision_stages``: ``VisionStages`` or ``PackedVisionStages``),
-    the attention backend's mask format and the language model's depth."""
+    the attention backend's mask format, the language model's depth, and what the method's reference reads on a
+    tower without [CLS] (``Pruner.cls_substitute``)."""
 
     adapter: ModelAdapter
     bridge: VisionBridge
     vision_stages: Any
     mask_style: str
     num_layers: int
+    cls_substitute: str | None
 
 
 @dataclass(frozen=True)

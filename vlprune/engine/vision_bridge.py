@@ -35,14 +35,11 @@ class VisionBridge:
         self.adapter = adapter
         self.pruner_name = pruner.name
         # One rule with `vlprune methods`: the family's declared inputs against the plan's needs.
-        reason = unsupported_reason(
-            pruner, adapter.traits, plan_needs(plan), tower_name=adapter.config.vision_config.model_type
-        )
+        needs = plan_needs(plan)
+        reason = unsupported_reason(pruner, adapter.traits, needs, tower_name=adapter.config.vision_config.model_type)
         if reason is not None:
             raise VlpruneError(reason)
-        needs = plan_needs(plan)
-        served = provided_needs(adapter.traits, needs, pruner.cls_substitute)
-        self.cls_substituted = served != needs  # the [CLS] attention is replaced by the attention each token receives
+        served = provided_needs(adapter.traits, needs, pruner.cls_substitute)  # [CLS] read as received on SigLIP
         self.needs_cls = Need.CLS_ATTENTION in served
         self.needs_keys = Need.VISION_KEYS in served
         self.needs_map = Need.VISION_MAP in served
