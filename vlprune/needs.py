@@ -33,11 +33,6 @@ class Need(enum.StrEnum):
     RECEIVED_ATTENTION = "vision_received_attention"  # the attention each visual token receives in its crop
     CROP_MAPS = "vision_crop_attention"  # each crop's attention map, its pixels and the packing of per-crop values
 
-    @property
-    def from_vision_tower(self) -> bool:
-        """Whether the value is read from the vision tower or the projector (the adapter's side)."""
-        return self in VISION_READS
-
 
 VISION_READS: dict[Need, str] = {
     Need.CLS_ATTENTION: "cls",
@@ -51,8 +46,6 @@ VISION_READS: dict[Need, str] = {
 
 LANGUAGE_MODEL_NEEDS = frozenset(need for need in Need if need not in VISION_READS)
 """What the engine provides from the language model itself, on every family."""
-
-ALL_NEEDS = frozenset(Need)
 
 
 def needs_from_flags(flags: dict[str, bool]) -> frozenset[Need]:
