@@ -35,15 +35,25 @@ class LlavaAdapter(ModelAdapter):
         self.rotary_embedding = self.language_model.rotary_emb
         self.projector = self.base_model.multi_modal_projector
         self.image_token_id = int(self.config.image_token_id)
-        vision_type = self.config.vision_config.model_type
+        self.traits = self.traits_for_config(self.config)
+        self.check_language_model()
+
+    @classmethod
+    def traits_for_config(cls, config: object) -> AdapterTraits:
+        """The family's traits for a model with this config: whether its tower has a [CLS] token, and whether the
+        model drops it before the projector (the "default" feature strategy).
+
+        Raises:
+            VlpruneError: a vision tower vlprune does not read.
+        """
+        vision_type = config.vision_config.model_type
         if vision_type not in _TOWERS_WITH_CLS:
             raise VlpruneError(
                 f"vision tower {vision_type!r} is not supported; supported towers: {', '.join(_TOWERS_WITH_CLS)}"
             )
         has_cls = _TOWERS_WITH_CLS[vision_type]
-        drops_cls = has_cls and self.config.vision_feature_select_strategy == "default"
-        self.traits = replace(type(self).traits, has_cls=has_cls, drops_cls=drops_cls)
-        self.check_language_model()
+        drops_cls = has_cls and config.vision_feature_select_strategy == "default"
+        return replace(cls.traits, has_cls=has_cls, drops_cls=drops_cls)
 
     @staticmethod
     def base_model_class() -> type[nn.Module]:

@@ -90,8 +90,12 @@ class LinearActLinear(NamedTuple):
 
 def llava_mlp(projector: object) -> LinearActLinear | None:
     """The pieces of transformers' ``LlavaMultiModalProjector`` (``linear_2(act(linear_1(x)))``, its forward
-    unchanged), else None: other projectors (LLaVA-NeXT's and OneVision's own classes, Qwen-VL's mergers) take the
-    generic path."""
+    unchanged), or of a projector that gives them itself (``linear_act_linear()``: the vLLM plugin's wrapper of vLLM's
+    LLaVA projector), else None: other projectors (LLaVA-NeXT's and OneVision's own classes, Qwen-VL's mergers) take
+    the generic path."""
+    own = getattr(projector, "linear_act_linear", None)
+    if callable(own):
+        return own()
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector  # the HF engine's models only
 
     if not (

@@ -1,0 +1,132 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) served pruned: vLLM's model class with its images' tokens
+selected after the merger, each kept token at its own multimodal RoPE position.
+
+transformers' ``get_rope_index`` numbers an image's tokens ``base + (t, h, w)`` and the text after it from
+``base + max(t, h, w)`` over the whole grid; the HF engine keeps each kept token's own (t, h, w) and leaves the text's
+numbering alone ("original" positions, the only mode on Qwen-VL). vLLM computes a request's positions from its
+prompt before the images are encoded, so with fewer placeholders they would be wrong; its pruning machinery
+renumbers them after encoding (``recompute_mrope_positions``) from four channels appended to each media token's
+embedding: (t, h, w) and the offset the text after it continues from. vLLM's own video pruning puts the grid's width
+there, which differs from transformers on images taller than wide; here it is ``max(t, h, w)``, as transformers
+numbers. The runner strips the channels before the language model (:mod:`vlprune.vllm.runner_flag` makes it do so).
+
+Videos are not pruned: their tokens get their full positions (or vLLM's own EVS, when ``video_pruning_rate`` is set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+from vlprune.adapters.qwen_vl import MergedTokenProjector, Qwen2_5_VLAdapter
+from vlprune.needs import Need
+from vlprune.vllm.image_pruning import PrunesImages, image_pruning_for
+from vlprune.vllm.processing import PrunedImagePlaceholders
+from vlprune.vllm.runner_flag import follow_served_model
+from vlprune.vllm.settings import REQUEST_KEY
+from vlprune.vllm.tower_reads import TowerRecorder, packed_tower_reads
+
+
+class VlpruneQwen2_5_VLProcessor(PrunedImagePlaceholders, Qwen2_5_VLMultiModalProcessor):  # noqa: N801
+    """vLLM's Qwen2.5-VL processor with each image's placeholders cut to its budget."""
+
+
+def media_positions(grid_thw: list[int], merge_size: int, **video: float) -> torch.Tensor:
+    """(tokens, 4) each token's (t, h, w) position relative to the media's start, and the offset the text after the
+    media continues from: ``max`` over the whole grid plus one (``get_rope_index``: ``max(t, h, w)`` for an image)."""
+    positions = compute_mrope_for_media(torch.tensor(grid_thw), merge_size, **video).clone()
+    positions[:, 3] = positions[:, :3].max() + 1
+    return positions
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (vLLM's spelling)
+    """vLLM's ``Qwen2_5_VLForConditionalGeneration``, pruning each image's tokens when the config has a ``vlprune``
+    entry."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        # Checked before the layers are built, so that a bad setting fails before any weight loads.
+        pruning = image_pruning_for(config, Qwen2_5_VLAdapter.traits, config.vision_config.model_type, reindexed=False)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlprune_start(pruning)
+        self.vlprune_recomputes_positions = pruning is not None
+        if pruning is not None:
+            # Media embeddings now carry position channels, which the runner strips when its flag is set.
+            self.is_multimodal_pruning_enabled = True
+            follow_served_model()
+
+    def _vlprune_recorder_for(self, needs: frozenset[Need]) -> TowerRecorder:
+        visual = self.visual
+        attention = None
+        if needs - {Need.VISION_FEATURES}:
+            last = len(visual.blocks) - 1
+            if last not in visual.fullatt_block_indexes:
+                from vlprune.errors import VlpruneError
+
+                raise VlpruneError(
+                    f"vlprune reads Qwen2.5-VL's last vision block ({last}), which attends within windows here "
+                    f"(full-attention blocks: {list(visual.fullatt_block_indexes)})"
+                )
+            attention = visual.blocks[last].attn.attn
+        projector = visual.merger if Need.VISION_FEATURES in needs else None
+        return TowerRecorder(attention, projector, heads=self.config.vision_config.num_heads)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        encoded = kwargs.pop(REQUEST_KEY, None)
+        if self.vlprune is None:
+            return super().embed_multimodal(**kwargs)
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, given in inputs.items():
+            if modality == "image":
+                embeddings += self._pruned_images(given, encoded)
+            elif self.video_pruning_rate:
+                embeddings += tuple(self._postprocess_video_embeds_evs(self._process_video_input(given), given))
+            else:
+                embeddings += self._positioned_videos(given)
+        return embeddings
+
+    def _pruned_images(self, given: Any, encoded: Any) -> tuple[torch.Tensor, ...]:
+        with self.vlprune_recorder.recording() as recording:
+            per_image = self._process_image_input(given)
+        grids = given["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        projector = MergedTokenProjector(self.visual.merger, merge**2)
+        reads = packed_tower_reads(
+            recording, list(per_image), self.vlprune.needs, merge**2, [self._raster_order(g) for g in grids], projector
+        )
+        kept = self.vlprune.prune(reads, self.vlprune.budgets(encoded, len(reads)))
+        out = []
+        for tokens, grid in zip(kept, grids, strict=True):
+            positions = media_positions(grid, merge)[tokens.origin.cpu()].to(tokens.embeddings)
+            out.append(torch.cat([tokens.embeddings, positions], dim=1))
+        return tuple(out)
+
+    def _raster_order(self, grid: list[int]) -> torch.Tensor:
+        """The permutation from the tower's window order of an image's merged tokens to raster order."""
+        window_index, _ = self.visual.get_window_index_thw(*grid)
+        return torch.argsort(window_index)
+
+    def _positioned_videos(self, given: Any) -> tuple[torch.Tensor, ...]:
+        grids = given["video_grid_thw"].tolist()
+        seconds = given.get("second_per_grid_ts")
+        seconds = [1.0] * len(grids) if seconds is None else [float(s) for s in seconds.long()]
+        rate = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
+        merge = self.visual.spatial_merge_size
+        out = []
+        for tokens, grid, second in zip(self._process_video_input(given), grids, seconds, strict=True):
+            positions = media_positions(grid, merge, tokens_per_second=rate, video_second_per_grid=second)
+            out.append(torch.cat([tokens, positions.to(tokens)], dim=1))
+        return tuple(out)
