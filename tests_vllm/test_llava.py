@@ -24,6 +24,7 @@ def engine(llava):
         max_model_len=1024,
         seed=0,
         limit_mm_per_prompt={"image": 2},
+        kv_cache_memory_bytes=1 << 27,  # on the CPU vLLM would otherwise reserve most of the machine's memory
         hf_overrides={"vlprune": {"method": "divprune", "keep": KEEP}},
     )
 

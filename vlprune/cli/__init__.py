@@ -1,9 +1,10 @@
 """The `vlprune` command line: `vlprune run` answers a question about an image; `vlprune methods` lists pruners.
 
 One module per command (:mod:`~vlprune.cli.run`, :mod:`~vlprune.cli.evaluate`, :mod:`~vlprune.cli.calibrate`,
-:mod:`~vlprune.cli.sweep`, :mod:`~vlprune.cli.report`, :mod:`~vlprune.cli.bench`, :mod:`~vlprune.cli.methods`): each
-adds its parser and runs it; :mod:`~vlprune.cli.options` holds what they share (the one-line parser errors, the argparse
-types, --model, --device and --dtype, the method settings). This module builds the parser and dispatches.
+:mod:`~vlprune.cli.sweep`, :mod:`~vlprune.cli.report`, :mod:`~vlprune.cli.bench`, :mod:`~vlprune.cli.methods`,
+:mod:`~vlprune.cli.serve`): each adds its parser and runs it; :mod:`~vlprune.cli.options` holds what they share (the
+one-line parser errors, the argparse types, --model, --device and --dtype, the method settings). This module builds
+the parser and dispatches.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from vlprune.api import DEFAULT_MODEL
-from vlprune.cli import bench, calibrate, evaluate, methods, report, run, sweep
+from vlprune.cli import bench, calibrate, evaluate, methods, report, run, serve, sweep
 from vlprune.cli.options import COMPILE_HELP, _Parser
 from vlprune.cli.options import _option as _option  # where tests and users found it before the split
 from vlprune.errors import VlpruneError
@@ -32,13 +33,14 @@ _sweep = sweep.execute
 _report = report.execute
 _bench = bench.execute
 _methods = methods.list_methods
+_serve = serve.execute
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vlprune", description="Visual-token pruning for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     # DEFAULT_MODEL is read here, when the parser is built, so that setting vlprune.cli.DEFAULT_MODEL changes it.
-    for command in (run, evaluate, calibrate, sweep, report, bench, methods):
+    for command in (run, evaluate, calibrate, sweep, report, bench, methods, serve):
         command.add_parser(commands, DEFAULT_MODEL)
     return parser
 
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "bench": _bench,
         "methods": lambda _: _methods(),
+        "serve": _serve,
     }
     try:
         args = build_parser().parse_args(argv)

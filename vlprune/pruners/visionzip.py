@@ -81,6 +81,7 @@ from vlprune.pruners.base import (
     StageContext,
     StagePlan,
     first_true,
+    is_probe,
     top_k_sorted,
 )
 from vlprune.pruners.groups import crop_quotas
@@ -285,7 +286,8 @@ class VisionZip(Pruner):
             return self.plan(num_visual, num_layers)
         # The contextual tokens replace their centres in place, so the stage keeps the whole budget.
         keep = self._required_keep(num_visual)
-        self.split(keep, num_visual, qwen=True)
+        if not is_probe(num_visual):  # the split is checked against the real token count (5% of it contextual)
+            self.split(keep, num_visual, qwen=True)
         return [StagePlan(layer=0, keep=keep, needs=frozenset({Need.RECEIVED_ATTENTION, Need.VISION_KEYS}))]
 
     @torch.no_grad()

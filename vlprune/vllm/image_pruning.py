@@ -9,6 +9,7 @@ tokens before and after.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from vlprune.vllm.image_selection import ImageReads, KeptTokens, select_image
 from vlprune.vllm.processing import decode_budget
 from vlprune.vllm.settings import PruneSettings, check_family, parse_settings, settings_from_config
 from vlprune.vllm.tower_reads import TowerRecorder
+
+_RECENT = 64  # images whose kept tokens are kept for inspection
 
 logger = logging.getLogger("vllm.vlprune")  # under vLLM's logger, so that its handlers print it
 
@@ -49,6 +52,8 @@ class ImagePruning:
         reindexed: the language model numbers the kept tokens contiguously (LLaVA), so a method's own token order
             is kept; otherwise kept tokens keep their positions, in ascending order (Qwen-VL).
         counts: this process's totals; ``last`` the (before, after) of each image of the last call.
+        last_origins, recent_origins: the kept tokens' indices (:attr:`KeptTokens.origin`) of each image of the last
+            call, and of the last images this process encoded, oldest first.
     """
 
     settings: PruneSettings
@@ -60,6 +65,7 @@ class ImagePruning:
     counts: PruningCounts = field(default_factory=PruningCounts)
     last: list[tuple[int, int]] = field(default_factory=list)
     last_origins: list[torch.Tensor] = field(default_factory=list)
+    recent_origins: deque[torch.Tensor] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
     def budgets(self, encoded: torch.Tensor | list | None, images: int) -> list[int | float]:
         """Each image's budget, as the processor sent it (``vlprune_keep``), or the served one."""
@@ -80,6 +86,7 @@ class ImagePruning:
             kept.append(tokens)
             self.last.append((count, keep))
             self.last_origins.append(tokens.origin)
+            self.recent_origins.append(tokens.origin)
             self.counts.images += 1
             self.counts.before += count
             self.counts.after += keep

@@ -67,6 +67,31 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
             self.is_multimodal_pruning_enabled = True
             follow_served_model()
 
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """A request's first positions, from its prompt with each image's budget of placeholders: the text exactly as
+        ``get_rope_index`` numbers it (each media's grid, not its kept tokens, decides where the text after it
+        resumes), and each image's placeholders provisionally at its first grid positions, until the runner renumbers
+        them from the kept tokens' own (``recompute_mrope_positions``)."""
+        if self.vlprune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        pieces, start, base = [], 0, 0
+        ordered = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
+        for feature, (offset, t, h, w, t_factor) in zip(ordered, self.iter_mm_grid_thw(mm_features), strict=True):
+            text = offset - start
+            pieces.append(torch.arange(text).expand(3, -1) + base)
+            base += text
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            grid = grid.reshape(3, -1)
+            if t_factor != 1.0:
+                grid[0] = (grid[0] * t_factor).long()
+            placed = feature.mm_position.length
+            pieces.append(grid[:, :placed] + base)
+            base += int(grid.max()) + 1
+            start = offset + placed
+        pieces.append(torch.arange(len(input_tokens) - start).expand(3, -1) + base)
+        positions = torch.cat(pieces, dim=1)
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
     def _vlprune_recorder_for(self, needs: frozenset[Need]) -> TowerRecorder:
         visual = self.visual
         attention = None
@@ -80,7 +105,8 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
                     f"(full-attention blocks: {list(visual.fullatt_block_indexes)})"
                 )
             attention = visual.blocks[last].attn.attn
-        projector = visual.merger if Need.VISION_FEATURES in needs else None
+        # The merger's input, read at its first layer: vLLM's compile decorator calls the merger without its hooks.
+        projector = visual.merger.ln_q if Need.VISION_FEATURES in needs else None
         return TowerRecorder(attention, projector, heads=self.config.vision_config.num_heads)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
