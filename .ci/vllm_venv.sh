@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
-if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, vlprune" 2>/dev/null; then
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "
+import pathlib, vllm, vlprune
+assert pathlib.Path(vlprune.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve())" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; exit 0
 fi
 python -m venv "$VENV"

@@ -34,6 +34,8 @@ from vlprune.vllm.tower_reads import TowerRecorder, patch_tower_reads
 class VlpruneLlavaProcessor(PrunedImagePlaceholders, LlavaMultiModalProcessor):
     """vLLM's LLaVA processor with each image's placeholders cut to its budget."""
 
+    vlprune_traits = staticmethod(LlavaAdapter.traits_for_config)
+
 
 def build_processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
     """The pruning processor for LLaVA-1.5; vLLM's own for the Pixtral-based LLaVA models, which are not served."""

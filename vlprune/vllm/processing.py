@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from vlprune.adapters import AdapterTraits
 from vlprune.errors import VlpruneError
 from vlprune.pruners.base import check_budget
-from vlprune.vllm.settings import REQUEST_KEY, PruneSettings, settings_from_config
+from vlprune.vllm.settings import REQUEST_KEY, PruneSettings, check_family, settings_from_config
 
 
 def request_budget(hf_processor_mm_kwargs: Mapping[str, object], settings: PruneSettings) -> int | float:
@@ -49,6 +50,20 @@ def decode_budget(value: float) -> int | float:
 class PrunedImagePlaceholders:
     """Mixin for a vLLM multimodal processor (put it first among the bases): images get their budget of placeholders
     when the model's config has a ``vlprune`` entry; otherwise the processor is vLLM's own, unchanged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A bad setting, or a method the family cannot serve, fails where vLLM's front end makes the processor: before
+        # the engine starts and any weight loads.
+        settings = self.vlprune_settings
+        if settings is not None:
+            config = self.info.get_hf_config()
+            check_family(settings.pruner(), self.vlprune_traits(config), config.vision_config.model_type)
+
+    @staticmethod
+    def vlprune_traits(hf_config: Any) -> AdapterTraits:
+        """The family's traits for a model with this config (each family's processor says)."""
+        raise NotImplementedError
 
     @property
     def vlprune_settings(self) -> PruneSettings | None:

@@ -27,6 +27,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
+from vlprune.adapters import AdapterTraits
 from vlprune.adapters.qwen_vl import MergedTokenProjector, Qwen2_5_VLAdapter
 from vlprune.needs import Need
 from vlprune.vllm.image_pruning import PrunesImages, image_pruning_for
@@ -38,6 +39,10 @@ from vlprune.vllm.tower_reads import TowerRecorder, packed_tower_reads
 
 class VlpruneQwen2_5_VLProcessor(PrunedImagePlaceholders, Qwen2_5_VLMultiModalProcessor):  # noqa: N801
     """vLLM's Qwen2.5-VL processor with each image's placeholders cut to its budget."""
+
+    @staticmethod
+    def vlprune_traits(hf_config: Any) -> AdapterTraits:
+        return Qwen2_5_VLAdapter.traits
 
 
 def media_positions(grid_thw: list[int], merge_size: int, **video: float) -> torch.Tensor:
