@@ -40,7 +40,7 @@ LANGUAGE_MODEL = {  # Qwen2.5-0.5B's shape
     "vocab_size": 151936,
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
     "tie_word_embeddings": True,
 }
 VISION_TOWER = {  # Qwen2.5-VL's tower, 4 blocks deep

@@ -23,7 +23,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("vllm", reason="the vLLM plugin's tests run in the vLLM venv (.ci/vllm_venv.sh)")
 
-from vlprune.testing.vllm_models import build_vllm_llava, build_vllm_qwen2_5_vl, save_for_vllm  # noqa: E402
+from vlprune.testing.vllm_models import (  # noqa: E402
+    build_vllm_llava,
+    build_vllm_qwen2_5_vl,
+    build_vllm_qwen2_vl,
+    save_for_vllm,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +48,10 @@ def qwen(scratch: Path) -> tuple:
     """(HF model, processor, folder) of the tiny Qwen2.5-VL vLLM loads."""
     model, processor = build_vllm_qwen2_5_vl()
     return model, processor, save_for_vllm(model, processor, scratch / "qwen")
+
+
+@pytest.fixture(scope="session")
+def qwen2(scratch: Path) -> tuple:
+    """(HF model, processor, folder) of the tiny Qwen2-VL vLLM loads."""
+    model, processor = build_vllm_qwen2_vl()
+    return model, processor, save_for_vllm(model, processor, scratch / "qwen2")

@@ -87,3 +87,17 @@ def first_token_logprobs(output, run: HFRun) -> tuple[torch.Tensor, torch.Tensor
     ours = torch.tensor([top[t].logprob for t in tokens])
     theirs = run.logprobs[-1, tokens]
     return ours, theirs
+
+
+def record_positions(model) -> None:
+    """Run through ``LLM.apply_model``: from now on ``model.test_positions`` collects the positions every forward of
+    the served model receives (cleared at each call of this function)."""
+    model.test_positions = []
+    if getattr(model, "test_hook", None) is None:
+
+        def record(module, args, kwargs):
+            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+            if positions is not None:
+                model.test_positions.append(positions.clone())
+
+        model.test_hook = model.register_forward_pre_hook(record, with_kwargs=True)

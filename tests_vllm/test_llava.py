@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import LLAVA_PROMPT, first_token_logprobs, hf_prompt_logprobs, hf_run, vllm_prompt_logprobs
+from oracle import (
+    LLAVA_PROMPT,
+    first_token_logprobs,
+    hf_prompt_logprobs,
+    hf_run,
+    record_positions,
+    vllm_prompt_logprobs,
+)
 from vllm import LLM, SamplingParams
 
 from vlprune.testing.images import make_test_image
@@ -59,25 +66,13 @@ def test_kept_tokens_and_logprobs_equal_the_hf_engine(engine, llava, method):
 def test_positions_are_contiguous_as_the_references_number_them(engine, llava):
     """LLaVA's kept tokens are numbered on from the text before them: the HF engine's "reindex" positions."""
     _serve(engine, "divprune")
-    engine.apply_model(_record_positions)
+    engine.apply_model(record_positions)
     image = make_test_image(5, 48)
     out = engine.generate(
         {"prompt": PROMPT, "multi_modal_data": {"image": image}}, SamplingParams(max_tokens=1), use_tqdm=False
     )[0]
     positions = engine.apply_model(lambda model: torch.cat(model.test_positions).tolist())[0]
     assert positions == list(range(len(out.prompt_token_ids)))
-
-
-def _record_positions(model) -> None:
-    model.test_positions = []
-    if getattr(model, "test_hook", None) is None:
-
-        def record(module, args, kwargs):
-            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-            if positions is not None:
-                model.test_positions.append(positions.clone())
-
-        model.test_hook = model.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def test_a_request_budget_overrides_the_served_one(engine):

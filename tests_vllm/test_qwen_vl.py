@@ -1,12 +1,12 @@
-"""Qwen2.5-VL served pruned through vLLM equals the HF engine's pruned run on the same weights and inputs: the kept
-tokens, every token's multimodal RoPE position, and the log-probabilities; with chunked prefill, batches of requests,
-tall, wide and square images, and two images in a prompt."""
+"""Qwen2.5-VL and Qwen2-VL served pruned through vLLM equal the HF engine's pruned run on the same weights and inputs:
+the kept tokens, every token's multimodal RoPE position, and the log-probabilities; with chunked prefill, batches of
+requests, tall, wide and square images, and two images in a prompt (on Qwen2.5-VL)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from oracle import QWEN_PROMPT, first_token_logprobs, hf_prompt_logprobs, hf_run, vllm_prompt_logprobs
+from oracle import QWEN_PROMPT, first_token_logprobs, hf_prompt_logprobs, hf_run, record_positions, vllm_prompt_logprobs
 from vllm import LLM, SamplingParams
 
 from vlprune.testing.images import make_test_image
@@ -44,22 +44,21 @@ def engine(qwen):
     )
 
 
+@pytest.fixture(scope="module")
+def qwen2_engine(qwen2):
+    _, _, folder = qwen2
+    return LLM(
+        model=str(folder),
+        max_num_batched_tokens=CHUNK,
+        hf_overrides={"vlprune": {"method": "divprune", "keep": KEEP}},
+        **ENGINE,
+    )
+
+
 def _serve(engine: LLM, method: str) -> None:
     engine.apply_model(lambda model: model.vlprune_serve({"method": method, "keep": KEEP}))
     engine.reset_prefix_cache()  # the tokens and encodings cached under the previous method
     engine.llm_engine.reset_encoder_cache()
-
-
-def _record_positions(model) -> None:
-    model.test_positions = []
-    if getattr(model, "test_hook", None) is None:
-
-        def record(module, args, kwargs):
-            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-            if positions is not None:
-                model.test_positions.append(positions.clone())
-
-        model.test_hook = model.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def _positions(engine: LLM) -> torch.Tensor:
@@ -71,11 +70,17 @@ def _request(image, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("size", [SQUARE, TALL], ids=["square", "tall"])
-def test_kept_tokens_positions_and_logprobs_equal_the_hf_engine(engine, qwen, method, size):
-    model, processor, _ = qwen
+@pytest.mark.parametrize(
+    ("family", "size"),
+    [("qwen2.5-vl", SQUARE), ("qwen2.5-vl", TALL), ("qwen2-vl", TALL)],
+    ids=["qwen2.5-square", "qwen2.5-tall", "qwen2-tall"],
+)
+def test_kept_tokens_positions_and_logprobs_equal_the_hf_engine(request, family, size, method):
+    fixtures = ("engine", "qwen") if family == "qwen2.5-vl" else ("qwen2_engine", "qwen2")
+    engine = request.getfixturevalue(fixtures[0])
+    model, processor, _ = request.getfixturevalue(fixtures[1])
     _serve(engine, method)
-    engine.apply_model(_record_positions)
+    engine.apply_model(record_positions)
     image = _image(7, *size)
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=5, prompt_logprobs=1)
     out = engine.generate(_request(image), params, use_tqdm=False)[0]

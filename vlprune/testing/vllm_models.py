@@ -3,8 +3,9 @@ its CPU benchmark (:mod:`vlprune.vllm`).
 
 vLLM's CPU attention supports head dimensions of 32 and more only, so these models are the tiny builders' families
 (:mod:`vlprune.testing.llava`, :mod:`vlprune.testing.qwen`) with 32-wide heads: a LLaVA-1.5 with a 2-head CLIP tower
-(hidden 64) and a Llama language model (hidden 128, 4 heads), and a Qwen2.5-VL with a windowed 2-head tower (hidden 64)
-and a Qwen2 language model (hidden 128, 4 query and 2 key/value heads, M-RoPE sections [4, 6, 6]). Everything else
+(hidden 64) and a Llama language model (hidden 128, 4 heads); a Qwen2.5-VL with a windowed 2-head tower (hidden 64)
+and a Qwen2-VL with a 2-head tower (hidden 64), each with a Qwen2 language model (hidden 128, 4 query and 2 key/value
+heads, M-RoPE sections [4, 6, 6]). Everything else
 (tokenizer, chat template, processor geometry) is the tiny builders'. Their attention is not made peaky
 (``weight_scale=1``): at the tiny builders' 8, float32 log-probabilities reach magnitudes where vLLM's and
 transformers' kernels already differ by 2e-5 unpruned (3e-6 at 1), and pruning a quarter of the tokens still moves
@@ -31,25 +32,27 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2_5_VLTextConfig,
     Qwen2_5_VLVisionConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+    Qwen2VLTextConfig,
     Qwen2VLVideoProcessor,
+    Qwen2VLVisionConfig,
 )
 
 from vlprune.testing.common import _TEXT_INIT_STD, finish_tiny_model
 from vlprune.testing.llava import build_tiny_processor
 from vlprune.testing.qwen import (
     FULLATT_BLOCK_INDEXES,
-    MERGE_SIZE,
-    PATCH_SIZE,
-    TEMPORAL_PATCH_SIZE,
-    VISION_DEPTH,
     WINDOW_SIZE,
     _geometry,
     _processor,
     _token_ids,
+    _vision_kwargs,
 )
 from vlprune.testing.tokenizer import IMAGE_TOKEN
 
-__all__ = ["VLLM_HEAD_DIM", "build_vllm_llava", "build_vllm_qwen2_5_vl", "save_for_vllm"]
+__all__ = ["VLLM_HEAD_DIM", "build_vllm_llava", "build_vllm_qwen2_5_vl", "build_vllm_qwen2_vl", "save_for_vllm"]
 
 VLLM_HEAD_DIM = 32
 """Head dimension of every attention in these models: the smallest vLLM's CPU attention accepts."""
@@ -117,11 +120,7 @@ def build_vllm_qwen2_5_vl(
     processor = _processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor(**_geometry(), cap_pixels_per_frame=True))
     tokenizer = processor.tokenizer
     vision = Qwen2_5_VLVisionConfig(
-        depth=VISION_DEPTH,
-        num_heads=_VISION_HIDDEN // VLLM_HEAD_DIM,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        **{**_vision_kwargs(), "num_heads": _VISION_HIDDEN // VLLM_HEAD_DIM},
         hidden_size=_VISION_HIDDEN,
         intermediate_size=2 * _VISION_HIDDEN,
         out_hidden_size=_TEXT_HIDDEN,
@@ -138,6 +137,30 @@ def build_vllm_qwen2_5_vl(
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    finish_tiny_model(model, tokenizer, weight_scale)
+    return model, processor
+
+
+def build_vllm_qwen2_vl(
+    num_hidden_layers: int = 4, seed: int = 0, weight_scale: float = 1.0
+) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    """A tiny float32 Qwen2-VL with 32-wide heads and the tiny Qwen's geometry (a 3-block tower attending over the
+    whole image in every block)."""
+    processor = _processor(Qwen2VLProcessor, Qwen2VLVideoProcessor(**_geometry(), cap_pixels_per_frame=True))
+    tokenizer = processor.tokenizer
+    vision = Qwen2VLVisionConfig(
+        **{**_vision_kwargs(), "num_heads": _VISION_HIDDEN // VLLM_HEAD_DIM},
+        embed_dim=_VISION_HIDDEN,
+        hidden_size=_TEXT_HIDDEN,
+        mlp_ratio=2,
+    )
+    text = Qwen2VLTextConfig(
+        **_text_kwargs(tokenizer, num_hidden_layers, 2),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
+    )
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, **_token_ids(tokenizer), attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
     finish_tiny_model(model, tokenizer, weight_scale)
     return model, processor
 

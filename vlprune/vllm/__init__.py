@@ -1,7 +1,7 @@
 """vlprune's out-of-tree vLLM plugin: serve a vision-language model with its images' tokens pruned.
 
 vLLM loads :func:`register` in every process through the ``vllm.general_plugins`` entry point. It registers vlprune's
-subclasses of vLLM's own model classes under their architecture names (LLaVA-1.5 and Qwen2.5-VL), so that a model
+subclasses of vLLM's own model classes under their architecture names (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL), so that a model
 whose config carries a ``vlprune`` entry is served pruned::
 
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides '{"vlprune": {"method": "divprune", "keep": 128}}'
@@ -21,6 +21,7 @@ SUPPORTED_VLLM = (0, 32), (0, 34)
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vlprune.vllm.llava:VlpruneLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vlprune.vllm.qwen_vl:VlpruneQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vlprune.vllm.qwen_vl:VlpruneQwen2_5_VLForConditionalGeneration",
 }
 """The served architectures and the classes that serve them."""

@@ -1,5 +1,6 @@
-"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) served pruned: vLLM's model class with its images' tokens
-selected after the merger, each kept token at its own multimodal RoPE position.
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) served
+pruned: vLLM's model classes with their images' tokens selected after the merger, each kept token at its own
+multimodal RoPE position.
 
 transformers' ``get_rope_index`` numbers an image's tokens ``base + (t, h, w)`` and the text after it from
 ``base + max(t, h, w)`` over the whole grid; the HF engine keeps each kept token's own (t, h, w) and leaves the text's
@@ -24,17 +25,31 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from vlprune.adapters import AdapterTraits
-from vlprune.adapters.qwen_vl import MergedTokenProjector, Qwen2_5_VLAdapter
+from vlprune.adapters.qwen_vl import MergedTokenProjector, Qwen2_5_VLAdapter, Qwen2VLAdapter
 from vlprune.needs import Need
 from vlprune.vllm.image_pruning import PrunesImages, image_pruning_for
 from vlprune.vllm.processing import PrunedImagePlaceholders
 from vlprune.vllm.runner_flag import follow_served_model
 from vlprune.vllm.settings import REQUEST_KEY
 from vlprune.vllm.tower_reads import TowerRecorder, packed_tower_reads
+
+
+class VlpruneQwen2VLProcessor(PrunedImagePlaceholders, Qwen2VLMultiModalProcessor):
+    """vLLM's Qwen2-VL processor with each image's placeholders cut to its budget."""
+
+    @staticmethod
+    def vlprune_traits(hf_config: Any) -> AdapterTraits:
+        return Qwen2VLAdapter.traits
 
 
 class VlpruneQwen2_5_VLProcessor(PrunedImagePlaceholders, Qwen2_5_VLMultiModalProcessor):  # noqa: N801
@@ -53,17 +68,18 @@ def media_positions(grid_thw: list[int], merge_size: int, **video: float) -> tor
     return positions
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    VlpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
-)
-class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (vLLM's spelling)
-    """vLLM's ``Qwen2_5_VLForConditionalGeneration``, pruning each image's tokens when the config has a ``vlprune``
-    entry."""
+class QwenImagePruning(PrunesImages):
+    """What the Qwen-VL families share (put before vLLM's class): the pruned images with their position channels, the
+    request's first positions, the tower's reads. A family gives its traits and its tower's token order."""
+
+    vlprune_family_traits: AdapterTraits
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         # Checked before the layers are built, so that a bad setting fails before any weight loads.
-        pruning = image_pruning_for(config, Qwen2_5_VLAdapter.traits, config.vision_config.model_type, reindexed=False)
+        pruning = image_pruning_for(
+            config, self.vlprune_family_traits, config.vision_config.model_type, reindexed=False
+        )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vlprune_start(pruning)
         self.vlprune_recomputes_positions = pruning is not None
@@ -102,12 +118,13 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
         attention = None
         if needs - {Need.VISION_FEATURES}:
             last = len(visual.blocks) - 1
-            if last not in visual.fullatt_block_indexes:
+            windowed = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL's towers attend within windows
+            if windowed is not None and last not in windowed:
                 from vlprune.errors import VlpruneError
 
                 raise VlpruneError(
                     f"vlprune reads Qwen2.5-VL's last vision block ({last}), which attends within windows here "
-                    f"(full-attention blocks: {list(visual.fullatt_block_indexes)})"
+                    f"(full-attention blocks: {list(windowed)})"
                 )
             attention = visual.blocks[last].attn.attn
         # The merger's input, read at its first layer: vLLM's compile decorator calls the merger without its hooks.
@@ -121,9 +138,9 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, given in inputs.items():
-            if modality == "image":
+            if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
                 embeddings += self._pruned_images(given, encoded)
-            elif self.video_pruning_rate:
+            elif getattr(self, "video_pruning_rate", None):
                 embeddings += tuple(self._postprocess_video_embeds_evs(self._process_video_input(given), given))
             else:
                 embeddings += self._positioned_videos(given)
@@ -146,9 +163,8 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
         return tuple(out)
 
     def _raster_order(self, grid: list[int]) -> torch.Tensor:
-        """The permutation from the tower's window order of an image's merged tokens to raster order."""
-        window_index, _ = self.visual.get_window_index_thw(*grid)
-        return torch.argsort(window_index)
+        """The permutation from the tower's order of an image's merged tokens to raster order."""
+        raise NotImplementedError
 
     def _positioned_videos(self, given: Any) -> tuple[torch.Tensor, ...]:
         grids = given["video_grid_thw"].tolist()
@@ -161,3 +177,34 @@ class VlpruneQwen2_5_VLForConditionalGeneration(PrunesImages, Qwen2_5_VLForCondi
             positions = media_positions(grid, merge, tokens_per_second=rate, video_second_per_grid=second)
             out.append(torch.cat([tokens, positions.to(tokens)], dim=1))
         return tuple(out)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class VlpruneQwen2_5_VLForConditionalGeneration(QwenImagePruning, Qwen2_5_VLForConditionalGeneration):  # noqa: N801
+    """vLLM's ``Qwen2_5_VLForConditionalGeneration``, pruning each image's tokens when the config has a ``vlprune``
+    entry."""
+
+    vlprune_family_traits = Qwen2_5_VLAdapter.traits
+
+    def _raster_order(self, grid: list[int]) -> torch.Tensor:
+        """The tower attends window by window: its merged tokens come in window order."""
+        window_index, _ = self.visual.get_window_index_thw(*grid)
+        return torch.argsort(window_index)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlpruneQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class VlpruneQwen2VLForConditionalGeneration(QwenImagePruning, Qwen2VLForConditionalGeneration):
+    """vLLM's ``Qwen2VLForConditionalGeneration``, pruning each image's tokens when the config has a ``vlprune``
+    entry. vLLM's class has no position renumbering of its own (it supports no video pruning); Qwen2.5-VL's, which
+    reads only the config's token ids, serves it."""
+
+    vlprune_family_traits = Qwen2VLAdapter.traits
+    recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
+
+    def _raster_order(self, grid: list[int]) -> torch.Tensor:
+        """The tower attends over whole images: its merged tokens are in raster order."""
+        return torch.arange(grid[0] * grid[1] * grid[2] // self.visual.spatial_merge_size**2)

@@ -16,7 +16,6 @@ both are refused with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +142,7 @@ def check_served(pruner: Pruner) -> None:
             f"vlprune cannot serve {name!r} through vLLM: it runs stages at language-model layers {layers}, and the "
             f"plugin selects each image's tokens once, before the language model"
         )
-    unread = plan_needs(plan) - SERVED_NEEDS - {Need.CLS_ATTENTION}
+    unread = plan_needs(plan) - SERVED_NEEDS
     if unread:
         needs = ", ".join(sorted(need.value for need in unread))
         raise VlpruneError(
@@ -165,8 +164,3 @@ def check_family(pruner: Pruner, traits: AdapterTraits, tower_name: str) -> froz
         raise VlpruneError(f"vlprune: {reason} (families that serve it: {serving})")
     needs = plan_needs(pruner.plan_for(traits, PROBE_TOKENS, _PLAN_LAYERS))
     return provided_needs(traits, needs, type(pruner).cls_substitute)
-
-
-def with_budget(settings: PruneSettings, keep: int | float) -> PruneSettings:
-    """``settings`` with another default budget."""
-    return dataclasses.replace(settings, keep=check_budget(keep))
