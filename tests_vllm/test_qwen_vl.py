@@ -4,6 +4,7 @@ requests, tall, wide and square images, and two images in a prompt (on Qwen2.5-V
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from oracle import QWEN_PROMPT, first_token_logprobs, hf_prompt_logprobs, hf_run, record_positions, vllm_prompt_logprobs
@@ -20,7 +21,7 @@ ENGINE = {
     "enforce_eager": True,
     "max_model_len": 1024,
     "seed": 0,
-    "limit_mm_per_prompt": {"image": 2},
+    "limit_mm_per_prompt": {"image": 2, "video": 1},
     "kv_cache_memory_bytes": 1 << 27,  # on the CPU vLLM would otherwise reserve most of the machine's memory
 }
 
@@ -151,6 +152,23 @@ def test_keeping_every_token_equals_stock_vllm(engine, stock, qwen):
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=5, prompt_logprobs=1)
     ours = engine.generate(_request(image, mm_processor_kwargs={"vlprune_keep": 32}), params, use_tqdm=False)[0]
     theirs = stock.generate(_request(image), params, use_tqdm=False)[0]
+    assert ours.prompt_token_ids == theirs.prompt_token_ids
+    assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+    torch.testing.assert_close(vllm_prompt_logprobs(ours), vllm_prompt_logprobs(theirs), atol=1e-6, rtol=0)
+
+
+def test_a_video_beside_an_image_keeps_its_tokens_and_positions(engine, stock):
+    """Videos are not pruned: with the image's budget at all its tokens, a prompt with an image and a video answers as
+    stock vLLM does (the video's tokens carry their full positions through the plugin's renumbering)."""
+    _serve(engine, "divprune")
+    frames = np.stack([np.asarray(_image(40 + i, *SQUARE)) for i in range(4)])
+    metadata = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "video_backend": "opencv"}
+    metadata |= {"frames_indices": [0, 1, 2, 3], "do_sample_frames": False}
+    prompt = QWEN_PROMPT.format(question="") + "<|vision_start|><|video_pad|><|vision_end|>What moves?"
+    request = {"prompt": prompt, "multi_modal_data": {"image": _image(41, *TALL), "video": (frames, metadata)}}
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=1)
+    ours = engine.generate({**request, "mm_processor_kwargs": {"vlprune_keep": 32}}, params, use_tqdm=False)[0]
+    theirs = stock.generate(request, params, use_tqdm=False)[0]
     assert ours.prompt_token_ids == theirs.prompt_token_ids
     assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
     torch.testing.assert_close(vllm_prompt_logprobs(ours), vllm_prompt_logprobs(theirs), atol=1e-6, rtol=0)

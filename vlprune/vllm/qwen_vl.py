@@ -4,18 +4,21 @@ multimodal RoPE position.
 
 transformers' ``get_rope_index`` numbers an image's tokens ``base + (t, h, w)`` and the text after it from
 ``base + max(t, h, w)`` over the whole grid; the HF engine keeps each kept token's own (t, h, w) and leaves the text's
-numbering alone ("original" positions, the only mode on Qwen-VL). vLLM computes a request's positions from its
-prompt before the images are encoded, so with fewer placeholders they would be wrong; its pruning machinery
-renumbers them after encoding (``recompute_mrope_positions``) from four channels appended to each media token's
-embedding: (t, h, w) and the offset the text after it continues from. vLLM's own video pruning puts the grid's width
-there, which differs from transformers on images taller than wide; here it is ``max(t, h, w)``, as transformers
-numbers. The runner strips the channels before the language model (:mod:`vlprune.vllm.runner_flag` makes it do so).
+numbering alone ("original" positions, the only mode on Qwen-VL). vLLM computes a request's positions from its prompt
+before the images are encoded: here the text's come out right from the pruned prompt (each image's grid, not its kept
+tokens, decides where the text after it resumes), and the image's placeholders are numbered provisionally. After the
+encoder runs, vLLM's runner hands the model each step's media embeddings with four channels appended (the kept tokens'
+(t, h, w) and ``max(t, h, w) + 1`` of the grid, as vLLM's video pruning lays them out) to renumber
+(``recompute_mrope_positions``): the model places each media token at its run's start plus its own (t, h, w). vLLM's
+own renumbering is not used: it misplaces a run that follows another in the same prefill step, and its video pruning
+numbers the text after a tall image from the grid's width. :mod:`vlprune.vllm.runner_flag` makes the runner call it.
 
 Videos are not pruned: their tokens get their full positions (or vLLM's own EVS, when ``video_pruning_rate`` is set).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,6 +39,7 @@ from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
 from vlprune.adapters import AdapterTraits
 from vlprune.adapters.qwen_vl import MergedTokenProjector, Qwen2_5_VLAdapter, Qwen2VLAdapter
+from vlprune.errors import VlpruneError
 from vlprune.needs import Need
 from vlprune.vllm.image_pruning import PrunesImages, image_pruning_for
 from vlprune.vllm.processing import PrunedImagePlaceholders
@@ -113,6 +117,36 @@ class QwenImagePruning(PrunesImages):
         positions = torch.cat(pieces, dim=1)
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """The runner's call after this step's media embeddings are gathered: strip their four position channels and
+        place each media token at its run's start plus its own (t, h, w).
+
+        The embeddings are this step's media tokens in prompt order, from ``num_computed_tokens`` on (a chunked
+        prefill may bring part of a run, or the end of one run and the start of the next). The text's positions,
+        and so the decode offset, are already right (:meth:`get_mrope_input_positions`); a run's start is the
+        position after the token before it (its ``<|vision_start|>``). vLLM's own renumbering, written for video
+        pruning, misplaces the tokens of a run that follows another in the same step; this one does not."""
+        stripped = [embedding[:, :-4] for embedding in multimodal_embeddings]
+        positions = mrope_positions.clone()
+        if multimodal_embeddings:
+            ids = torch.as_tensor(input_ids, device=positions.device)
+            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+            offsets = torch.cat([embedding[:, -4:-1] for embedding in multimodal_embeddings]).round().long()
+            places = media.nonzero().flatten()
+            places = places[places >= num_computed_tokens][: len(offsets)]
+            starts = torch.arange(len(ids), device=ids.device)
+            starts = torch.where(media & ~torch.cat([media.new_zeros(1), media[:-1]]), starts, 0).cummax(0).values
+            base = positions[0, starts[places] - 1] + 1
+            positions[:, places] = base[None] + offsets.T.to(positions)
+        delta = int(positions.max()) + 1 - positions.shape[1]
+        return stripped, positions, delta
+
     def _vlprune_recorder_for(self, needs: frozenset[Need]) -> TowerRecorder:
         visual = self.visual
         attention = None
@@ -120,8 +154,6 @@ class QwenImagePruning(PrunesImages):
             last = len(visual.blocks) - 1
             windowed = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL's towers attend within windows
             if windowed is not None and last not in windowed:
-                from vlprune.errors import VlpruneError
-
                 raise VlpruneError(
                     f"vlprune reads Qwen2.5-VL's last vision block ({last}), which attends within windows here "
                     f"(full-attention blocks: {list(windowed)})"
@@ -199,11 +231,9 @@ class VlpruneQwen2_5_VLForConditionalGeneration(QwenImagePruning, Qwen2_5_VLForC
 )
 class VlpruneQwen2VLForConditionalGeneration(QwenImagePruning, Qwen2VLForConditionalGeneration):
     """vLLM's ``Qwen2VLForConditionalGeneration``, pruning each image's tokens when the config has a ``vlprune``
-    entry. vLLM's class has no position renumbering of its own (it supports no video pruning); Qwen2.5-VL's, which
-    reads only the config's token ids, serves it."""
+    entry (the renumbering is the shared one: vLLM's class has none, as it supports no video pruning)."""
 
     vlprune_family_traits = Qwen2VLAdapter.traits
-    recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 
     def _raster_order(self, grid: list[int]) -> torch.Tensor:
         """The tower attends over whole images: its merged tokens are in raster order."""
