@@ -19,7 +19,8 @@ from vlprune.eval.bench import TABLE_HEADER, bench
 
 SAMPLE = Path(vlprune.__file__).parent / "samples" / "scene1.png"
 METHODS = (
-    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,flowcut,sparsevlm,pyramiddrop,vflowopt,ptp,fastv+var"
+    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,vispruner,scope,flowcut,sparsevlm,pyramiddrop,vflowopt,ptp,"
+    "fastv+var"
 )
 
 

@@ -95,6 +95,8 @@ SINGLE_STAGE = [
     Run("zoo-prune", {"keep": 16, "directions": 8}, 0),
     Run("holov", {"keep": 16}, 0),
     Run("holov", {"keep": 16, "crops": 4, "tiles": True}, 0),
+    Run("vispruner", {"keep": 16}, 0),
+    Run("scope", {"keep": 16}, 0),
     Run("ptp", {"keep": 16}, 3),
 ]
 # Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
@@ -168,6 +170,7 @@ RAGGED = [
     Run("visionzip", {"keep": 0.25}),  # recycling at layer 0 (on Qwen-VL: contextual tokens merged in place)
     Run("vflowopt", {"keep": 0.3}),  # per-view maps packed as the features are, recycling in grid cells
     Run("flowcut", {"keep": 0.3}),  # pruning inside the tower, images keeping different counts
+    Run("vispruner", {"keep": 0.25}),  # per-view budgets, received attention on Qwen-VL
 ]
 TILED_RAGGED = [
     *(run for run in RAGGED if run.method not in ("holov", "zoo-prune")),

@@ -123,6 +123,20 @@ def test_a_larger_limit_extends_a_sweep_and_a_smaller_one_is_refused(pipeline, s
         run_sweep(pipeline, samples[:2], two, tmp_path, progress=False)
 
 
+def test_more_methods_extend_a_sweep_and_fewer_are_refused(pipeline, samples, tmp_path: Path) -> None:
+    one = SweepSettings(**{**SETTINGS.__dict__, "methods": SETTINGS.methods[:1]})
+    run_sweep(pipeline, samples, one, tmp_path, progress=False)
+    first = (tmp_path / RESULTS).read_text()
+    run_sweep(pipeline, samples, SETTINGS, tmp_path, progress=False)
+    extended = (tmp_path / RESULTS).read_text()
+    assert extended.startswith(first)  # the first method's rows (and the unpruned ones) are kept, not measured again
+    added = {json.loads(line)["method"] for line in extended[len(first) :].splitlines()}
+    assert added == set(SETTINGS.methods[1:])
+    assert json.loads((tmp_path / "sweep.json").read_text())["methods"] == SETTINGS.methods
+    with pytest.raises(VlpruneError, match="methods"):
+        run_sweep(pipeline, samples, one, tmp_path, progress=False)
+
+
 def test_a_sharded_rerun_skips_the_cells_of_the_merged_results(pipeline, samples, tmp_path: Path) -> None:
     """Extending a sharded sweep whose per-process files are gone: the merged results.jsonl's cells are not rerun."""
     two = SweepSettings(**{**SETTINGS.__dict__, "limit": 2})

@@ -20,7 +20,7 @@ from vlprune.vllm.processing import decode_budget, encode_budget, request_budget
 from vlprune.vllm.runner_flag import cpu_runner_skips_flag
 from vlprune.vllm.settings import check_family, parse_settings, settings_from_config
 
-SERVED = ["random", "divprune", "holov", "visionzip", "fastervlm", "zoo-prune"]
+SERVED = ["random", "divprune", "holov", "visionzip", "fastervlm", "zoo-prune", "vispruner", "scope"]
 IN_LLM = ["fastv", "sparsevlm", "pyramiddrop", "ptp", "adaptinfer"]
 
 
@@ -28,6 +28,12 @@ IN_LLM = ["fastv", "sparsevlm", "pyramiddrop", "ptp", "adaptinfer"]
 def test_pre_llm_methods_are_served(method):
     settings = parse_settings({"method": method, "keep": 64})
     assert (settings.method, settings.keep, dict(settings.options)) == (method, 64, {})
+
+
+def test_the_served_methods_are_derived_from_the_registry():
+    from vlprune.vllm.settings import served_methods
+
+    assert served_methods() == sorted(SERVED)
 
 
 def test_no_entry_means_unpruned():

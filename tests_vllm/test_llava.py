@@ -17,7 +17,7 @@ from vllm import LLM, SamplingParams
 from vlprune.testing.images import make_test_image
 
 KEEP = 36  # of the tiny LLaVA's 144 tokens per image
-METHODS = ["random", "divprune", "holov", "visionzip", "fastervlm", "zoo-prune"]
+METHODS = ["random", "divprune", "holov", "visionzip", "fastervlm", "zoo-prune", "vispruner", "scope"]
 PROMPT = LLAVA_PROMPT.format(question="What is in the picture?")
 
 

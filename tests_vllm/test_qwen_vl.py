@@ -13,7 +13,7 @@ from vllm import LLM, SamplingParams
 from vlprune.testing.images import make_test_image
 
 KEEP = 9
-METHODS = ["random", "divprune", "holov", "visionzip", "zoo-prune"]
+METHODS = ["random", "divprune", "holov", "visionzip", "zoo-prune", "vispruner"]
 PROMPT = QWEN_PROMPT.format(question="What is in the picture?")
 CHUNK = 16  # tokens per prefill step: every prompt here is prefilled in several steps
 ENGINE = {

@@ -158,12 +158,19 @@ def _check_saved_settings(folder: Path, settings: SweepSettings) -> bool:
 
 
 def _extends(saved: Any, wanted: dict[str, Any]) -> bool:
-    """Whether ``wanted`` is the saved sweep over more samples: a dataset's first N samples are a prefix of its first
-    M > N, so every saved row stays valid and a rerun with the larger ``--limit`` only runs the new samples."""
-    if not isinstance(saved, dict) or {**saved, "limit": wanted["limit"]} != wanted:
+    """Whether ``wanted`` is the saved sweep over more samples or more methods: a dataset's first N samples are a
+    prefix of its first M > N, and a method's cells do not depend on the others', so every saved row stays valid and a
+    rerun runs only the new samples' and the new methods' cells."""
+    if not isinstance(saved, dict):
         return False
-    old, new = saved.get("limit"), wanted["limit"]
-    return old is not None and (new is None or new > old)
+    old_limit, new_limit = saved.get("limit"), wanted["limit"]
+    old_methods, new_methods = list(saved.get("methods", [])), list(wanted["methods"])
+    if {**saved, "limit": new_limit, "methods": new_methods} != wanted:
+        return False
+    more_samples = old_limit is not None and (new_limit is None or new_limit > old_limit)
+    more_methods = set(old_methods) < set(new_methods)
+    same_samples = old_limit == new_limit
+    return set(old_methods) <= set(new_methods) and (more_samples or (more_methods and same_samples))
 
 
 def _has_rows(folder: Path) -> bool:

@@ -215,9 +215,11 @@ from vlprune.pruners import (  # noqa: E402, F401
     ptp,
     pyramiddrop,
     random,
+    scope,
     sparsevlm,
     vflowopt,
     visionzip,
+    vispruner,
     zoo_prune,
 )
 

@@ -108,6 +108,21 @@ def parse_settings(entry: object) -> PruneSettings:
     return settings
 
 
+def served_methods() -> list[str]:
+    """The registered methods the plugin serves (on some family), sorted."""
+    from vlprune.pruners import available, get
+
+    served = []
+    for name in available():
+        try:
+            pruner = get(name)(keep=1)
+        except (VlpruneError, TypeError, ValueError):
+            continue
+        if _not_served_reason(pruner) is None:
+            served.append(name)
+    return served
+
+
 def check_served(pruner: Pruner) -> None:
     """Refuse a method the plugin cannot serve, naming why.
 
@@ -115,40 +130,36 @@ def check_served(pruner: Pruner) -> None:
         VlpruneError: an in-LLM method, a vision-encoder method, an attention modifier, or a method with more than one
             stage or a stage the plugin cannot feed.
     """
-    name = pruner.name
+    reason = _not_served_reason(pruner)
+    if reason is not None:
+        if pruner.stage in (Stage.IN_LLM, Stage.VISION) or pruner.prunes_vision_tower():
+            reason += f"; serve a pre-LLM method ({', '.join(served_methods())})"
+        name = pruner.name + ("+var" if pruner.modifier is not None else "")
+        raise VlpruneError(f"vlprune cannot serve {name!r} through vLLM: {reason}")
+
+
+def _not_served_reason(pruner: Pruner) -> str | None:
+    """Why the plugin cannot serve ``pruner`` on any family, or None."""
     if pruner.modifier is not None:
-        raise VlpruneError(
-            f"vlprune cannot serve {name}+var through vLLM: VAR changes the attention of every decoder layer, which "
-            f"runs in vLLM's paged attention"
-        )
+        return "VAR changes the attention of every decoder layer, which runs in vLLM's paged attention"
     if pruner.stage is Stage.IN_LLM:
-        raise VlpruneError(
-            f"vlprune cannot serve {name!r} through vLLM: it prunes inside the language model, which needs a "
-            f"per-layer cut of vLLM's paged KV cache; serve a pre-LLM method (random, divprune, holov, visionzip, "
-            f"fastervlm, zoo-prune)"
-        )
+        return "it prunes inside the language model, which needs a per-layer cut of vLLM's paged KV cache"
     if pruner.stage is Stage.VISION or pruner.prunes_vision_tower():
-        raise VlpruneError(
-            f"vlprune cannot serve {name!r} through vLLM: it prunes inside the vision encoder, which needs a cut of "
-            f"vLLM's own encoder layers; serve a pre-LLM method (random, divprune, holov, visionzip, fastervlm, "
-            f"zoo-prune)"
-        )
+        return "it prunes inside the vision encoder, which needs a cut of vLLM's own encoder layers"
     if pruner.stage is not Stage.PRE_LLM:
-        raise VlpruneError(f"vlprune cannot serve {name!r} through vLLM: it prunes no visual tokens")
+        return "it prunes no visual tokens"
     plan = pruner.plan(PROBE_TOKENS, _PLAN_LAYERS)
     if len(plan) != 1 or plan[0].layer != 0 or plan[0].query_rows is not None:
         layers = ", ".join(str(stage.layer) for stage in plan)
-        raise VlpruneError(
-            f"vlprune cannot serve {name!r} through vLLM: it runs stages at language-model layers {layers}, and the "
-            f"plugin selects each image's tokens once, before the language model"
+        return (
+            f"it runs stages at language-model layers {layers}, and the plugin selects each image's tokens once, "
+            f"before the language model"
         )
     unread = plan_needs(plan) - SERVED_NEEDS
     if unread:
         needs = ", ".join(sorted(need.value for need in unread))
-        raise VlpruneError(
-            f"vlprune cannot serve {name!r} through vLLM: it reads {needs}, which the plugin does not read from "
-            f"vLLM's vision tower"
-        )
+        return f"it reads {needs}, which the plugin does not read from vLLM's vision tower"
+    return None
 
 
 def check_family(pruner: Pruner, traits: AdapterTraits, tower_name: str) -> frozenset[Need]:
