@@ -19,7 +19,7 @@ from vlprune.eval.bench import TABLE_HEADER, bench
 
 SAMPLE = Path(vlprune.__file__).parent / "samples" / "scene1.png"
 METHODS = (
-    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,vispruner,scope,flowcut,sparsevlm,pyramiddrop,vflowopt,ptp,"
+    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,vispruner,scope,cdpruner,dart,flowcut,sparsevlm,pyramiddrop,vflowopt,ptp,"
     "fastv+var"
 )
 

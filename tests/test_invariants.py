@@ -97,6 +97,7 @@ SINGLE_STAGE = [
     Run("holov", {"keep": 16, "crops": 4, "tiles": True}, 0),
     Run("vispruner", {"keep": 16}, 0),
     Run("scope", {"keep": 16}, 0),
+    Run("cdpruner", {"keep": 16}, 0),
     Run("ptp", {"keep": 16}, 3),
 ]
 # Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
@@ -111,7 +112,11 @@ MULTI_STAGE = [
 RANK_RULE = Run("sparsevlm", {"keep": 0.111, "rule": "rank", "recycle": False, "layers": [2, 6, 15]}, None)
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
 RECYCLING = [Run("visionzip", {"keep": 16}), Run("sparsevlm", {"keep": 0.3}), Run("vflowopt", {"keep": 0.25})]
-EVERY_FAMILY_DROP = [Run("random", {"keep": 0.3}, 0), Run("fastv", {"keep": 0.25, "layer": 2}, 2)]
+EVERY_FAMILY_DROP = [
+    Run("random", {"keep": 0.3}, 0),
+    Run("fastv", {"keep": 0.25, "layer": 2}, 2),
+    Run("dart", {"keep": 0.25}, 2),
+]
 
 DROPS = {
     "llava-clip": SINGLE_STAGE + MULTI_STAGE + [RANK_RULE] + EVERY_FAMILY_DROP,

@@ -27,6 +27,10 @@ REFERENCE_POSITIONS = {
     "vflowopt": "original",
     "zoo-prune": "reindex",
     "ptp": "original",
+    "vispruner": "reindex",
+    "scope": "reindex",
+    "cdpruner": "reindex",
+    "dart": "original",
 }
 # Settings that run on the tiny model (64 visual tokens, 4 decoder layers).
 OPTIONS = {
@@ -43,6 +47,10 @@ OPTIONS = {
     "vflowopt": {"keep": 0.25},
     "zoo-prune": {"keep": 16, "directions": 8},
     "ptp": {"keep": 16},
+    "vispruner": {"keep": 16},
+    "scope": {"keep": 16},
+    "cdpruner": {"keep": 16},
+    "dart": {"keep": 16},
 }
 
 

@@ -56,6 +56,11 @@ def test_a_method_with_stages_in_the_language_model_is_refused():
         parse_settings({"method": "vflowopt", "keep": 64})
 
 
+def test_a_method_reading_the_instruction_is_refused_with_the_reason():
+    with pytest.raises(VlpruneError, match="vLLM encodes each image without its prompt"):
+        parse_settings({"method": "cdpruner", "keep": 64})
+
+
 def test_var_is_refused():
     with pytest.raises(VlpruneError, match="VAR changes the attention of every decoder layer"):
         parse_settings({"method": "divprune+var", "keep": 64})

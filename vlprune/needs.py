@@ -22,6 +22,8 @@ class Need(enum.StrEnum):
     PER_HEAD_ATTENTION = "per_head_attention"  # per head, not averaged over heads
     QUERY_ROW_ATTENTION = "query_row_attention"  # also the rows' attention to the query rows' own tokens
     VALUE_STATES = "value_states"  # the value vectors of the visual tokens and of the query rows
+    KEY_STATES = "key_states"  # the post-RoPE key vectors of the visual tokens and of the query rows
+    FINAL_NORM = "final_norm"  # the language model's final norm (the one before the LM head)
     # The language model's side.
     TEXT_TOKENS = "text_tokens"  # hidden states of the text after the image (the instruction) at the stage layer
     INITIAL_EMBEDDINGS = "initial_embeddings"  # layer 0's input for the visual tokens and the text after them

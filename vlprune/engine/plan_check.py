@@ -30,8 +30,8 @@ def check_plan(method: str, plan: list[StagePlan], num_visual: int, num_layers: 
             raise VlpruneError(f"{method}: a stage at layer 0 has no earlier attention to score with")
         if stage.query_row_attention and stage.query_rows is None:
             raise VlpruneError(f"{method}: a stage asks for the query rows' own attention but names no query rows")
-        if stage.value_states and (stage.query_rows is None or stage.own_layer_attention):
-            raise VlpruneError(f"{method}: value states come with query rows from the layer before the stage")
+        if (stage.value_states or stage.key_states) and (stage.query_rows is None or stage.own_layer_attention):
+            raise VlpruneError(f"{method}: value and key states come with query rows from the layer before the stage")
         if stage.keep is not None and not 1 <= stage.keep <= previous_keep:
             raise VlpruneError(f"{method}: keep={stage.keep} at layer {stage.layer} is outside [1, {previous_keep}]")
         previous_layer = stage.layer

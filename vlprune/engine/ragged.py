@@ -30,6 +30,7 @@ _CURRENT_AXIS = {
     "vision_received_attention": 1,
     "vision_kept": 1,
     "visual_values": 2,
+    "visual_keys": 2,
 }
 _ORIGINAL_AXES = {"initial_visual_hidden": (1,), "vision_attention": (1, 2)}
 _PER_SAMPLE = (
@@ -42,6 +43,7 @@ _PER_SAMPLE = (
     "initial_text_mask",
     "pixel_values",
     "query_values",
+    "query_keys",
 )
 # Fields over the vision tower's crops of the whole batch, which the geometry's crop indices point into.
 _WHOLE_BATCH = ("vision_crop_attention", "vision_crop_pixels")

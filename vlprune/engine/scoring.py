@@ -9,6 +9,7 @@ import torch
 
 from vlprune.engine.layout import Layout
 from vlprune.kernels import attention_rows
+from vlprune.needs import Need
 from vlprune.pruners.base import QueryRows, StagePlan
 
 
@@ -20,6 +21,8 @@ class QueryAttention(NamedTuple):
     own: torch.Tensor | None  # (B, R, R) or (B, H, R, R): to the query rows' own tokens, when the stage asks
     values: torch.Tensor | None = None  # (B, Hkv, N, d): the visual tokens' value vectors, when the stage asks
     query_values: torch.Tensor | None = None  # (B, Hkv, R, d): the query rows' value vectors
+    keys: torch.Tensor | None = None  # (B, Hkv, N, d): the visual tokens' post-RoPE keys, when the stage asks
+    query_keys: torch.Tensor | None = None  # (B, Hkv, R, d): the query rows' post-RoPE keys
 
 
 def token_states(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ def observed_rows(
 ) -> QueryAttention:
     """What a stage needs of the layer before it, from the post-RoPE queries, keys and values (B, H, L, d) that the
     layer's attention received: its query rows' attention (causal, under the layer's own ``mask``) and, when it asks,
-    the value vectors."""
+    the value and key vectors."""
     rows, row_mask = query_rows(stage.query_rows, layout, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     probabilities = attention_rows(
@@ -97,6 +100,8 @@ def observed_rows(
         captured = captured._replace(
             values=token_states(value, layout.visual_slots), query_values=token_states(value, rows)
         )
+    if Need.KEY_STATES in stage.needs:
+        captured = captured._replace(keys=token_states(key, layout.visual_slots), query_keys=token_states(key, rows))
     return captured
 
 

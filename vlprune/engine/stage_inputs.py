@@ -129,6 +129,21 @@ def _value_states(reads: StageReads) -> dict[str, Any]:
     return {"visual_values": reads.query.values, "query_values": reads.query.query_values}
 
 
+@provider(Need.KEY_STATES)
+def _key_states(reads: StageReads) -> dict[str, Any]:
+    if reads.query is None:  # a plan without query rows has no rows to take keys at
+        return {}
+    return {"visual_keys": reads.query.keys, "query_keys": reads.query.query_keys}
+
+
+@provider(Need.FINAL_NORM)
+def _final_norm(reads: StageReads) -> dict[str, Any]:
+    norm = getattr(reads.sources.adapter.language_model, "norm", None)
+    if norm is None:
+        raise RuntimeError(f"{type(reads.sources.adapter.language_model).__name__} has no final norm (.norm)")
+    return {"final_norm": norm}
+
+
 @provider(Need.CLS_ATTENTION)
 def _cls_attention(reads: StageReads) -> dict[str, Any]:
     return {"vision_cls_attention": reads.sources.bridge.cls_scores(reads.geometry, reads.layout, reads.slots)}

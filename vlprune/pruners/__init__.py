@@ -206,6 +206,8 @@ def _build(cls: type[Pruner], name: str, options: dict[str, object]) -> Pruner:
 # Importing the built-in pruners registers them.
 from vlprune.pruners import (  # noqa: E402, F401
     adaptinfer,
+    cdpruner,
+    dart,
     divprune,
     fastervlm,
     fastv,

@@ -103,6 +103,10 @@ class StageContext:
         visual_values: (B, Hkv, N, d) value vectors of the visual tokens at the layer the attention rows come from
             (key-value heads, before any repetition for grouped-query attention), or None.
         query_values: (B, Hkv, R, d) value vectors of the query rows at that layer, or None.
+        visual_keys: (B, Hkv, N, d) post-RoPE key vectors of the visual tokens at the layer the attention rows come
+            from (key-value heads, before any repetition for grouped-query attention), or None.
+        query_keys: (B, Hkv, R, d) post-RoPE key vectors of the query rows at that layer, or None.
+        final_norm: the language model's final norm module (the one before the LM head), or None.
         vision_kept: (B, N) True at the visual tokens whose features the vision tower kept, for pruners with
             vision-encoder stages (:meth:`Pruner.vision_layers`) at the stage at layer 0, or None. A token of
             OneVision's down-scaled grid counts as kept when its nearest source patch is.
@@ -146,6 +150,9 @@ class StageContext:
     )
     visual_values: torch.Tensor | None = field(default=None, metadata=_by(Need.VALUE_STATES))
     query_values: torch.Tensor | None = field(default=None, metadata=_by(Need.VALUE_STATES))
+    visual_keys: torch.Tensor | None = field(default=None, metadata=_by(Need.KEY_STATES))
+    query_keys: torch.Tensor | None = field(default=None, metadata=_by(Need.KEY_STATES))
+    final_norm: nn.Module | None = field(default=None, metadata=_by(Need.FINAL_NORM))
     vision_kept: torch.Tensor | None = field(default=None, metadata=_by(_VISION_PRUNING))
     stage_index: int = 0
     num_layers: int = 0

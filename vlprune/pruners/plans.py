@@ -42,6 +42,9 @@ class StagePlan:
             ``QUERY_ROW_ATTENTION``: also the attention of those rows to the query rows' own tokens (AdaptInfer);
             ``VALUE_STATES``: the value vectors of the visual tokens and of the query rows at the layer the rows come
             from (FlowCut's language-model stage; not with ``OWN_LAYER_ATTENTION``);
+            ``KEY_STATES``: the post-RoPE key vectors of the visual tokens and of the query rows at that layer (DART;
+            not with ``OWN_LAYER_ATTENTION``);
+            ``FINAL_NORM``: the language model's final norm module (DART compares hidden states through it);
             ``TEXT_TOKENS``: the hidden states of the text after the image (the instruction);
             ``INITIAL_EMBEDDINGS``: the language model's input embeddings (layer 0's input) of the visual tokens and
             of the text after the image, whatever layer the stage runs at;
@@ -87,6 +90,8 @@ class StagePlan:
     per_head_attention = _reads(Need.PER_HEAD_ATTENTION)
     query_row_attention = _reads(Need.QUERY_ROW_ATTENTION)
     value_states = _reads(Need.VALUE_STATES)
+    key_states = _reads(Need.KEY_STATES)
+    final_norm = _reads(Need.FINAL_NORM)
     text_tokens = _reads(Need.TEXT_TOKENS)
     initial_embeddings = _reads(Need.INITIAL_EMBEDDINGS)
     vision_cls_attention = _reads(Need.CLS_ATTENTION)

@@ -156,6 +156,11 @@ def _not_served_reason(pruner: Pruner) -> str | None:
             f"before the language model"
         )
     unread = plan_needs(plan) - SERVED_NEEDS
+    if unread & {Need.INITIAL_EMBEDDINGS, Need.TEXT_TOKENS}:
+        return (
+            "it reads the instruction's embeddings, and vLLM encodes each image without its prompt (its multimodal "
+            "embedding step sees the image's inputs alone)"
+        )
     if unread:
         needs = ", ".join(sorted(need.value for need in unread))
         return f"it reads {needs}, which the plugin does not read from vLLM's vision tower"
