@@ -189,6 +189,28 @@ class Case:
         return single
 
 
+def ragged_alone_run(case: Case, monkeypatch, pruner_class: type, method: str, keep: float, new_tokens: int = 2):
+    """Run ``method`` on ``case``'s ragged batch and on each of its two samples alone, asserting that each sample
+    generates and keeps alone what it does in the batch; returns the batch's first stage statistics and every
+    stage context ``pruner_class.select`` received (the batch's first, then the samples')."""
+    import vlprune
+    from vlprune.pruners import create
+
+    model, processor = case.model()
+    batch = case.inputs(processor, "ragged")
+    contexts: list = []
+    select = pruner_class.select
+    monkeypatch.setattr(pruner_class, "select", lambda self, ctx: contexts.append(ctx) or select(self, ctx))
+    with vlprune.attach(model, create(method, keep=keep)) as session:
+        tokens, _ = greedy(model, batch, new_tokens=new_tokens)
+        together = session.stats.stages[0]
+        for index in range(2):
+            single_tokens, _ = greedy(model, case.alone(processor, batch, "ragged", index), new_tokens=new_tokens)
+            assert torch.equal(single_tokens[0], tokens[index])
+            assert session.stats.stages[0].kept_indices[0] == together.kept_indices[index]
+    return together, contexts
+
+
 def qwen_sample(batch, index: int) -> dict:
     """Sample ``index`` of a Qwen-VL processor batch on its own (its image rows, its unpadded prompt)."""
     counts = (batch["image_grid_thw"].prod(-1)).tolist()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, tiny_inputs, tiny_model
-from family_cases import CASE, greedy
+from family_cases import CASE, ragged_alone_run
 
 import vlprune
 import vlprune.pruners.cdpruner  # registers "cdpruner" (vlprune.pruners does not import it yet)
@@ -271,18 +271,7 @@ def test_engine_runs_per_crop_and_on_qwen_and_a_ragged_batch_equals_its_samples(
     """Tiled families keep their line breaks and select crop by crop; a ragged batch is selected sample by sample,
     so each sample keeps what it keeps alone."""
     case = CASE[case_id]
-    model, processor = case.model()
-    batch = case.inputs(processor, "ragged")
-    contexts: list[StageContext] = []
-    select = CDPruner.select
-    monkeypatch.setattr(CDPruner, "select", lambda self, ctx: contexts.append(ctx) or select(self, ctx))
-    with vlprune.attach(model, create("cdpruner", keep=0.5)) as session:
-        tokens, _ = greedy(model, batch, new_tokens=2)
-        together = session.stats.stages[0]
-        for index in range(2):
-            single_tokens, _ = greedy(model, case.alone(processor, batch, "ragged", index), new_tokens=2)
-            assert torch.equal(single_tokens[0], tokens[index])
-            assert session.stats.stages[0].kept_indices[0] == together.kept_indices[index]
+    together, contexts = ragged_alone_run(case, monkeypatch, CDPruner, "cdpruner", 0.5)
     assert together.visual_out_per_sample == [round(0.5 * n) for n in together.visual_in_per_sample]
     if case.qwen:
         return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE, tiny_inputs, tiny_model
-from family_cases import CASE, greedy
+from family_cases import CASE, ragged_alone_run
 
 import vlprune
 import vlprune.pruners.vispruner  # registers "vispruner" (vlprune.pruners does not import it yet)
@@ -212,18 +212,7 @@ def test_engine_runs_per_view_and_without_cls_and_a_batch_equals_its_samples(
     """Tiled families select view by view (no line break kept at a quarter of the tokens), Qwen-VL on the received
     attention and the merged tokens; each sample of a ragged batch keeps what it keeps alone."""
     case = CASE[case_id]
-    model, processor = case.model()
-    batch = case.inputs(processor, "ragged")
-    contexts: list[StageContext] = []
-    select = VisPruner.select
-    monkeypatch.setattr(VisPruner, "select", lambda self, ctx: contexts.append(ctx) or select(self, ctx))
-    with vlprune.attach(model, create("vispruner", keep=0.25)) as session:
-        tokens, _ = greedy(model, batch, new_tokens=2)
-        together = session.stats.stages[0]
-        for index in range(2):
-            single_tokens, _ = greedy(model, case.alone(processor, batch, "ragged", index), new_tokens=2)
-            assert torch.equal(single_tokens[0], tokens[index])
-            assert session.stats.stages[0].kept_indices[0] == together.kept_indices[index]
+    together, contexts = ragged_alone_run(case, monkeypatch, VisPruner, "vispruner", 0.25)
     assert together.visual_out_per_sample == [round(0.25 * n) for n in together.visual_in_per_sample]
     [ctx] = contexts[:1]  # a ragged batch is selected sample by sample
     if case.qwen:

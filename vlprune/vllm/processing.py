@@ -17,7 +17,7 @@ import torch
 
 from vlprune.adapters import AdapterTraits
 from vlprune.errors import VlpruneError
-from vlprune.pruners.base import check_budget
+from vlprune.pruners.base import check_budget, parse_budget
 from vlprune.vllm.settings import REQUEST_KEY, PruneSettings, check_family, settings_from_config
 
 
@@ -31,8 +31,6 @@ def request_budget(hf_processor_mm_kwargs: Mapping[str, object], settings: Prune
     if budget is None:
         return settings.keep
     if isinstance(budget, str):
-        from vlprune.pruners.base import parse_budget
-
         return parse_budget(budget)
     return check_budget(budget)
 
