@@ -21,7 +21,8 @@ from vlprune.pruners import Pruner
 from vlprune.pruners.base import StageContext
 from vlprune.pruners.plans import plan_needs
 
-_PLAN_LAYERS = 32  # the plan's depth does not matter to a pre-LLM stage
+PLAN_LAYERS = 32
+"""The language-model depth the plugin plans with: any will do, a served method's one stage is at layer 0."""
 
 
 @dataclass
@@ -72,7 +73,7 @@ def select_image(pruner: Pruner, traits: AdapterTraits, reads: ImageReads, keep:
     count = reads.embeddings.shape[0]
     if pruner.keep != keep:
         pruner = _with_keep(pruner, keep)
-    plan = pruner.plan_for(traits, count, _PLAN_LAYERS)
+    plan = pruner.plan_for(traits, count, PLAN_LAYERS)
     context = _stage_context(plan[0].keep, reads, plan_needs(plan))
     selection = pruner.select(context)
     index = selection.keep_index[0]
@@ -108,7 +109,7 @@ def _stage_context(stage_keep: int, reads: ImageReads, needs: frozenset) -> Stag
         vision_keys=_batched(reads.keys),
         vision_features=_batched(reads.features),
         projector=reads.projector,
-        num_layers=_PLAN_LAYERS,
+        num_layers=PLAN_LAYERS,
     )
 
 

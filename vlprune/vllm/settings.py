@@ -26,6 +26,7 @@ from vlprune.needs import Need
 from vlprune.pruners import Pruner, Stage, create, families_of, resolve_keep, unsupported_reason
 from vlprune.pruners.base import PROBE_TOKENS, check_budget
 from vlprune.pruners.plans import plan_needs
+from vlprune.vllm.image_selection import PLAN_LAYERS
 
 CONFIG_KEY = "vlprune"
 """The key of the settings in the model's config (``hf_overrides={"vlprune": {...}}``)."""
@@ -37,7 +38,6 @@ SERVED_NEEDS = frozenset({Need.CLS_ATTENTION, Need.RECEIVED_ATTENTION, Need.VISI
 """The inputs the plugin reads from vLLM's tower and projector (besides the projected tokens themselves)."""
 
 _SETTING_NAMES = ("method", "keep", "options")
-_PLAN_LAYERS = 32  # any language-model depth: a served method's single stage is at layer 0 whatever it is
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def _not_served_reason(pruner: Pruner) -> str | None:
         return "it prunes inside the vision encoder, which needs a cut of vLLM's own encoder layers"
     if pruner.stage is not Stage.PRE_LLM:
         return "it prunes no visual tokens"
-    plan = pruner.plan(PROBE_TOKENS, _PLAN_LAYERS)
+    plan = pruner.plan(PROBE_TOKENS, PLAN_LAYERS)
     if len(plan) != 1 or plan[0].layer != 0 or plan[0].query_rows is not None:
         layers = ", ".join(str(stage.layer) for stage in plan)
         return (
@@ -178,5 +178,5 @@ def check_family(pruner: Pruner, traits: AdapterTraits, tower_name: str) -> froz
     if reason is not None:
         serving = ", ".join(families_of(pruner)) or "none"
         raise VlpruneError(f"vlprune: {reason} (families that serve it: {serving})")
-    needs = plan_needs(pruner.plan_for(traits, PROBE_TOKENS, _PLAN_LAYERS))
+    needs = plan_needs(pruner.plan_for(traits, PROBE_TOKENS, PLAN_LAYERS))
     return provided_needs(traits, needs, type(pruner).cls_substitute)
