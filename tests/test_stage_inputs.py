@@ -13,7 +13,7 @@ import vlprune
 from vlprune.adapters import FAMILIES
 from vlprune.engine.stage_inputs import PROVIDERS, ROW_MODES, provider
 from vlprune.needs import Need
-from vlprune.pruners import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan
+from vlprune.pruners import Pruner, QueryRows, Selection, Stage, StageContext, StagePlan, create
 from vlprune.pruners.contexts import CORE_FIELDS, provider_of
 
 
@@ -78,3 +78,35 @@ def test_a_plan_that_asks_for_nothing_gets_the_core_alone() -> None:
     context = _context(frozenset(), rows=False)
     for spec in dataclasses.fields(StageContext):
         assert (getattr(context, spec.name) is not None) == (spec.name in CORE_FIELDS), spec.name
+
+
+def test_the_instruction_ids_are_the_prompt_ids_after_the_image_and_embed_to_its_input_embeddings() -> None:
+    model, processor = tiny_model("clip")
+    inputs = tiny_inputs(processor, 2)
+    pruner = NeedsRecorder(frozenset({Need.INSTRUCTION_IDS, Need.INITIAL_EMBEDDINGS}), rows=False)
+    with vlprune.attach(model, pruner):
+        model(**inputs)
+    (ctx,) = pruner.contexts
+    visual = inputs["input_ids"] == model.config.image_token_id
+    real = inputs["attention_mask"].bool()
+    lengths = []
+    for b in range(2):
+        after_image = torch.arange(visual.shape[1]) > visual[b].nonzero()[0, 0]
+        text = inputs["input_ids"][b][real[b] & ~visual[b] & after_image]
+        count = len(text)
+        lengths.append(count)
+        assert torch.equal(ctx.instruction_ids[b, :count], text)
+        assert bool(ctx.instruction_mask[b, :count].all()) and not bool(ctx.instruction_mask[b, count:].any())
+        assert not bool(ctx.instruction_ids[b, count:].any())  # padding reads 0, not a repeated token
+    assert torch.equal(ctx.instruction_mask, ctx.initial_text_mask)
+    embedded = ctx.input_embeddings(ctx.instruction_ids)
+    mask = ctx.instruction_mask
+    torch.testing.assert_close(embedded[mask], ctx.initial_text_hidden[mask], atol=0, rtol=0)
+    assert len(set(lengths)) == 2, "the tiny batch should pad one sample's instruction"
+
+
+def test_the_pipeline_binds_its_processor_s_tokenizer_to_the_pruner() -> None:
+    model, processor = tiny_model("clip")
+    pipeline = vlprune.load((model, processor), method="random", keep=8)
+    assert pipeline.pruner.tokenizer is processor.tokenizer
+    assert create("random", keep=4).tokenizer is None

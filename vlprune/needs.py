@@ -27,6 +27,7 @@ class Need(enum.StrEnum):
     # The language model's side.
     TEXT_TOKENS = "text_tokens"  # hidden states of the text after the image (the instruction) at the stage layer
     INITIAL_EMBEDDINGS = "initial_embeddings"  # layer 0's input for the visual tokens and the text after them
+    INSTRUCTION_IDS = "instruction_ids"  # the token ids of the text after the image, and the token-embedding table
     # The vision tower's side, read at its feature layer.
     CLS_ATTENTION = "vision_cls_attention"  # the [CLS] query's attention to each visual token
     VISION_FEATURES = "vision_features"  # the projector's input per visual token, and the projector

@@ -48,7 +48,7 @@ class Pipeline:
         adapter = adapter_for(model)  # refuse an unsupported model now, before any call reads its config
         self.model = model
         self.processor = processor
-        self.pruner = pruner
+        self.pruner = pruner.use_tokenizer(processor)
         self.compile = compile
         self._captured: Any = None  # the captured session, attached from the first call until close()
         if positions is not None:

@@ -22,6 +22,7 @@ from vlprune.engine.vision_bridge import VisionBridge
 from vlprune.errors import VlpruneError
 from vlprune.geometry import VisualGeometry
 from vlprune.kernels import gather_tokens
+from vlprune.needs import Need
 from vlprune.pruners.base import Pruner, StagePlan, keep_range_of, sample_keep_error
 
 
@@ -50,6 +51,7 @@ class Prefill:
     stage_at: dict[int, StagePlan] = field(default_factory=dict)
     initial_visual: torch.Tensor | None = None  # (B, N0, D) layer-0 input of the original visual tokens
     initial_text: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T, D) and (B, T) validity
+    instruction_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, T) ids of the text after the image, validity
     cached_geometry: VisualGeometry | None = None  # computed when a stage first needs it
     cached_host_views: list[list[int]] | None = None  # geometry.view on the host, for the statistics
     visual_in: list[list[int]] = field(default_factory=list)  # per stage, each sample's visual tokens before it
@@ -205,6 +207,7 @@ def start_prefill(
         layout = replace(layout, visual_width=counts[0])
     plans = plans_for(counts)
     plan = plans[0]
+    wants_ids = any(Need.INSTRUCTION_IDS in stage.needs for stage in plan)
     return Prefill(
         adapter=adapter,
         bridge=bridge,
@@ -223,7 +226,18 @@ def start_prefill(
         stage_at={stage.layer: stage for stage in plan},
         started=clock(visual.device),
         static=static,
+        instruction_ids=instruction_ids(layout, model_kwargs.get("input_ids")) if wants_ids else None,
     )
+
+
+def instruction_ids(layout: Layout, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (B, T) token ids of the prompt's text after its first visual token (0 where padded) and their validity,
+    from the prompt's ``input_ids``; None when the call carried none (``inputs_embeds`` only)."""
+    if input_ids is None:
+        return None
+    rows, valid = layout.text_rows
+    ids = torch.gather(input_ids.to(rows.device), 1, rows)
+    return ids.masked_fill(~valid, 0), valid
 
 
 def sample_plans(

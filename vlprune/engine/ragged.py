@@ -41,6 +41,8 @@ _PER_SAMPLE = (
     "text_mask",
     "initial_text_hidden",
     "initial_text_mask",
+    "instruction_ids",
+    "instruction_mask",
     "pixel_values",
     "query_values",
     "query_keys",

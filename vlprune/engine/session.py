@@ -265,7 +265,7 @@ class PruningSession:
         if self._redistribution is not None:
             self._redistribution.decoding = call.cache is not None and call.cache is self._redistribution.cache
         if call.starts_prefill:
-            self.begin_prefill(call.visual, call.attention_mask, kwargs)
+            self.begin_prefill(call.visual, call.attention_mask, {**kwargs, "input_ids": call.input_ids})
         elif self._decode is not None and call.cache is not None and call.cache is self._decode.cache:
             start_step(self._decode, call.attention_mask, call.query_length)
             self._phase = Phase.DECODE

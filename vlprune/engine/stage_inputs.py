@@ -173,6 +173,19 @@ def _initial_embeddings(reads: StageReads) -> dict[str, Any]:
     }
 
 
+@provider(Need.INSTRUCTION_IDS)
+def _instruction_ids(reads: StageReads) -> dict[str, Any]:
+    prefill, device = reads.prefill, reads.slots.device
+    if prefill.instruction_ids is None:
+        raise RuntimeError("the prompt's input_ids were not kept for this prefill")
+    ids, valid = prefill.instruction_ids
+    return {
+        "instruction_ids": ids.to(device),
+        "instruction_mask": valid.to(device),
+        "input_embeddings": reads.sources.adapter.language_model.get_input_embeddings(),
+    }
+
+
 @provider(Need.VISION_MAP)
 def _vision_map(reads: StageReads) -> dict[str, Any]:
     return reads.sources.bridge.map_inputs(reads.hidden.shape[0], reads.prefill.num_visual, True)

@@ -154,7 +154,7 @@ def bench(
     picture = load_image(image)
     inputs = pipeline.model_inputs([picture] * batch, [pipeline.chat_prompt(question)] * batch)
     num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    pruner = pruners.create(method, keep=keep, **options)
+    pruner = pruners.create(method, keep=keep, **options).use_tokenizer(pipeline.processor)
     unpruned, pruned, unpruned_llm, pruned_llm, selection = [], [], [], [], []
     flops_ratio, kept = 1.0, num_visual
     for round_index in range(warmup + repeats):
@@ -164,7 +164,9 @@ def bench(
         flops_ratio = session.stats.flops_ratio
         kept = session.stats.visual_tokens_per_layer[-1]
         spent = [0.0]
-        probe = timed_pruner(pruners.create(method, keep=keep, **options), device, spent)
+        probe = timed_pruner(
+            pruners.create(method, keep=keep, **options).use_tokenizer(pipeline.processor), device, spent
+        )
         with attach(model, probe, positions=pipeline.positions, num_visual=num_visual):
             prefill_seconds(model, inputs, device)
         if round_index >= warmup:

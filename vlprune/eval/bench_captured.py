@@ -84,7 +84,7 @@ def bench_captured(
         raise VlpruneError(f"repeats={repeats} and answer_tokens={answer_tokens} must be at least 1")
     model = pipeline.model
     inputs = pipeline.model_inputs([load_image(image)] * batch, [pipeline.chat_prompt(question)] * batch)
-    pruner = pruners.create(method, keep=keep, **options)
+    pruner = pruners.create(method, keep=keep, **options).use_tokenizer(pipeline.processor)
     rows = captured_rows(model, inputs, [(f"captured {method}", pruner)], repeats, answer_tokens, backend)
     return CapturedBench(method, keep, batch, backend or "inductor", rows)
 

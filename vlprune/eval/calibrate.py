@@ -127,7 +127,7 @@ def calibrate(
     def objective(trial: Any) -> float:
         options = SEARCH_SPACES[method](trial, share)
         try:
-            pruner = pruners.create(method, keep=keep, **options)
+            pruner = pruners.create(method, keep=keep, **options).use_tokenizer(pipeline.processor)
             with attach(model, pruner, positions=pipeline.positions):
                 states = last_token_states(model, batches)
         except VlpruneError:

@@ -65,7 +65,7 @@ class CellRunner:
         self, inputs: dict[str, torch.Tensor], pruner: pruners.Pruner | None, positions: str | None = None
     ) -> tuple[dict[str, Any], Reference]:
         """(measurements, outputs) of one eager greedy generation; its prefill is timed up to the first token."""
-        pruner = pruner or pruners.create("none")
+        pruner = (pruner or pruners.create("none")).use_tokenizer(self.pipeline.processor)
         mode = positions if positions is not None else self.pipeline.positions
         self._reset_peak_memory()
         with attach(self.model, pruner, positions=mode, num_visual=self.num_visual(inputs)) as session:
@@ -76,7 +76,8 @@ class CellRunner:
     def captured_session(self, pruner: pruners.Pruner | None, positions: str | None, num_visual: int) -> Any:
         """A captured session of ``pruner`` (None: unpruned) attached to the model, for :meth:`run_captured`."""
         mode = positions if positions is not None else self.pipeline.positions
-        return attach(self.model, pruner or pruners.create("none"), positions=mode, num_visual=num_visual, compile=True)
+        pruner = (pruner or pruners.create("none")).use_tokenizer(self.pipeline.processor)
+        return attach(self.model, pruner, positions=mode, num_visual=num_visual, compile=True)
 
     @torch.inference_mode()
     def run_captured(self, inputs: dict[str, torch.Tensor], session: Any) -> tuple[dict[str, Any], Reference]:

@@ -228,6 +228,8 @@ class Pruner:
     Attributes:
         keep: visual tokens that reach the language model (an int), or the fraction kept (a float in (0, 1)).
         modifier: an attention modifier (VAR) the engine runs with this pruner, set by ``create("METHOD+var")``.
+        tokenizer: the model's tokenizer, for methods that read the instruction's words (MMTok), bound by
+            :meth:`use_tokenizer` (``vlprune.load``, the pipeline, sweeps and benchmarks bind it), or None.
     """
 
     name: ClassVar[str] = ""
@@ -244,6 +246,12 @@ class Pruner:
 
     keep: int | float | None = None
     modifier: Any = field(default=None, init=False, repr=False, compare=False)
+    tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def use_tokenizer(self, tokenizer: Any) -> Pruner:
+        """Bind the model's tokenizer (a processor is taken for its ``.tokenizer``); returns the pruner."""
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        return self
 
     def reference_positions(self) -> str:
         """The position handling of the reference for this configuration (see :attr:`default_positions`); methods

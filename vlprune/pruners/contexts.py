@@ -87,6 +87,10 @@ class StageContext:
         initial_text_hidden: (B, T, D) the input embeddings of the text after the first visual token, padded like
             ``text_hidden``, or None.
         initial_text_mask: (B, T) which of those are real.
+        instruction_ids: (B, T) long token ids of the text after the first visual token, in the prompt (padded like
+            ``initial_text_hidden``, 0 where not real), or None.
+        instruction_mask: (B, T) which of those are real.
+        input_embeddings: the language model's token-embedding module (ids -> its input embeddings), or None.
         vision_attention: (B, N0, N0) head-mean softmax attention among the original visual tokens at the vision
             feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), or None.
         pixel_values: (B, C, H, W) the images as the vision tower received them, or None.
@@ -140,6 +144,9 @@ class StageContext:
     initial_visual_hidden: torch.Tensor | None = field(default=None, metadata=_by(Need.INITIAL_EMBEDDINGS))
     initial_text_hidden: torch.Tensor | None = field(default=None, metadata=_by(Need.INITIAL_EMBEDDINGS))
     initial_text_mask: torch.Tensor | None = field(default=None, metadata=_by(Need.INITIAL_EMBEDDINGS))
+    instruction_ids: torch.Tensor | None = field(default=None, metadata=_by(Need.INSTRUCTION_IDS))
+    instruction_mask: torch.Tensor | None = field(default=None, metadata=_by(Need.INSTRUCTION_IDS))
+    input_embeddings: nn.Module | None = field(default=None, metadata=_by(Need.INSTRUCTION_IDS))
     vision_attention: torch.Tensor | None = field(default=None, metadata=_by(Need.VISION_MAP))
     pixel_values: torch.Tensor | None = field(default=None, metadata=_by(Need.VISION_MAP))
     vision_received_attention: torch.Tensor | None = field(default=None, metadata=_by(Need.RECEIVED_ATTENTION))

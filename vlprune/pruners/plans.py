@@ -48,6 +48,8 @@ class StagePlan:
             ``TEXT_TOKENS``: the hidden states of the text after the image (the instruction);
             ``INITIAL_EMBEDDINGS``: the language model's input embeddings (layer 0's input) of the visual tokens and
             of the text after the image, whatever layer the stage runs at;
+            ``INSTRUCTION_IDS``: the token ids of the text after the image (the prompt's, not re-tokenised) and the
+            language model's token-embedding module (MMTok embeds the instruction's words itself);
             ``CLS_ATTENTION``: the vision tower's [CLS] attention row at the feature layer;
             ``VISION_FEATURES``: the projector's input features of the visual tokens and the projector itself;
             ``VISION_KEYS``: the head-averaged keys of the visual tokens at the vision feature layer;
@@ -94,6 +96,7 @@ class StagePlan:
     final_norm = _reads(Need.FINAL_NORM)
     text_tokens = _reads(Need.TEXT_TOKENS)
     initial_embeddings = _reads(Need.INITIAL_EMBEDDINGS)
+    instruction_ids = _reads(Need.INSTRUCTION_IDS)
     vision_cls_attention = _reads(Need.CLS_ATTENTION)
     vision_features = _reads(Need.VISION_FEATURES)
     vision_keys = _reads(Need.VISION_KEYS)

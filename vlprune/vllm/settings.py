@@ -156,9 +156,9 @@ def _not_served_reason(pruner: Pruner) -> str | None:
             f"before the language model"
         )
     unread = plan_needs(plan) - SERVED_NEEDS
-    if unread & {Need.INITIAL_EMBEDDINGS, Need.TEXT_TOKENS}:
+    if unread & {Need.INITIAL_EMBEDDINGS, Need.TEXT_TOKENS, Need.INSTRUCTION_IDS}:
         return (
-            "it reads the instruction's embeddings, and vLLM encodes each image without its prompt (its multimodal "
+            "it reads the instruction, and vLLM encodes each image without its prompt (its multimodal "
             "embedding step sees the image's inputs alone)"
         )
     if unread:
