@@ -43,8 +43,9 @@ class Run:
     def id(self) -> str:
         return "-".join([self.method, *(f"{key}={value}" for key, value in self.options.items())]).replace(" ", "")
 
-    def pruner(self) -> Pruner:
-        return create(self.method, **self.options)
+    def pruner(self, processor: object) -> Pruner:
+        """The method's pruner with the model's tokenizer bound (methods that read the instruction's words need it)."""
+        return create(self.method, **self.options).use_tokenizer(processor)
 
 
 def params(rows: list[tuple]) -> list:
@@ -98,6 +99,7 @@ SINGLE_STAGE = [
     Run("vispruner", {"keep": 16}, 0),
     Run("scope", {"keep": 16}, 0),
     Run("cdpruner", {"keep": 16}, 0),
+    Run("mmtok", {"keep": 16}, 0),
     Run("ptp", {"keep": 16}, 3),
 ]
 # Several stages inside the language model (layers of a 32-layer model scaled to the tiny model's 4: 1, 2, 3).
@@ -136,7 +138,7 @@ def test_drop_equals_mask(case: Case, attention: str, kind: str, run: Run) -> No
     with the same indices); a one-stage pruning must change the first logits for this to mean anything."""
     model, processor = case.model(attention)
     inputs = case.inputs(processor, kind)
-    with vlprune.attach(model, run.pruner(), positions="original") as session:
+    with vlprune.attach(model, run.pruner(processor), positions="original") as session:
         tokens, logits = greedy(model, inputs)
     stats = session.stats
     stages = [(stage.layer, stage.kept_indices) for stage in stats.stages]
@@ -176,6 +178,7 @@ RAGGED = [
     Run("vflowopt", {"keep": 0.3}),  # per-view maps packed as the features are, recycling in grid cells
     Run("flowcut", {"keep": 0.3}),  # pruning inside the tower, images keeping different counts
     Run("vispruner", {"keep": 0.25}),  # per-view budgets, received attention on Qwen-VL
+    Run("mmtok", {"keep": 0.25}),  # each sample's own instruction words, the merger's input pooled on Qwen-VL
 ]
 TILED_RAGGED = [
     *(run for run in RAGGED if run.method not in ("holov", "zoo-prune")),
@@ -208,7 +211,7 @@ def test_a_batch_equals_its_samples_alone(case: Case, kind: str, run: Run) -> No
     batch = case.inputs(processor, kind)
     counts = visual_counts(model, batch)
     assert (counts[0] != counts[1]) == (kind == "ragged")
-    with vlprune.attach(model, run.pruner()) as session:
+    with vlprune.attach(model, run.pruner(processor)) as session:
         tokens, logits = greedy(model, batch)
         together = session.stats
         for index in range(2):
@@ -253,7 +256,7 @@ def test_cached_decoding_equals_recomputation(case: Case, kind: str, run: Run, p
     names = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw")
     images = {name: inputs[name] for name in names if name in inputs}
     suppress = list(visual_token_ids(model))  # an answer holding a visual placeholder would be read as an image's
-    with vlprune.attach(model, run.pruner(), positions=positions):
+    with vlprune.attach(model, run.pruner(processor), positions=positions):
         tokens, logits = greedy(model, inputs, suppress_tokens=suppress)
         for step in range(tokens.shape[1]):
             ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
@@ -283,13 +286,13 @@ def test_captured_equals_eager_where_the_method_runs_captured(case: Case, run: R
     captured it says why, once, and gives the eager engine's answer."""
     model, processor = case.model()
     inputs = case.inputs(processor, "uniform")
-    with vlprune.attach(model, run.pruner()) as session:
+    with vlprune.attach(model, run.pruner(processor)) as session:
         out = model.generate(
             **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
     eager = session.stats
     with (
-        CapturedSession(model, run.pruner(), backend="eager") as captured,
+        CapturedSession(model, run.pruner(processor), backend="eager") as captured,
         warnings.catch_warnings(record=True) as seen,
     ):
         warnings.simplefilter("always")
@@ -385,7 +388,7 @@ def test_every_method_runs_or_refuses_with_its_reason(case: Case, kind: str) -> 
     total = max(visual_counts(model, inputs))
     ran, refused = [], {}
     for method in [m for m in available_methods() if m not in ("none", "var")] + ["fastv+var"]:
-        pruner = create(method, keep=0.25, **TINY_OPTIONS.get(method, {}))
+        pruner = create(method, keep=0.25, **TINY_OPTIONS.get(method, {})).use_tokenizer(processor)
         try:
             with vlprune.attach(model, pruner) as session:
                 greedy(model, inputs, new_tokens=2)

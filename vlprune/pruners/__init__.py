@@ -213,6 +213,7 @@ from vlprune.pruners import (  # noqa: E402, F401
     fastv,
     flowcut,
     holov,
+    mmtok,
     none,
     ptp,
     pyramiddrop,
