@@ -109,15 +109,23 @@ MULTI_STAGE = [
     Run("sparsevlm", {"keep": 0.3, "recycle": False}, None),
     Run("sparsevlm", {"keep": 0.3, "version": 2}, None),
     Run("vflowopt", {"keep": 0.25, "recycle": False}, None),
+    Run("tops", {"keep": 0.3}, None),
+    Run("tops", {"keep": 16, "diversity": 1.0, "pre_coverage": 1.0}, None),
 ]
 # The rank rule's count comes from each sample's data (a stage with keep=None runs sample by sample).
 RANK_RULE = Run("sparsevlm", {"keep": 0.111, "rule": "rank", "recycle": False, "layers": [2, 6, 15]}, None)
 # Methods that recycle pruned tokens add new ones, so no mask of the original sequence reproduces them.
-RECYCLING = [Run("visionzip", {"keep": 16}), Run("sparsevlm", {"keep": 0.3}), Run("vflowopt", {"keep": 0.25})]
+RECYCLING = [
+    Run("visionzip", {"keep": 16}),
+    Run("sparsevlm", {"keep": 0.3}),
+    Run("vflowopt", {"keep": 0.25}),
+    Run("vscan", {"keep": 12}),  # pruned tokens merged into their most similar kept one
+]
 EVERY_FAMILY_DROP = [
     Run("random", {"keep": 0.3}, 0),
     Run("fastv", {"keep": 0.25, "layer": 2}, 2),
     Run("dart", {"keep": 0.25}, 2),
+    Run("tops", {"keep": 0.3}, None),
 ]
 
 DROPS = {
@@ -179,6 +187,8 @@ RAGGED = [
     Run("flowcut", {"keep": 0.3}),  # pruning inside the tower, images keeping different counts
     Run("vispruner", {"keep": 0.25}),  # per-view budgets, received attention on Qwen-VL
     Run("mmtok", {"keep": 0.25}),  # each sample's own instruction words, the merger's input pooled on Qwen-VL
+    Run("vscan", {"keep": 0.3}),  # two vision layers' attention, windows per view, merging, then an in-LLM stage
+    Run("tops", {"keep": 0.3}),  # [CLS] or received attention, then each sample's own rater rows, three stages
 ]
 TILED_RAGGED = [
     *(run for run in RAGGED if run.method not in ("holov", "zoo-prune")),
@@ -277,6 +287,11 @@ def test_cached_decoding_equals_recomputation(case: Case, kind: str, run: Run, p
 # towers are chunked or packed (LLaVA-1.5's is covered method by method in test_captured.py).
 CAPTURED = [(case, Run("fastv", {"keep": 0.25, "layer": 2})) for case in CASES]
 CAPTURED += [(case, Run("divprune", {"keep": 0.25})) for case in CASES if case.family != "llava"]
+# The methods of issue 27 on LLaVA-1.5: each runs captured (its counts are fixed) or says why not.
+CAPTURED += [
+    (CASE["llava-clip"], Run(method, {"keep": 0.25}, None))
+    for method in ("cdpruner", "dart", "mmtok", "scope", "tops", "vispruner", "vscan")
+]
 
 
 @pytest.mark.parametrize("case,run", params(CAPTURED))
@@ -374,7 +389,7 @@ def test_detach_restores_the_model(case: Case, kind: str) -> None:
 
 # Options that fit the tiny 4-layer language model (a method's defaults are for 32 layers where they are absolute).
 TINY_OPTIONS = {"adaptinfer": {"layers": [1, 2, 3]}}
-MUST_RUN = {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "adaptinfer", "fastv+var"}
+MUST_RUN = {"fastv", "random", "divprune", "sparsevlm", "pyramiddrop", "adaptinfer", "fastv+var", "tops"}
 MUST_RUN_TILED = MUST_RUN | {"zoo-prune", "flowcut", "vflowopt", "holov", "ptp"}
 
 

@@ -35,6 +35,8 @@ class Need(enum.StrEnum):
     VISION_MAP = "vision_attention"  # one square attention map per image, and the pixels
     RECEIVED_ATTENTION = "vision_received_attention"  # the attention each visual token receives in its crop
     CROP_MAPS = "vision_crop_attention"  # each crop's attention map, its pixels and the packing of per-crop values
+    # The vision tower's side, read at a second, earlier layer (``StagePlan.early_vision_depth`` names it).
+    EARLY_ATTENTION = "vision_early_attention"  # [CLS] attention there, or the received attention without [CLS]
 
 
 VISION_READS: dict[Need, str] = {
@@ -44,6 +46,7 @@ VISION_READS: dict[Need, str] = {
     Need.RECEIVED_ATTENTION: "received",
     Need.VISION_FEATURES: "features",
     Need.CROP_MAPS: "crop_map",
+    Need.EARLY_ATTENTION: "early_attention",
 }
 """The needs read from the vision side, with the short names refusals give them, in the order refusals list them."""
 

@@ -94,6 +94,11 @@ class ModelAdapter:
         """The module of vision encoder layer ``index`` that calls the attention function."""
         return innermost_attention(self.vision_layers[index])
 
+    def vision_full_attention_layers(self) -> tuple[int, ...]:
+        """The vision encoder layers whose attention spans each whole crop (every layer, unless the encoder attends
+        within windows in some of them, as Qwen2.5-VL's does)."""
+        return tuple(range(len(self.vision_layers)))
+
     @property
     def merge_size(self) -> int:
         """Patches merged into one language-model token along each side (1 where none are merged)."""

@@ -87,7 +87,9 @@ class Qwen2VLAdapter(ModelAdapter):
         position_modes=("original",),
         geometry_inputs=("image_grid_thw", "video_grid_thw", "input_ids"),
         # Read at the last block, image by image: no [CLS], and no one square map per prompt image.
-        vision_reads=frozenset({Need.RECEIVED_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES, Need.CROP_MAPS}),
+        vision_reads=frozenset(
+            {Need.RECEIVED_ATTENTION, Need.EARLY_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES, Need.CROP_MAPS}
+        ),
     )
 
     def __init__(self, model: nn.Module) -> None:
@@ -242,6 +244,11 @@ class Qwen2VLAdapter(ModelAdapter):
     @property
     def vision_tower(self) -> nn.Module:
         return self.base_model.visual
+
+    def vision_full_attention_layers(self) -> tuple[int, ...]:
+        """Qwen2.5-VL's full-attention blocks (the others attend within windows); every block elsewhere."""
+        full = getattr(self.base_model.visual, "fullatt_block_indexes", None)
+        return tuple(full) if full else tuple(range(len(self.vision_layers)))
 
     def attention_implementations(self) -> set[str]:
         return {self.config.text_config._attn_implementation, self.config.vision_config._attn_implementation}

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from vlprune.engine.graphs import (
     ANSWER_ROOM,
@@ -58,6 +59,7 @@ from vlprune.engine.session import PruningSession
 from vlprune.engine.static_prefill import StaticPrefill
 from vlprune.engine.stats import PrefillStats
 from vlprune.errors import VlpruneError
+from vlprune.needs import Need
 from vlprune.pruners.base import PROBE_TOKENS, Pruner
 
 __all__ = ["ANSWER_ROOM", "BACKEND_VARIABLE", "DEFAULT_BUCKETS", "PROMPT_TENSORS", "CapturedSession", "GraphKey"]
@@ -169,6 +171,8 @@ class CapturedSession:
         probe = self.pruner.plan_for(self.adapter.traits, PROBE_TOKENS, self.shape.num_layers)
         if any(stage.keep is None for stage in probe):
             return "a stage keeps a number of tokens that the data decides"
+        if any(Need.INSTRUCTION_IDS in stage.needs for stage in probe):
+            return "it turns the instruction's token ids back into words with the tokenizer, on the host"
         if self.eager.rewrites_attention:
             return "it rewrites the attention of the decoder layers during decoding"
         if getattr(self.adapter.model, "lm_head", None) is None:
@@ -222,7 +226,7 @@ class CapturedSession:
             return self._eager_generate(inputs, max_new_tokens, eos, pad, return_logits)
         try:
             return self._captured_generate(inputs, max_new_tokens, eos, pad, return_logits)
-        except torch._dynamo.exc.TorchDynamoException as error:
+        except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as error:
             # Tracing found something a static graph cannot hold (a host loop over data, a device read): this
             # method runs eagerly from now on.
             self._graphs.clear()

@@ -28,6 +28,7 @@ _CURRENT_AXIS = {
     "vision_features": 1,
     "vision_keys": 1,
     "vision_received_attention": 1,
+    "vision_early_attention": 1,
     "vision_kept": 1,
     "visual_values": 2,
     "visual_keys": 2,

@@ -145,8 +145,7 @@ class PruningSession:
         watched: dict[nn.Module, observer.Observer] = {}
         for index in self._score_layers:
             watched[self.adapter.decoder_layers[index].self_attn] = self._on_language_attention
-        if self.bridge.watches_feature_layer:
-            watched[self.adapter.vision_feature_attention()] = self.bridge.on_attention
+        watched.update(self.bridge.observers())
         self._handles.extend(self.bridge.install())
         if self.adapter.traits.deepstack:
             self._handles.append(wrap_deepstack(self.adapter.language_model, self._pruned_layout))

@@ -196,6 +196,11 @@ def _crop_maps(reads: StageReads) -> dict[str, Any]:
     return reads.sources.bridge.crop_inputs(reads.geometry, reads.image_inputs, True)
 
 
+@provider(Need.EARLY_ATTENTION)
+def _early_attention(reads: StageReads) -> dict[str, Any]:
+    return {"vision_early_attention": reads.sources.bridge.early_scores(reads.geometry, reads.layout, reads.slots)}
+
+
 @provider(Need.RECEIVED_ATTENTION)
 def _received_attention(reads: StageReads) -> dict[str, Any]:
     return {"vision_received_attention": reads.sources.bridge.received(reads.geometry, reads.layout, reads.slots)}

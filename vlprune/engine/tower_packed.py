@@ -27,6 +27,7 @@ class _ChunkedPass:
     received: list[torch.Tensor] = field(default_factory=list)  # (n,) per chunk: attention each patch receives
     keys: list[torch.Tensor] = field(default_factory=list)  # (n, d) per chunk: head-mean keys
     maps: list[torch.Tensor] = field(default_factory=list)  # (n, n) per chunk
+    early: list[torch.Tensor] = field(default_factory=list)  # (n,) per chunk: received at the early layer
     features: torch.Tensor | None = None  # (patches, D) what the merger received
 
 
@@ -59,6 +60,12 @@ class PackedTowerRecord:
             if self.wants.crop_map:
                 self.passes[-1].maps.append(attention[0])
 
+    def on_early_attention(self, query: torch.Tensor, key: torch.Tensor, mask: Any, scale: float) -> None:
+        """One chunk's attention call at the early layer (Need.EARLY_ATTENTION): what each patch receives."""
+        rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
+        if self.passes:
+            self.passes[-1].early.append(attention_rows(query, key, rows, scale, mask, causal=False).mean(dim=1)[0])
+
     def on_tower_input(self, args: tuple, kwargs: dict) -> None:
         self.pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
         grids = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -79,7 +86,7 @@ class PackedTowerRecord:
     def prepare(self) -> None:
         """Assemble the per-chunk values now (the host work of putting the calls in crop order and the patches in
         raster order), so that a captured prefill only gathers them per token."""
-        for kind in ("received", "keys", "features"):
+        for kind in ("received", "keys", "features", "early"):
             if getattr(self.wants, kind):
                 self._chunked(kind)
 
@@ -100,6 +107,10 @@ class PackedTowerRecord:
     def key_values(self) -> tuple[torch.Tensor | None, bool]:
         """(chunks, T, d) head-mean keys pooled over each merge group, in raster order; no [CLS] among them."""
         return self._chunked("keys"), False
+
+    def early_values(self) -> tuple[torch.Tensor | None, bool]:
+        """(chunks, T, 1) attention each token's patches receive at the early layer, pooled over the merge group."""
+        return self._chunked("early"), False
 
     def feature_values(self) -> torch.Tensor | None:
         """(chunks, T, m² · D) each token's merger input (its m x m patches concatenated)."""
@@ -123,7 +134,7 @@ class PackedTowerRecord:
         return attention, {**image_inputs, "chunk_grids": chunk_inputs["chunk_grids"]}
 
     def _chunked(self, kind: str) -> torch.Tensor | None:
-        """``kind`` ("received", "keys" or "features") per chunk, assembled once per encoding."""
+        """``kind`` ("received", "early", "keys" or "features") per chunk, assembled once per encoding."""
         if kind not in self._per_chunk:
             passes, inputs = self._chunks()
             if kind == "features":
@@ -134,10 +145,10 @@ class PackedTowerRecord:
                     else self.adapter.feature_tokens(torch.cat(features), inputs)
                 )
             else:
-                chunks = [chunk for p in passes for chunk in (p.received if kind == "received" else p.keys)]
+                chunks = [chunk for p in passes for chunk in getattr(p, kind)]
                 if not chunks:
                     value = None
-                elif kind == "received":
+                elif kind in ("received", "early"):
                     value = self.adapter.received_tokens(chunks, inputs)
                 else:
                     value = self.adapter.pooled_tokens(chunks, inputs)

@@ -28,12 +28,13 @@ class TowerWants:
     received: bool = False
     features: bool = False
     crop_map: bool = False
+    early: bool = False  # the [CLS] row (or the received attention) at an earlier layer (Need.EARLY_ATTENTION)
 
 
 class PatchTowerRecord:
     """The values of the last encoding of a patch tower, per crop (crops, tokens, ...), [CLS] included."""
 
-    _RECORDED = ("cls", "keys", "features", "attention_map", "pixels")
+    _RECORDED = ("cls", "keys", "features", "attention_map", "pixels", "early")
 
     def __init__(self, adapter: ModelAdapter, wants: TowerWants) -> None:
         self.adapter = adapter
@@ -43,6 +44,7 @@ class PatchTowerRecord:
         self.features: torch.Tensor | None = None  # (crops, T', F) projector input
         self.attention_map: torch.Tensor | None = None  # (crops, T, T)
         self.pixels: torch.Tensor | None = None
+        self.early: torch.Tensor | None = None  # (crops, T) [CLS] row, or received attention, at the early layer
 
     @property
     def hooks_tower(self) -> bool:
@@ -62,6 +64,16 @@ class PatchTowerRecord:
             rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
             self.attention_map = attention_rows(query, key, rows, scale, mask, causal=False)  # (crops, T, T)
 
+    def on_early_attention(self, query: torch.Tensor, key: torch.Tensor, mask: Any, scale: float) -> None:
+        """The early layer's attention call (Need.EARLY_ATTENTION): the [CLS] row where the tower has [CLS], else
+        the attention each token receives, averaged over the crop's queries (all its tokens: there is no [CLS])."""
+        if self.adapter.traits.has_cls:
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+            self.early = attention_rows(query, key, rows, scale, mask, causal=False)[:, 0]
+        else:
+            rows = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
+            self.early = attention_rows(query, key, rows, scale, mask, causal=False).mean(dim=1)
+
     def on_tower_input(self, args: tuple, kwargs: dict) -> None:
         self.pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
 
@@ -75,7 +87,7 @@ class PatchTowerRecord:
         """Nothing to assemble ahead of a captured prefill: the values are per crop already."""
 
     def forget(self) -> None:
-        self.cls = self.keys = self.features = self.attention_map = self.pixels = None
+        self.cls = self.keys = self.features = self.attention_map = self.pixels = self.early = None
 
     def recorded(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._RECORDED}
@@ -89,6 +101,10 @@ class PatchTowerRecord:
     def key_values(self) -> tuple[torch.Tensor | None, bool]:
         """(crops, T, d) head-mean keys, and whether they include the [CLS] token's."""
         return self.keys, True
+
+    def early_values(self) -> tuple[torch.Tensor | None, bool]:
+        """(crops, T, 1) the early layer's [CLS] row or received attention, and whether the tokens include [CLS]."""
+        return (None if self.early is None else self.early[..., None]), self.adapter.traits.has_cls
 
     def feature_values(self) -> torch.Tensor | None:
         """(crops, T, F) what the projector received."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlprune.adapters import ModelAdapter, provided_needs
+from vlprune.engine import observer
 from vlprune.engine.layout import Layout
 from vlprune.engine.tower import TowerWants, tower_record_for
 from vlprune.errors import VlpruneError
@@ -46,6 +47,8 @@ class VisionBridge:
         self.needs_received = Need.RECEIVED_ATTENTION in served
         self.needs_features = Need.VISION_FEATURES in served
         self.needs_crop_map = Need.CROP_MAPS in served
+        self.needs_early = Need.EARLY_ATTENTION in served
+        self.early_layer = early_vision_layer(adapter, pruner, plan) if self.needs_early else None
         self.image_inputs: dict[str, Any] = {}  # what the adapter's geometry reads, from the last image encoding
         wants = TowerWants(
             cls=self.needs_cls,
@@ -54,6 +57,7 @@ class VisionBridge:
             received=self.needs_received,
             features=self.needs_features,
             crop_map=self.needs_crop_map,
+            early=self.needs_early,
         )
         self.tower = tower_record_for(adapter, wants, self.image_inputs)
 
@@ -76,6 +80,18 @@ class VisionBridge:
         if self.needs_features:
             handles.append(self.adapter.projector.register_forward_pre_hook(self._on_projector_input))
         return handles
+
+    def observers(self) -> dict[nn.Module, observer.Observer]:
+        """The vision tower's attention calls the bridge reads, each with its reader: the feature layer's and, for
+        ``Need.EARLY_ATTENTION``, the early layer's (one reader calling both where they are the same call)."""
+        watched: dict[nn.Module, observer.Observer] = {}
+        if self.watches_feature_layer:
+            watched[self.adapter.vision_feature_attention()] = self.on_attention
+        if self.early_layer is not None:
+            module = self.adapter.vision_attention(self.early_layer)
+            reader = self.on_early_attention
+            watched[module] = observer.chained(watched[module], reader) if module in watched else reader
+        return watched
 
     def recorded(self) -> dict[str, Any]:
         """What the bridge holds of the last encoding (a stage that calls the projector itself, as VisionZip does,
@@ -107,6 +123,17 @@ class VisionBridge:
         # The vision tower may run before the language model's call (generate encodes images first), so what it
         # produces is kept until the next prefill uses it, whatever the phase.
         self.tower.on_attention(query, key, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+
+    def on_early_attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        scaling: float | None,
+    ) -> None:
+        self.tower.on_early_attention(query, key, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
 
     def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.tower.on_tower_input(args, kwargs)
@@ -153,6 +180,12 @@ class VisionBridge:
         origin = gather_tokens(layout.origin.to(device), slots)
         picked = gather_tokens(per_token, origin.clamp(min=0))
         return picked.masked_fill((origin < 0)[..., None], 0.0)
+
+    def early_scores(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N) the early layer's [CLS] attention (or, on a tower without [CLS], the attention each token receives)
+        of the current visual tokens; 0 for line breaks and recycled tokens."""
+        values, with_cls = self.tower.early_values()
+        return self.tokens(values, geometry, layout, slots, "early-layer attention", with_cls=with_cls)[..., 0]
 
     def key_tokens(self, geometry: VisualGeometry, layout: Layout, slots: torch.Tensor) -> torch.Tensor:
         """(B, N, d) head-mean keys of the current visual tokens at the feature layer (zeros for line breaks and
@@ -212,6 +245,28 @@ class VisionBridge:
             return adapter.pack_crop_values(values, image_inputs, geometry, fill)
 
         return {"vision_crop_attention": attention, "vision_crop_pixels": pixels, "pack_crop_values": pack}
+
+
+def early_vision_layer(adapter: ModelAdapter, pruner: Pruner, plan: list[StagePlan]) -> int:
+    """The vision encoder layer of ``Need.EARLY_ATTENTION``: layer ``round(depth · L)`` of the tower's L layers for
+    the plan's ``early_vision_depth``, or the first layer at or after it whose attention spans whole crops (Qwen2.5-VL's
+    windowed blocks do not), and at most the feature layer; a plan that names no depth reads the feature layer.
+
+    Raises:
+        VlpruneError: stages naming different depths or one outside [0, 1].
+    """
+    depths = {stage.early_vision_depth for stage in plan if Need.EARLY_ATTENTION in stage.needs}
+    if len(depths) != 1 or not 0.0 <= (next(iter(depths)) or 1.0) <= 1.0:
+        raise VlpruneError(
+            f"{pruner.name}: stages that need {Need.EARLY_ATTENTION.value} name one early_vision_depth in [0, 1], "
+            f"got {sorted(map(str, depths))}"
+        )
+    count = len(adapter.vision_layers)
+    last = min(adapter.vision_feature_layer_index(), count - 1)  # the feature layer's own attention at most
+    depth = next(iter(depths))
+    target = count if depth is None else round(depth * count)
+    candidates = [index for index in adapter.vision_full_attention_layers() if target <= index <= last]
+    return candidates[0] if candidates else last
 
 
 class RestoreAttribute:

@@ -220,9 +220,11 @@ from vlprune.pruners import (  # noqa: E402, F401
     random,
     scope,
     sparsevlm,
+    tops,
     vflowopt,
     visionzip,
     vispruner,
+    vscan,
     zoo_prune,
 )
 

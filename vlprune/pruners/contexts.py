@@ -99,6 +99,10 @@ class StageContext:
         vision_crop_attention: (C, P, P) head-mean softmax attention among each crop's P patches at the vision
             feature layer (rows: queries; normalised over all the tower's tokens, [CLS] included), for every crop of
             the batch (``geometry.crop`` indexes them), or None.
+        vision_early_attention: (B, N) the vision tower's [CLS] attention to each visual token at the earlier layer
+            the plan names (``StagePlan.early_vision_depth``), averaged over heads; on a tower without [CLS] the
+            attention each token receives there, like ``vision_received_attention``; 0 for line breaks and recycled
+            tokens; or None.
         vision_crop_pixels: (C, channels, height, width) the crops as the vision tower received them, or None.
         pack_crop_values: places per-crop patch values (C, P) on this context's original visual tokens, (B, N0), as
             the model packs its features (the stitched tile grid, unpadded, and OneVision's bilinear down-scaling);
@@ -151,6 +155,7 @@ class StageContext:
     pixel_values: torch.Tensor | None = field(default=None, metadata=_by(Need.VISION_MAP))
     vision_received_attention: torch.Tensor | None = field(default=None, metadata=_by(Need.RECEIVED_ATTENTION))
     vision_crop_attention: torch.Tensor | None = field(default=None, metadata=_by(Need.CROP_MAPS))
+    vision_early_attention: torch.Tensor | None = field(default=None, metadata=_by(Need.EARLY_ATTENTION))
     vision_crop_pixels: torch.Tensor | None = field(default=None, metadata=_by(Need.CROP_MAPS))
     pack_crop_values: Callable[[torch.Tensor, float], torch.Tensor] | None = field(
         default=None, metadata=_by(Need.CROP_MAPS)

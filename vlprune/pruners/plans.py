@@ -59,9 +59,16 @@ class StagePlan:
             over its crop's patch queries and the heads (works on multi-crop families);
             ``CROP_MAPS``: each crop's attention map among its patches at the vision feature layer, the crops'
             pixels and the function that places per-crop values on the visual tokens as the model packs its
-            features (multi-crop families; VFlowOpt).
+            features (multi-crop families; VFlowOpt);
+            ``EARLY_ATTENTION``: the [CLS] attention row (on a tower without [CLS], the attention each token
+            receives, as ``RECEIVED_ATTENTION``) at a second, earlier vision layer, which ``early_vision_depth``
+            names (VScan's local scan).
         keep_at_most: ``keep`` is an upper bound: a sample with fewer visual tokens at this stage keeps them all
             (FlowCut's language-model stage runs only where the vision side left more than its budget).
+        early_vision_depth: with ``EARLY_ATTENTION``, where in the vision tower to read it, as a share of its L
+            layers: layer ``round(depth · L)``, or the first layer after it that attends over whole crops (not one of
+            Qwen2.5-VL's windowed blocks), at most the feature layer (5/24: CLIP-L's layer 5, Qwen2.5-VL's block 7);
+            None reads the feature layer.
 
     Each need also reads as the flag it replaced (``plan.vision_keys`` is ``Need.VISION_KEYS in plan.needs``), and
     the constructor accepts those flags as keywords (``StagePlan(0, 16, vision_keys=True)``).
@@ -72,6 +79,7 @@ class StagePlan:
     query_rows: QueryRows | None = None
     needs: frozenset[Need] = frozenset()
     keep_at_most: bool = False
+    early_vision_depth: float | None = None
 
     def __init__(
         self,
@@ -80,6 +88,7 @@ class StagePlan:
         query_rows: QueryRows | None = None,
         needs: frozenset[Need] | set[Need] = frozenset(),
         keep_at_most: bool = False,
+        early_vision_depth: float | None = None,
         **flags: bool,
     ) -> None:
         object.__setattr__(self, "layer", layer)
@@ -87,6 +96,7 @@ class StagePlan:
         object.__setattr__(self, "query_rows", query_rows)
         object.__setattr__(self, "needs", frozenset(Need(need) for need in needs) | needs_from_flags(flags))
         object.__setattr__(self, "keep_at_most", keep_at_most)
+        object.__setattr__(self, "early_vision_depth", early_vision_depth)
 
     own_layer_attention = _reads(Need.OWN_LAYER_ATTENTION)
     per_head_attention = _reads(Need.PER_HEAD_ATTENTION)
@@ -103,6 +113,7 @@ class StagePlan:
     vision_attention = _reads(Need.VISION_MAP)
     vision_received_attention = _reads(Need.RECEIVED_ATTENTION)
     vision_crop_attention = _reads(Need.CROP_MAPS)
+    vision_early_attention = _reads(Need.EARLY_ATTENTION)
 
 
 def plan_needs(plan: list[StagePlan]) -> frozenset[Need]:
