@@ -19,7 +19,8 @@ from vlprune.eval.bench import TABLE_HEADER, bench
 
 SAMPLE = Path(vlprune.__file__).parent / "samples" / "scene1.png"
 METHODS = (
-    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,vispruner,scope,cdpruner,dart,flowcut,sparsevlm,pyramiddrop,vflowopt,ptp,"
+    "random,fastv,fastervlm,divprune,zoo-prune,holov,visionzip,vispruner,scope,cdpruner,mmtok,dart,flowcut,sparsevlm,pyramiddrop,"
+    "vflowopt,vscan,tops,ptp,"
     "fastv+var"
 )
 
