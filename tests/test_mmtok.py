@@ -8,7 +8,6 @@ import torch
 from family_cases import CASE, greedy
 
 import vlprune
-import vlprune.pruners.mmtok  # registers "mmtok" (vlprune.pruners does not import it yet)
 from vlprune.errors import VlpruneError
 from vlprune.pruners import create
 from vlprune.pruners.mmtok import (

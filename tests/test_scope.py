@@ -9,7 +9,6 @@ from conftest import DEVICE, shared_model, tiny_inputs, tiny_model
 
 import vlprune
 import vlprune.adapters
-import vlprune.pruners.scope  # registers "scope" (vlprune.pruners does not import it yet)
 from vlprune.errors import VlpruneError
 from vlprune.pruners import StageContext, create, families_of, unsupported_reason
 from vlprune.pruners.base import Stage

@@ -10,12 +10,12 @@ from conftest import tiny_inputs, tiny_model
 from family_cases import CASE, greedy, ragged_alone_run
 
 import vlprune
-import vlprune.pruners.tops  # registers "tops" (vlprune.pruners does not import it yet)
 from vlprune.errors import VlpruneError
 from vlprune.pruners import StageContext, create, families_of, stages_of
 from vlprune.pruners.base import PROBE_TOKENS
 from vlprune.pruners.pyramiddrop import layer_average
-from vlprune.pruners.tops import TOPS, rater_relevance, select_tops, text_raters
+from vlprune.pruners.scope import cosine_similarity
+from vlprune.pruners.tops import STEPWISE_FROM, TOPS, greedy_tops, rater_relevance, select_tops, text_raters
 
 
 def reference_tops(features: torch.Tensor, relevance: torch.Tensor, keep: int, alpha: float, lam: float) -> list[int]:
@@ -220,3 +220,59 @@ def test_qwen2_5_vl_runs_its_schedule_on_a_ragged_batch(monkeypatch: pytest.Monk
     first = [ctx for ctx in contexts if ctx.layer == 0]
     assert all(ctx.vision_received_attention is not None and ctx.vision_cls_attention is None for ctx in first)
     assert all(ctx.query_attention is not None for ctx in contexts if ctx.layer > 0)
+
+
+def scores_after(similarity: torch.Tensor, relevance: torch.Tensor, prefix: torch.Tensor, alpha: float, lam: float):
+    """(N,) Algorithm 1's scores of one sample once ``prefix`` is chosen, recomputed in float64."""
+    similarity, relevance = similarity.double(), relevance.double()
+    taken = torch.zeros(relevance.shape[0], dtype=torch.bool)
+    taken[prefix] = True
+    closest = similarity[prefix].max(dim=0).values
+    gain = ((similarity - closest[None, :]).clamp(min=0) * (~taken).double()[None, :]).sum(dim=-1)
+
+    def normalised(values: torch.Tensor) -> torch.Tensor:
+        mean = values[~taken].mean()
+        return values / mean if mean > 0 else torch.zeros_like(values)
+
+    return normalised(relevance) + alpha * normalised(1 - closest) + lam * normalised(gain)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("diversity,coverage", [(0.5, 1.0), (0.0, 0.5)])
+def test_the_step_by_step_coverage_update_picks_what_recomputing_it_picks(
+    monkeypatch: pytest.MonkeyPatch, seed: int, diversity: float, coverage: float
+) -> None:
+    """The eager path updates the coverage gains from the changed columns; under torch.compile they are recomputed
+    in full each step. Both choose the same tokens in the same order, up to the first near-tie (two candidates whose
+    scores, recomputed in float64, differ by less than 1e-5 of the score), where float rounding may decide."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, STEPWISE_FROM + 64, 24, generator=generator)
+    similarity = cosine_similarity(features)
+    relevance = torch.rand(2, features.shape[1], generator=generator)
+    stepwise = greedy_tops(similarity, relevance, 300, diversity, coverage)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    recomputed = greedy_tops(similarity, relevance, 300, diversity, coverage)
+    for sample in range(2):
+        differ = (stepwise[sample] != recomputed[sample]).nonzero()
+        if len(differ) == 0:
+            continue
+        step = int(differ[0])
+        scores = scores_after(similarity[sample], relevance[sample], recomputed[sample, :step], diversity, coverage)
+        one, other = scores[stepwise[sample, step]], scores[recomputed[sample, step]]
+        assert abs(float(one - other)) < 1e-5 * float(other.abs()), (sample, step)
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])  # seeds where the residues, unguarded, change the picks
+def test_covered_tokens_gain_exactly_nothing_so_relevance_decides(seed: int) -> None:
+    """24 groups of 24 identical tokens: once every group has a chosen token, no token gains coverage; the
+    step-by-step sums must then give exactly 0 (their rounding leaves residues of about 1e-5 here, which the mean
+    normalisation would blow up), so the remaining picks follow relevance alone, as Algorithm 1 recomputed gives."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(1, 24, 16, generator=generator)
+    similarity = cosine_similarity(centres.repeat_interleave(24, dim=1))
+    relevance = torch.rand(1, 576, generator=generator)
+    chosen = greedy_tops(similarity, relevance, 100, 0.0, 1.0)[0]
+    assert len(set((chosen[:24] // 24).tolist())) == 24  # coverage first takes one token of every group
+    rest = relevance[0].clone()
+    rest[chosen[:24]] = -1
+    assert torch.equal(chosen[24:], rest.topk(76).indices)

@@ -9,7 +9,6 @@ from conftest import DEVICE, tiny_inputs, tiny_model
 from family_cases import CASE, ragged_alone_run
 
 import vlprune
-import vlprune.pruners.vispruner  # registers "vispruner" (vlprune.pruners does not import it yet)
 from vlprune.adapters import traits_of
 from vlprune.errors import VlpruneError
 from vlprune.needs import Need

@@ -11,7 +11,6 @@ from conftest import DEVICE, tiny_inputs, tiny_model
 from family_cases import CASE, greedy, ragged_alone_run
 
 import vlprune
-import vlprune.pruners.vscan  # registers "vscan" (vlprune.pruners does not import it yet)
 from vlprune.adapters import adapter_for
 from vlprune.engine.vision_bridge import early_vision_layer
 from vlprune.errors import VlpruneError
