@@ -31,6 +31,9 @@ REFERENCE_POSITIONS = {
     "scope": "reindex",
     "cdpruner": "reindex",
     "dart": "original",
+    "mmtok": "reindex",
+    "vscan": "reindex",
+    "tops": "reindex",
 }
 # Settings that run on the tiny model (64 visual tokens, 4 decoder layers).
 OPTIONS = {
@@ -51,6 +54,9 @@ OPTIONS = {
     "scope": {"keep": 16},
     "cdpruner": {"keep": 16},
     "dart": {"keep": 16},
+    "mmtok": {"keep": 16},
+    "vscan": {"keep": 16},
+    "tops": {"keep": 0.3},
 }
 
 
@@ -78,21 +84,22 @@ def greedy_logits(model: torch.nn.Module, inputs: dict, pruner, positions: str |
 @pytest.fixture(scope="module")
 def model_and_inputs():
     model, processor = tiny_model()
-    return model, dict(tiny_inputs(processor, 2))
+    return model, dict(tiny_inputs(processor, 2)), processor
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_POSITIONS))
 def test_a_default_attach_equals_the_references_mode_named(model_and_inputs, name: str) -> None:
-    model, inputs = model_and_inputs
-    default, mode = greedy_logits(model, inputs, create(name, **OPTIONS[name]), None)
-    named, named_mode = greedy_logits(model, inputs, create(name, **OPTIONS[name]), REFERENCE_POSITIONS[name])
+    model, inputs, processor = model_and_inputs
+    default, mode = greedy_logits(model, inputs, create(name, **OPTIONS[name]).use_tokenizer(processor), None)
+    named_pruner = create(name, **OPTIONS[name]).use_tokenizer(processor)
+    named, named_mode = greedy_logits(model, inputs, named_pruner, REFERENCE_POSITIONS[name])
     assert mode == named_mode == REFERENCE_POSITIONS[name]
     assert torch.equal(default, named)
 
 
 @pytest.mark.parametrize("name", ["fastervlm", "fastv", "sparsevlm"])
 def test_an_explicit_mode_overrides_the_default_and_changes_the_numbering(model_and_inputs, name: str) -> None:
-    model, inputs = model_and_inputs
+    model, inputs, _ = model_and_inputs
     default, _ = greedy_logits(model, inputs, create(name, **OPTIONS[name]), None)
     other_mode = "original" if REFERENCE_POSITIONS[name] == "reindex" else "reindex"
     other, mode = greedy_logits(model, inputs, create(name, **OPTIONS[name]), other_mode)

@@ -58,11 +58,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from vlprune.adapters.traits import AdapterTraits
 from vlprune.errors import VlpruneError
 from vlprune.needs import Need
 from vlprune.pruners import register
@@ -79,6 +79,9 @@ from vlprune.pruners.base import (
 )
 from vlprune.pruners.groups import crop_quotas
 from vlprune.pruners.pyramiddrop import scaled_layers
+
+if TYPE_CHECKING:
+    from vlprune.adapters.traits import AdapterTraits
 
 REFERENCE_LAYER = 16  # rank_layer of 32
 EARLY_DEPTH = 5 / 24  # CLIP-L's layer 5; Qwen2.5-VL's first full-attention block (7 of 32) is the first at or after it
