@@ -2,7 +2,8 @@
 
 vLLM loads :func:`register` in every process through the ``vllm.general_plugins`` entry point. It registers vlprune's
 subclasses of vLLM's own model classes under their architecture names (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL), so that a model
-whose config carries a ``vlprune`` entry is served pruned::
+whose config carries a ``vlprune`` entry is served pruned (LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL, which it does not
+prune yet, refuse the entry with the reason)::
 
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides '{"vlprune": {"method": "divprune", "keep": 128}}'
 
@@ -25,6 +26,15 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "vlprune.vllm.qwen_vl:VlpruneQwen2_5_VLForConditionalGeneration",
 }
 """The served architectures and the classes that serve them."""
+
+UNSERVED_ARCHITECTURES = {
+    "LlavaNextForConditionalGeneration": "vlprune.vllm.unserved:VlpruneLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "vlprune.vllm.unserved:VlpruneLlavaOnevisionForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vlprune.vllm.unserved:VlpruneQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "vlprune.vllm.unserved:VlpruneQwen3VLMoeForConditionalGeneration",
+}
+"""Architectures of families the HF engine prunes and the plugin does not yet: their classes refuse a ``vlprune``
+entry with the reason (vLLM's own would serve it unpruned without a word) and are vLLM's otherwise."""
 
 logger = logging.getLogger("vllm.vlprune")  # under vLLM's logger, so that its handlers print it
 
@@ -67,5 +77,5 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    for architecture, target in ARCHITECTURES.items():
+    for architecture, target in {**ARCHITECTURES, **UNSERVED_ARCHITECTURES}.items():
         ModelRegistry.register_model(architecture, target)
