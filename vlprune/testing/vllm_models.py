@@ -45,9 +45,9 @@ from vlprune.testing.llava import build_tiny_processor
 from vlprune.testing.qwen import (
     FULLATT_BLOCK_INDEXES,
     WINDOW_SIZE,
+    _assemble,
     _geometry,
     _processor,
-    _token_ids,
     _vision_kwargs,
 )
 from vlprune.testing.tokenizer import IMAGE_TOKEN
@@ -132,12 +132,9 @@ def build_vllm_qwen2_5_vl(
         **_text_kwargs(tokenizer, num_hidden_layers, 2),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
     )
-    config = Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, **_token_ids(tokenizer), attn_implementation="sdpa"
+    model = _assemble(
+        Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, vision, text, processor, "sdpa", seed, weight_scale
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    finish_tiny_model(model, tokenizer, weight_scale)
     return model, processor
 
 
@@ -158,10 +155,9 @@ def build_vllm_qwen2_vl(
         **_text_kwargs(tokenizer, num_hidden_layers, 2),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_MROPE_SECTION)},
     )
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, **_token_ids(tokenizer), attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    finish_tiny_model(model, tokenizer, weight_scale)
+    model = _assemble(
+        Qwen2VLForConditionalGeneration, Qwen2VLConfig, vision, text, processor, "sdpa", seed, weight_scale
+    )
     return model, processor
 
 
