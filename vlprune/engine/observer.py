@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None], Any]
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, float], Any]
 """``observer(module, query, key, value, attention_mask, scaling)``; it returns None, a tensor that replaces the
-mask, or an :class:`Action`."""
+mask, or an :class:`Action`. ``scaling`` is the one the attention function applies: the call's own, or, where the
+call passes none, the backends' default ``head_dim ** -0.5``."""
 
 
 @dataclass
@@ -74,9 +75,9 @@ def _make_wrapper(name: str, previous: Any) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         observer = _observers.get(id(module))
-        action = (
-            None if observer is None else observer(module, query, key, value, attention_mask, kwargs.get("scaling"))
-        )
+        scaling = kwargs.get("scaling")
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        action = None if observer is None else observer(module, query, key, value, attention_mask, scaling)
         if isinstance(action, torch.Tensor):
             action = Action(mask=action)
         if action is not None and action.mask is not None:

@@ -168,7 +168,7 @@ class PackedVisionStages:
             run = self._pass
             if run is not None:
                 run.chunks.append((query, key, value))
-                run.scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+                run.scaling = scaling
 
         return observe
 

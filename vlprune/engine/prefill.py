@@ -85,7 +85,7 @@ class Prefill:
         return self.cached_host_views
 
     def observe_rows(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scaling: Any
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scaling: float
     ) -> None:
         """Keep what the stages after decoder layer ``layer`` read of its attention (its post-RoPE queries, keys
         and values, and its mask)."""

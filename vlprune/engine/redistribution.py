@@ -75,7 +75,7 @@ class Redistribution:
             key: torch.Tensor,
             value: torch.Tensor,
             mask: Any,
-            scaling: float | None,
+            scaling: float,
         ) -> Action | None:
             if self.prefill_layout() is not None:
                 rows = self._rows.get(index)
@@ -90,8 +90,7 @@ class Redistribution:
             sinks = _padded(self._sinks[index], length)
             if not bool(sinks.any()):
                 return None  # nothing to move: the rows stay exactly what the attention function computed
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            attention = attention_rows(query, key, rows, scale, mask, causal=True, average_heads=False)
+            attention = attention_rows(query, key, rows, scaling, mask, causal=True, average_heads=False)
             rewritten, selected = self.modifier.rewrite(attention, image, sinks)
             if not bool(selected.any()):
                 return None

@@ -85,15 +85,14 @@ def observed_rows(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: Any,
-    scaling: float | None,
+    scaling: float,
 ) -> QueryAttention:
     """What a stage needs of the layer before it, from the post-RoPE queries, keys and values (B, H, L, d) that the
     layer's attention received: its query rows' attention (causal, under the layer's own ``mask``) and, when it asks,
     the value and key vectors."""
     rows, row_mask = query_rows(stage.query_rows, layout, query.device)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     probabilities = attention_rows(
-        query, key, rows, scale, mask, causal=True, average_heads=not stage.per_head_attention
+        query, key, rows, scaling, mask, causal=True, average_heads=not stage.per_head_attention
     )  # (B, R, L) or (B, H, R, L)
     captured = stage_rows(stage, probabilities, layout, rows, row_mask)
     if stage.value_states:

@@ -302,7 +302,7 @@ class PruningSession:
         return self._runner.layer_inputs(self._prefill, index, args, kwargs)
 
     def _on_language_attention(
-        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scaling: Any
+        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, scaling: float
     ) -> None:
         if self._phase is Phase.PREFILL and self._prefill is not None:
             self._prefill.observe_rows(module.layer_idx, query, key, value, mask, scaling)

@@ -180,7 +180,7 @@ class VisionStages:
             key: torch.Tensor,
             value: torch.Tensor,
             mask: Any,
-            scaling: float | None,
+            scaling: float,
         ) -> Any:
             run = self._pass
             if run is None or run.origin.shape[1] != key.shape[2]:
@@ -192,7 +192,7 @@ class VisionStages:
                     query=query,
                     key=key,
                     value=value,
-                    scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                    scaling=scaling,
                     real=run.real,
                     origin=run.origin,
                     has_cls=self.has_cls,

@@ -118,11 +118,11 @@ class VisionBridge:
         key: torch.Tensor,
         value: torch.Tensor,
         mask: Any,
-        scaling: float | None,
+        scaling: float,
     ) -> None:
         # The vision tower may run before the language model's call (generate encodes images first), so what it
         # produces is kept until the next prefill uses it, whatever the phase.
-        self.tower.on_attention(query, key, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        self.tower.on_attention(query, key, mask, scaling)
 
     def on_early_attention(
         self,
@@ -131,9 +131,9 @@ class VisionBridge:
         key: torch.Tensor,
         value: torch.Tensor,
         mask: Any,
-        scaling: float | None,
+        scaling: float,
     ) -> None:
-        self.tower.on_early_attention(query, key, mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        self.tower.on_early_attention(query, key, mask, scaling)
 
     def _on_tower_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.tower.on_tower_input(args, kwargs)
