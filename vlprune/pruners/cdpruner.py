@@ -65,7 +65,7 @@ from vlprune.errors import VlpruneError
 from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
-from vlprune.pruners.groups import crop_quotas
+from vlprune.pruners.groups import line_breaks_first, proportional_crop_shares
 
 RELEVANCE_SOURCES = ("embeddings", "clip")
 NORMALISATIONS = ("batch", "sample")
@@ -264,16 +264,10 @@ def select_cdpruner(
 def _select_per_crop(unit: torch.Tensor, relevance: torch.Tensor, crops: torch.Tensor, keep: int) -> torch.Tensor:
     """(keep,) ascending indices for one sample: its line breaks when the budget exceeds them, and each crop's share
     of the rest picked by the crop's own DPP."""
-    line_breaks = (crops < 0).nonzero()[:, 0]
-    kept = [line_breaks] if keep > len(line_breaks) else []
-    budget = keep - len(line_breaks) if kept else keep
-    ids, crop_of = torch.unique(crops[crops >= 0], return_inverse=True)
-    members = [(crops == crop).nonzero()[:, 0] for crop in ids.tolist()]
-    capacity = torch.bincount(crop_of, minlength=len(ids))
-    if budget > int(capacity.sum()):
+    kept, budget = line_breaks_first(crops, keep)
+    if budget > int((crops >= 0).sum()):
         raise VlpruneError(f"keep={keep} exceeds the {len(crops)} visual tokens of a sample")
-    quota = crop_quotas((capacity.float() / capacity.sum())[None], capacity, budget)[0].tolist()
-    for tokens, share in zip(members, quota, strict=True):
+    for tokens, share in proportional_crop_shares(crops, budget):
         if share == 0:
             continue
         z = unit[tokens]

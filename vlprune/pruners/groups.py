@@ -1,6 +1,7 @@
 """Budgets over groups of visual tokens (crops, regions, views): proportional quotas that never exceed a group's size,
 the top tokens of each group, and the usual ways of cutting a token grid into groups. Shared by HoloV (crops), PTP
-(regions) and FasterVLM (LLaVA-NeXT views)."""
+(regions), FasterVLM (LLaVA-NeXT views) and the methods that select crop by crop on LLaVA-NeXT (CDPruner, MMTok,
+VScan)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,24 @@ def crop_quotas(weights: torch.Tensor, capacity: torch.Tensor, keep: int) -> tor
         if not torch.compiler.is_compiling() and not bool((remaining > 0).any()):
             break
     return quota
+
+
+def line_breaks_first(crops: torch.Tensor, keep: int) -> tuple[list[torch.Tensor], int]:
+    """One sample's line breaks (``crops`` (N,) is -1 at them), kept whole when ``keep`` exceeds them as the LLaVA-NeXT
+    references keep ``image_newline``, and what is left of ``keep`` for the crops (all of it when they are not kept)."""
+    line_breaks = (crops < 0).nonzero()[:, 0]
+    if keep > len(line_breaks):
+        return [line_breaks], keep - len(line_breaks)
+    return [], keep
+
+
+def proportional_crop_shares(crops: torch.Tensor, budget: int) -> list[tuple[torch.Tensor, int]]:
+    """One sample's crops (``crops`` (N,): each token's crop, -1 at line breaks), in the order the tower encodes them,
+    each as its tokens' indices and its share of ``budget`` in proportion to its tokens (:func:`crop_quotas`)."""
+    members = [(crops == crop).nonzero()[:, 0] for crop in torch.unique(crops[crops >= 0]).tolist()]
+    capacity = torch.tensor([len(tokens) for tokens in members], device=crops.device)
+    quota = crop_quotas((capacity.float() / capacity.sum())[None], capacity, budget)[0].tolist()
+    return list(zip(members, quota, strict=True))
 
 
 def keep_by_quota(

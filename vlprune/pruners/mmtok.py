@@ -82,7 +82,7 @@ from vlprune.errors import VlpruneError
 from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, is_probe
-from vlprune.pruners.groups import crop_quotas
+from vlprune.pruners.groups import proportional_crop_shares
 
 NON_VISUAL_WORDS = frozenset(
     {
@@ -287,18 +287,15 @@ def _select_per_crop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep,) ascending indices and (N,) first-step gains for one tiled sample: each crop's share of ``keep``
     picked by the crop's own greedy; line breaks never kept."""
-    ids, crop_of = torch.unique(crops[crops >= 0], return_inverse=True)
-    members = [(crops == crop).nonzero()[:, 0] for crop in ids.tolist()]
-    capacity = torch.bincount(crop_of, minlength=len(ids))
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= int(capacity.sum()):
+    patches = int((crops >= 0).sum())
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= patches:
         raise VlpruneError(
-            f"keep={keep!r} must be an int count in [1, {int(capacity.sum())}] (the visual tokens of a sample "
+            f"keep={keep!r} must be an int count in [1, {patches}] (the visual tokens of a sample "
             "outside its line breaks, which MMTok never keeps on tiled images)"
         )
-    quota = crop_quotas((capacity.float() / capacity.sum())[None], capacity, keep)[0].tolist()
     kept = []
     gains = torch.zeros(len(crops), dtype=torch.float32, device=visual.device)
-    for tokens, share in zip(members, quota, strict=True):
+    for tokens, share in proportional_crop_shares(crops, keep):
         combined = coverage_matrix(visual[tokens], vision[tokens], words, **options)
         gains[tokens] = combined.clamp_min(0).sum(dim=0)
         if share:

@@ -77,7 +77,7 @@ from vlprune.pruners.base import (
     resolve_keep,
     top_k_sorted,
 )
-from vlprune.pruners.groups import crop_quotas
+from vlprune.pruners.groups import line_breaks_first, proportional_crop_shares
 from vlprune.pruners.pyramiddrop import scaled_layers
 
 if TYPE_CHECKING:
@@ -303,21 +303,13 @@ class VScan(Pruner):
         assert geometry is not None
         indices, merged = [], []
         for sample in range(ctx.batch_size):
-            crops = geometry.crop[sample]
-            line_breaks = (crops < 0).nonzero()[:, 0]
-            keep_lines = ctx.keep > len(line_breaks)
-            budget = ctx.keep - len(line_breaks) if keep_lines else ctx.keep
-            ids = torch.unique(crops[crops >= 0])
-            members = [(crops == crop).nonzero()[:, 0] for crop in ids.tolist()]
-            capacity = torch.tensor([len(m) for m in members], device=crops.device)
-            quota = crop_quotas((capacity.float() / capacity.sum())[None], capacity, budget)[0].tolist()
+            kept, budget = line_breaks_first(geometry.crop[sample], ctx.keep)
             hidden = ctx.visual_hidden[sample]
             new_hidden = hidden.clone()
-            kept = [line_breaks] if keep_lines else []
             # Every crop has the base view's square patch grid; unpadding only removes some of a tile's patches.
             side = math.isqrt(int(geometry.crop_token[sample].max()))
             side = side + 1 if side * side <= int(geometry.crop_token[sample].max()) else side
-            for tokens, share in zip(members, quota, strict=True):
+            for tokens, share in proportional_crop_shares(geometry.crop[sample], budget):
                 if share == 0:
                     continue
                 patch = geometry.crop_token[sample, tokens]
