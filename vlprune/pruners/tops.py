@@ -232,7 +232,10 @@ def greedy_tops(
     taken[rows, chosen[:, 0]] = True
     closest = similarity[rows, chosen[:, 0]]  # (B, N): each token's highest similarity to a chosen one
     incremental = coverage != 0 and count >= STEPWISE_FROM and not torch.compiler.is_compiling()
-    gain, positive = coverage_gain(similarity, closest, ~taken)
+    if coverage != 0:
+        gain, positive = coverage_gain(similarity, closest, ~taken)
+    else:  # the term is weighted out: no N x N pass for it
+        gain, positive = torch.zeros_like(relevance), torch.zeros_like(relevance, dtype=torch.long)
     for step in range(1, k):
         candidates = ~taken
         # A gain with no positive term left is exactly 0 (what a recomputation gives), not the rounding the
