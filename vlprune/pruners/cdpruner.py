@@ -66,6 +66,7 @@ from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan
 from vlprune.pruners.groups import line_breaks_first, proportional_crop_shares
+from vlprune.pruners.options import check_choice
 
 RELEVANCE_SOURCES = ("embeddings", "clip")
 NORMALISATIONS = ("batch", "sample")
@@ -88,12 +89,6 @@ def check_relevance_weight(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
         raise VlpruneError(f"relevance_weight={value!r} must be None (no exponent, the reference) or a θ in (0, 1)")
     return float(value)
-
-
-def check_choice(option: str, value: object, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        raise VlpruneError(f"{option}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-    return value
 
 
 def check_relevance_source(value: object) -> str:

@@ -83,6 +83,7 @@ from vlprune.needs import Need
 from vlprune.pruners import register
 from vlprune.pruners.base import Pruner, Selection, Stage, StageContext, StagePlan, is_probe
 from vlprune.pruners.groups import proportional_crop_shares
+from vlprune.pruners.options import check_choice
 
 NON_VISUAL_WORDS = frozenset(
     {
@@ -148,12 +149,6 @@ def word_token_ids(words: list[str], tokenizer: Any) -> list[int]:
     if len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
     return ids
-
-
-def check_choice(option: str, value: object, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        raise VlpruneError(f"{option}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-    return value
 
 
 def check_positive(option: str, value: object, *, below_one: bool = False) -> float | None:

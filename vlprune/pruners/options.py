@@ -18,6 +18,13 @@ from typing import Any
 from vlprune.errors import VlpruneError
 
 
+def check_choice(option: str, value: object, valid: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``valid``; else a VlpruneError naming the option, the value and the choices."""
+    if value not in valid:
+        raise VlpruneError(f"{option}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+    return value
+
+
 class _MismatchError(Exception):
     """The value does not fit the type (internal: turned into a VlpruneError naming the option)."""
 
