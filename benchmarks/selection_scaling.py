@@ -4,7 +4,7 @@ VisPruner's de-duplication, DivPrune's max-min, TOPS and MMTok) are measured whe
 
     python benchmarks/selection_scaling.py                                      # CPU, 576 and 2,880 tokens
     python benchmarks/selection_scaling.py --methods divprune,scope --repeats 3 --warmup 1
-    python benchmarks/selection_scaling.py --modules vlprune.pruners.tops,vlprune.pruners.mmtok --json scaling.json
+    python benchmarks/selection_scaling.py --modules my_pruners --json scaling.json  # your own methods too
     python benchmarks/selection_scaling.py --device cuda --dtype bfloat16
 
 The contexts carry what each stage's plan asks for (``pruner.plan_for_family(family, N, 32)``), with random values of
@@ -456,7 +456,7 @@ def cpu_model() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=None, help="comma-separated; default: every registered method")
-    parser.add_argument("--modules", default="", help="method modules to import (register) first, comma-separated")
+    parser.add_argument("--modules", default="", help="your own methods' modules to import first, comma-separated")
     parser.add_argument("--tokens", default="576,2880", help="patch tokens per image, comma-separated")
     parser.add_argument("--keep", type=float, default=64 / 576, help="share of the patch tokens kept")
     parser.add_argument("--no-newlines", action="store_true", help="anyres layouts without line-break tokens")
